@@ -1,0 +1,131 @@
+"""The `hf-stack` command line: one thin function per command over the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+from .config import StackedConfig
+from .errors import HfStackError
+
+GROW_EXAMPLES = """examples:
+  hf-stack grow org/small --factor 4 -o grown                      # G_stack, g = 4 (the paper's default)
+  hf-stack grow ./small --layers 30 --order interpolate --dry-run  # print the plan, write nothing
+  hf-stack grow ./small --layer-map 0-5,0-5,2-3 -o grown --verify  # explicit map, check the result
+  hf-stack grow ./small --factor 2 --operator zero -o grown        # function-preserving identity copies
+"""
+# CLI spellings that differ from the dataclass field names.
+FLAG_NAMES = {"num_layers": "--layers"}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, no usage dump
+        self.exit(2, f"error: {message} (see '{self.prog} --help')\n")
+
+
+def add_dataclass_options(parser: argparse.ArgumentParser, cls) -> None:
+    """Expose a dataclass's fields as options; the help text comes from the field metadata (documented once)."""
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("cli") is False:
+            continue
+        flag = FLAG_NAMES.get(f.name, "--" + f.name.replace("_", "-"))
+        kind = int if "int" in str(f.type) else str
+        parser.add_argument(
+            flag, dest=f.name, type=kind, default=None, choices=f.metadata.get("choices"), help=f.metadata.get("help")
+        )
+
+
+def _dataclass_from_args(cls, args):
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in vars(args).items() if k in names and v is not None})
+
+
+def add_hub_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--revision", help="Hub branch, tag or commit of the source.")
+    parser.add_argument("--token", help="Hub token (default: HF_TOKEN or the saved login).")
+    parser.add_argument("--cache-dir", help="Hub cache folder.")
+    parser.add_argument(
+        "--allow-pickle", action="store_true", help="Accept .bin weights (loaded with torch.load(weights_only=True))."
+    )
+
+
+def _default_output(source: str, stacked: StackedConfig) -> Path:
+    name = Path(source.rstrip("/")).name or "model"
+    if stacked.layer_map is not None or stacked.num_layers is not None:
+        return Path(f"{name}-{stacked.operator}-grown")
+    return Path(f"{name}-{stacked.operator}-x{stacked.factor}")
+
+
+def cmd_grow(args) -> int:
+    stacked = _dataclass_from_args(StackedConfig, args)
+    if args.dry_run:
+        from .io import resolve_source_metadata
+        from .plan import build_plan
+
+        source = resolve_source_metadata(args.source, revision=args.revision, token=args.token, cache_dir=args.cache_dir)
+        plan = build_plan(source.config, source.tensor_infos, stacked)
+        print(plan.describe())
+        changed = {k: v for k, v in plan.target_config.items() if source.config.get(k) != v}
+        print("config changes: " + ", ".join(f"{k}: {source.config.get(k)!r} -> {v!r}" for k, v in changed.items()))
+        print("dry run: nothing written")
+        return 0
+    from .convert import grow
+
+    out = Path(args.output) if args.output else _default_output(args.source, stacked)
+    plan = grow(
+        args.source,
+        out,
+        stacked,
+        revision=args.revision,
+        token=args.token,
+        cache_dir=args.cache_dir,
+        allow_pickle=args.allow_pickle,
+        overwrite=args.overwrite,
+        max_shard_size=args.max_shard_size,
+        verify=args.verify,
+    )
+    verified = ", verified" if args.verify else ""
+    print(f"grew {args.source} ({plan.source_num_layers} layers) -> {out} ({plan.num_layers} layers{verified})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="hf-stack", description="Grow small transformers checkpoints into deeper ones (G_stack).")
+    parser.add_argument("--version", action="version", version=f"hf-stack {__import__('hf_stack').__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    grow = sub.add_parser(
+        "grow",
+        help="grow a checkpoint (streaming)",
+        description="Grow a small checkpoint into a deeper one and write a plain transformers checkpoint.",
+        epilog=GROW_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    grow.add_argument("source", help="Small model: a local folder or a Hub repo id.")
+    grow.add_argument("-o", "--output", help="Output folder (default: <source>-<operator>-x<factor>).")
+    add_dataclass_options(grow, StackedConfig)
+    add_hub_options(grow)
+    grow.add_argument("--dry-run", action="store_true", help="Print the plan (every target tensor's source); write nothing.")
+    grow.add_argument("--verify", action="store_true", help="Reload the result with transformers and check every tensor.")
+    grow.add_argument("--overwrite", action="store_true", help="Replace an existing output folder.")
+    grow.add_argument("--max-shard-size", default="5GB", help="Largest output shard (default 5GB).")
+    grow.set_defaults(func=cmd_grow)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except HfStackError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing was left half-written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""In-memory growth: `StackedModelForCausalLM.from_small_pretrained` returns transformers' own model class."""
+
+from __future__ import annotations
+
+import os
+import types
+from pathlib import Path
+
+from .config import StackedConfig
+from .convert import growth_record, write_growth_record
+from .errors import HfStackError
+from .io import copy_aux_files, resolve_source
+from .plan import build_plan
+
+
+class StackedModelForCausalLM:
+    """Factory for grown models. It is never instantiated: [`from_small_pretrained`] returns the source
+    architecture's own class (`LlamaForCausalLM`, `Qwen2ForCausalLM`, ...), so the result saves as a plain
+    transformers checkpoint that `AutoModelForCausalLM.from_pretrained` loads without remote code.
+    """
+
+    def __init__(self, *args, **kwargs):
+        raise TypeError("use StackedModelForCausalLM.from_small_pretrained(...), which returns a transformers model")
+
+    @classmethod
+    def from_small_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        stacked_config: StackedConfig | None = None,
+        *,
+        revision: str | None = None,
+        token: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        allow_pickle: bool = False,
+        dtype: str | None = None,
+    ):
+        """Grow a small pretrained checkpoint in memory.
+
+        Args:
+            pretrained_model_name_or_path: the small model, a local folder or a Hub repo id.
+            stacked_config: growth settings; defaults to `StackedConfig(factor=4)` (G_stack, g = 4).
+            revision, token, cache_dir: passed to `huggingface_hub` for Hub ids.
+            allow_pickle: accept `.bin` weights (loaded with `weights_only=True`).
+            dtype: overrides `stacked_config.dtype` (`"float32"`, `"bfloat16"`, `"float16"`).
+
+        Returns:
+            A transformers `PreTrainedModel` of the source's class with the grown number of layers, in eval mode.
+            Its `save_pretrained` also writes `growth_config.json` (provenance) and the source's tokenizer files.
+
+        Example:
+
+        ```python
+        >>> from hf_stack import StackedConfig, StackedModelForCausalLM
+        >>> model = StackedModelForCausalLM.from_small_pretrained("org/small", StackedConfig(factor=4))  # doctest: +SKIP
+        >>> model.save_pretrained("grown")  # doctest: +SKIP
+        ```
+
+        Paper: https://arxiv.org/abs/2405.15319
+        """
+        from transformers import CONFIG_MAPPING, AutoModelForCausalLM, GenerationConfig
+        from transformers.initialization import no_init_weights
+
+        from .tensors import TORCH_DTYPES, apply_plan
+
+        stacked = stacked_config or StackedConfig()
+        if dtype is not None:
+            stacked = StackedConfig(**{**stacked.to_dict(), "dtype": dtype})
+        source = resolve_source(
+            pretrained_model_name_or_path, revision=revision, token=token, cache_dir=cache_dir, allow_pickle=allow_pickle
+        )
+        plan = build_plan(source.config, source.tensor_infos, stacked)
+        state = apply_plan(plan, source, stacked.dtype)
+        config_dict = dict(plan.target_config)
+        model_type = config_dict.get("model_type")
+        if model_type not in CONFIG_MAPPING:
+            raise HfStackError(f"transformers does not know model_type {model_type!r}; upgrade transformers or check config.json")
+        config = CONFIG_MAPPING[model_type].from_dict(config_dict)
+        torch_dtype = next(iter(state.values())).dtype
+        with no_init_weights():
+            model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, trust_remote_code=False)
+        result = model.load_state_dict(state, strict=False)
+        tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+        if result.unexpected_keys or set(result.missing_keys) - tied:
+            raise HfStackError(
+                f"the grown tensors do not fit {type(model).__name__}: missing {result.missing_keys[:3]}, "
+                f"unexpected {result.unexpected_keys[:3]}"
+            )
+        model.tie_weights()
+        if stacked.dtype is not None:
+            model.config.dtype = TORCH_DTYPES[stacked.dtype]
+        if (source.folder / "generation_config.json").is_file():
+            model.generation_config = GenerationConfig.from_pretrained(source.folder)
+        model.eval()
+        _attach_provenance(model, growth_record(plan, source, stacked), source.folder)
+        return model
+
+
+def _attach_provenance(model, record: dict, source_folder: Path) -> None:
+    """Make this model instance's `save_pretrained` also write `growth_config.json` and the tokenizer files.
+
+    The model stays an instance of its transformers class; only this one bound method is wrapped, so
+    `push_to_hub` (which calls `save_pretrained`) carries the provenance too.
+    """
+    model.growth_record = record
+    plain_save = model.save_pretrained
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        plain_save(save_directory, *args, **kwargs)
+        write_growth_record(Path(save_directory), self.growth_record)
+        if source_folder.is_dir():
+            copy_aux_files(source_folder, Path(save_directory))
+
+    model.save_pretrained = types.MethodType(save_pretrained, model)

@@ -1,0 +1,345 @@
+"""Growth plan: from a source config and its tensor names to where every target tensor comes from.
+
+Plain data, computed without torch or weights, so `hf-stack grow --dry-run` can print it, tests can check it
+exhaustively and `growth_config.json` can record it.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import asdict, dataclass
+
+from .config import StackedConfig
+from .errors import HfStackError
+from .operators import get_operator
+
+# Architectures tested end to end; any other causal LM whose decoder layers live at `model.layers.{i}.` is
+# accepted too, since growth only renames and copies tensors.
+TESTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+
+LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+EMBED_KEY = "model.embed_tokens.weight"
+LM_HEAD_KEY = "lm_head.weight"
+
+# Config lists that are not indexed by layer even when their length happens to equal the layer count.
+NON_LAYER_LISTS = frozenset(
+    {
+        "architectures",
+        "bos_token_id",
+        "eos_token_id",
+        "pad_token_id",
+        "bad_words_ids",
+        "begin_suppress_tokens",
+        "suppress_tokens",
+        "forced_decoder_ids",
+        "transformers_weights",
+    }
+)
+# Config lists of layer *indices* (not one entry per layer): remapped to the target layers that copy them.
+LAYER_INDEX_LISTS = frozenset({"mlp_only_layers", "no_rope_layer_indices", "full_attention_layer_indices"})
+# Scalars whose name mentions layers but which do not depend on the layer count.
+LAYER_SCALARS = frozenset({"num_hidden_layers", "max_window_layers", "layer_norm_eps", "layer_norm_epsilon", "layerdrop"})
+# Per-layer settings encoded as scalars that a layer map cannot carry over faithfully.
+UNSUPPORTED_PER_LAYER = frozenset(
+    {"first_k_dense_replace", "decoder_sparse_step", "moe_layer_freq", "num_nextn_predict_layers", "sliding_window_pattern"}
+)
+MAX_TARGET_LAYERS = 4096
+
+
+@dataclass(frozen=True)
+class TensorSource:
+    """Where one target tensor comes from.
+
+    Attributes:
+        target: the tensor's name in the grown checkpoint.
+        source: the tensor's name in the source checkpoint.
+        op: "copy" (bytes unchanged) or "zero" (same shape and dtype, all zeros).
+        dtype: safetensors dtype string of the source tensor ("BF16", "F32", ...).
+        shape: the tensor's shape (growth in depth keeps shapes).
+    """
+
+    target: str
+    source: str
+    op: str
+    dtype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class GrowthPlan:
+    """Everything needed to build the grown checkpoint, as plain data.
+
+    Attributes:
+        operator: registered operator name.
+        layer_map: `layer_map[i]` is the source layer that target layer i is built from.
+        source_num_layers: number of decoder layers in the source.
+        tensors: one entry per target tensor, in the order they are written.
+        target_config: the grown `config.json` contents.
+    """
+
+    operator: str
+    layer_map: tuple[int, ...]
+    source_num_layers: int
+    tensors: tuple[TensorSource, ...]
+    target_config: dict
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layer_map)
+
+    def slices(self) -> list[list[int]]:
+        """The layer map as `[start, end)` source ranges, the format of mergekit's `layer_range` and peft's
+        `layer_replication`."""
+        return layer_map_to_slices(self.layer_map)
+
+    def to_dict(self) -> dict:
+        return {
+            "operator": self.operator,
+            "layer_map": list(self.layer_map),
+            "layer_slices": self.slices(),
+            "source_num_layers": self.source_num_layers,
+            "target_num_layers": self.num_layers,
+        }
+
+    def describe(self) -> str:
+        """Human-readable plan: the layer map, config changes and one line per target tensor."""
+        op = get_operator(self.operator)
+        lines = [
+            f"operator: {self.operator} ({op.summary})",
+            f"layers: {self.source_num_layers} -> {self.num_layers}",
+            "layer map (target <- source, [start, end) slices): "
+            + " + ".join(f"[{a}, {b})" for a, b in self.slices()),
+            f"function preserving: {'yes' if op.function_preserving else 'no'}",
+            f"tensors: {len(self.tensors)} ({sum(_numel(t.shape) for t in self.tensors):,} parameters)",
+        ]
+        width = max(len(t.target) for t in self.tensors)
+        for t in self.tensors:
+            suffix = "" if t.op == "copy" else f"  [{t.op}]"
+            lines.append(f"  {t.target:<{width}} <- {t.source}  {t.dtype}{list(t.shape)}{suffix}")
+        return "\n".join(lines)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def layer_map_to_slices(layer_map: tuple[int, ...] | list[int]) -> list[list[int]]:
+    slices: list[list[int]] = []
+    for j in layer_map:
+        if slices and slices[-1][1] == j:
+            slices[-1][1] = j + 1
+        else:
+            slices.append([j, j + 1])
+    return slices
+
+
+def parse_layer_map(spec: str) -> tuple[int, ...]:
+    """Parse `"0-5,0-5,2-3"` (inclusive ranges and single indices) into a tuple of source layer indices."""
+    out: list[int] = []
+    for part in spec.replace(" ", "").split(","):
+        m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        if not m:
+            raise HfStackError(f"cannot parse layer map part {part!r} of {spec!r}; write ranges like 0-5,0-5,2-3")
+        a = int(m.group(1))
+        b = int(m.group(2)) if m.group(2) is not None else a
+        if b < a:
+            raise HfStackError(f"layer map range {part!r} runs backwards; write {b}-{a} or list the layers")
+        if b - a >= MAX_TARGET_LAYERS:
+            raise HfStackError(f"layer map range {part!r} is longer than {MAX_TARGET_LAYERS} layers")
+        out.extend(range(a, b + 1))
+    return tuple(out)
+
+
+def resolve_layer_map(config: StackedConfig, source_num_layers: int) -> tuple[int, ...]:
+    """Turn a `StackedConfig` (factor/layers/order or an explicit map) into the concrete layer map."""
+    L = source_num_layers
+    if config.layer_map is not None:
+        layer_map = parse_layer_map(config.layer_map)
+        if config.num_layers is not None and config.num_layers != len(layer_map):
+            raise HfStackError(
+                f"the layer map has {len(layer_map)} layers but --layers asks for {config.num_layers}; "
+                "make them agree or drop --layers"
+            )
+        if config.factor is not None and config.factor * L != len(layer_map):
+            raise HfStackError(
+                f"the layer map has {len(layer_map)} layers but factor {config.factor} x {L} source layers is "
+                f"{config.factor * L}; drop --factor when giving --layer-map"
+            )
+    else:
+        N = config.target_num_layers(L)
+        if N > MAX_TARGET_LAYERS:
+            raise HfStackError(f"{N} target layers is more than the supported {MAX_TARGET_LAYERS}")
+        if config.order == "stack":
+            layer_map = tuple(i % L for i in range(N))
+        elif config.order == "interpolate":
+            # Each source layer repeated in place, counts as even as N allows: 0,0,1,1,...
+            layer_map = tuple(i * L // N for i in range(N))
+        else:  # middle (MIDAS): keep the first and last layer, cycle the middle block to fill the rest
+            if L < 3:
+                raise HfStackError(f"order 'middle' needs at least 3 source layers (first, middle, last); the source has {L}")
+            if N < L:
+                raise HfStackError(f"order 'middle' cannot shrink {L} layers to {N}")
+            middle = list(range(1, L - 1))
+            layer_map = (0, *(middle[i % len(middle)] for i in range(N - 2)), L - 1)
+    if not layer_map:
+        raise HfStackError("the layer map is empty; the grown model needs at least one layer")
+    if len(layer_map) > MAX_TARGET_LAYERS:
+        raise HfStackError(f"{len(layer_map)} target layers is more than the supported {MAX_TARGET_LAYERS}")
+    bad = sorted({j for j in layer_map if j >= L})
+    if bad:
+        raise HfStackError(f"layer map names source layers {bad} but the source has only {L} layers (0-{L - 1})")
+    return layer_map
+
+
+def grow_config(config: dict, layer_map: tuple[int, ...]) -> dict:
+    """Return the target `config.json` contents: the source config with every per-layer field grown.
+
+    Lists with one entry per layer are re-indexed through the layer map; lists of layer indices are remapped;
+    `max_window_layers` follows the grown `layer_types`. A field that is per-layer in a way this cannot carry
+    over raises rather than being silently dropped.
+    """
+    L = config["num_hidden_layers"]
+    N = len(layer_map)
+    out = copy.deepcopy(config)
+    out["num_hidden_layers"] = N
+    for key, value in config.items():
+        if key in UNSUPPORTED_PER_LAYER and value is not None:
+            raise HfStackError(
+                f"config field {key!r}={value!r} sets per-layer behaviour that a layer map cannot carry over; "
+                "this architecture is not supported for growth"
+            )
+        if key in NON_LAYER_LISTS or key in LAYER_SCALARS:
+            continue
+        if key in LAYER_INDEX_LISTS and isinstance(value, list):
+            chosen = set(value)
+            out[key] = [i for i, j in enumerate(layer_map) if j in chosen]
+        elif isinstance(value, list) and len(value) == L:
+            out[key] = [copy.deepcopy(value[j]) for j in layer_map]
+        elif "layer" in key and value is not None and not isinstance(value, (bool, float, str)):
+            raise HfStackError(
+                f"config field {key!r} looks per-layer but hf_stack does not know how to grow it "
+                f"(value {value!r} for {L} layers); open an issue naming the architecture"
+            )
+    if "max_window_layers" in config and config["max_window_layers"] is not None:
+        types = out.get("layer_types")
+        if types is not None:
+            # transformers derives layer_types from max_window_layers; keep the two consistent: count the
+            # leading full-attention layers (layer_types stays authoritative for any other pattern).
+            lead = next((i for i, t in enumerate(types) if t != "full_attention"), N)
+            out["max_window_layers"] = lead
+        elif config["max_window_layers"] >= L:
+            out["max_window_layers"] = max(config["max_window_layers"], N)
+        else:
+            raise HfStackError(
+                "config has max_window_layers below num_hidden_layers but no layer_types; "
+                "save the source with transformers >= 5 so layer_types is written"
+            )
+    return out
+
+
+def check_source_config(config: dict) -> None:
+    """Refuse configs growth cannot handle, before anything is read or written."""
+    if "auto_map" in config:
+        raise HfStackError(
+            "the source config has 'auto_map' (custom code from the repository); hf_stack never runs remote code, "
+            "so grow only models whose architecture ships with transformers"
+        )
+    for key in ("text_config", "vision_config", "encoder", "decoder"):
+        if isinstance(config.get(key), dict):
+            raise HfStackError(
+                f"the source config has a nested {key!r}: multimodal and encoder-decoder models are not supported; "
+                f"supported: {', '.join(TESTED_ARCHITECTURES)} and other decoder-only models with model.layers.{{i}}"
+            )
+    L = config.get("num_hidden_layers")
+    if not isinstance(L, int) or isinstance(L, bool) or L < 1:
+        raise HfStackError(f"config.json needs num_hidden_layers as a positive integer, found {L!r}")
+    archs = config.get("architectures") or []
+    if not archs or not all(isinstance(a, str) and a.endswith("ForCausalLM") for a in archs):
+        raise HfStackError(
+            f"unsupported architecture {archs or config.get('model_type')!r}: hf_stack grows causal LMs "
+            f"({', '.join(TESTED_ARCHITECTURES)}, and others whose decoder layers live at model.layers.{{i}})"
+        )
+
+
+def build_plan(config: dict, tensor_infos: dict[str, tuple[str, tuple[int, ...]]], stacked: StackedConfig) -> GrowthPlan:
+    """Compute the growth plan from the source config and its tensor names, dtypes and shapes.
+
+    Args:
+        config: the source `config.json` as a dict.
+        tensor_infos: source tensor name -> (safetensors dtype string, shape), as read from the headers.
+        stacked: the growth settings.
+
+    Returns:
+        A [`GrowthPlan`] naming a source for every tensor of the grown checkpoint.
+    """
+    check_source_config(config)
+    L = config["num_hidden_layers"]
+    operator = get_operator(stacked.operator)
+    if operator.direction != "depth":
+        raise HfStackError(f"operator {operator.name!r} grows {operator.direction}; only depth growth is available")
+
+    layers: dict[int, list[str]] = {}
+    others: list[str] = []
+    for key in tensor_infos:
+        m = LAYER_KEY.match(key)
+        if m:
+            layers.setdefault(int(m.group(1)), []).append(m.group(2))
+        else:
+            others.append(key)
+    if not layers or EMBED_KEY not in tensor_infos:
+        raise HfStackError(
+            f"the checkpoint has no {EMBED_KEY!r} / 'model.layers.{{i}}.' tensors ({config['architectures'][0]}); "
+            f"supported: {', '.join(TESTED_ARCHITECTURES)} and other decoder-only models with that layout"
+        )
+    if sorted(layers) != list(range(L)):
+        raise HfStackError(
+            f"config.json says {L} layers but the checkpoint holds layers {sorted(layers)}; the checkpoint is "
+            "incomplete or does not belong to this config"
+        )
+    suffixes = sorted(layers[0])
+    for i, s in layers.items():
+        if sorted(s) != suffixes:
+            missing = sorted(set(suffixes) ^ set(s))
+            raise HfStackError(f"layer {i} has different tensors from layer 0 (differs in {missing}); the checkpoint is inconsistent")
+
+    tied = bool(config.get("tie_word_embeddings", False))
+    if tied:
+        others = [k for k in others if k != LM_HEAD_KEY]  # tied heads are not stored, as save_pretrained does
+    elif LM_HEAD_KEY not in tensor_infos:
+        raise HfStackError(
+            "the config says tie_word_embeddings is false but the checkpoint has no lm_head.weight; "
+            "the checkpoint is incomplete"
+        )
+
+    layer_map = resolve_layer_map(stacked, L)
+    entries: list[TensorSource] = []
+
+    def add(target: str, source: str, op: str = "copy") -> None:
+        dtype, shape = tensor_infos[source]
+        entries.append(TensorSource(target, source, op, dtype, tuple(shape)))
+
+    # Written in transformers' own order: embeddings, layers, then the rest (final norm, head).
+    add(EMBED_KEY, EMBED_KEY)
+    for i, j in enumerate(layer_map):
+        overrides = operator.layer_ops(i, layer_map)
+        for suffix in suffixes:
+            add(f"model.layers.{i}.{suffix}", f"model.layers.{j}.{suffix}", overrides.get(suffix, "copy"))
+    for key in sorted(k for k in others if k != EMBED_KEY):
+        add(key, key)
+
+    return GrowthPlan(
+        operator=operator.name,
+        layer_map=layer_map,
+        source_num_layers=L,
+        tensors=tuple(entries),
+        target_config=grow_config(config, layer_map),
+    )
+
+
+def plan_to_json(plan: GrowthPlan) -> dict:
+    """The plan with every tensor entry, for tests and tools that want the full mapping."""
+    return {**plan.to_dict(), "tensors": [asdict(t) for t in plan.tensors]}

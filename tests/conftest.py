@@ -1,0 +1,96 @@
+"""Fixtures: tiny real checkpoints and tokenizers for every tested architecture, built locally (no network)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+TEXT = (
+    "It is a truth universally acknowledged, that a single man in possession of a good fortune, "
+    "must be in want of a wife. In the beginning God created the heaven and the earth. "
+    "To be, or not to be, that is the question. All the world's a stage, and all the men and women merely players."
+)
+
+ARCHS = {
+    # GQA, untied head
+    "llama": dict(model_type="llama", num_key_value_heads=2, tie_word_embeddings=False),
+    # MHA, sliding window attention config
+    "mistral": dict(model_type="mistral", num_key_value_heads=4, sliding_window=16, tie_word_embeddings=False),
+    # q/k/v biases, tied embeddings, per-layer layer_types with sliding layers above max_window_layers
+    "qwen2": dict(
+        model_type="qwen2", num_key_value_heads=2, tie_word_embeddings=True, use_sliding_window=True,
+        sliding_window=8, max_window_layers=2,
+    ),
+    # q_norm / k_norm, tied embeddings
+    "qwen3": dict(model_type="qwen3", num_key_value_heads=2, tie_word_embeddings=True, head_dim=8),
+}  # fmt: skip
+
+
+def build_tokenizer(folder):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=160, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    tok.train_from_iterator([TEXT] * 4, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(folder)
+    return fast
+
+
+def build_checkpoint(folder, arch="llama", num_layers=3, dtype="float32", seed=0, max_shard_size=None, **overrides):
+    """Save a tiny randomly initialised model of `arch` with a tokenizer to `folder` and return the model."""
+    import torch
+    from transformers import CONFIG_MAPPING, AutoModelForCausalLM
+
+    spec = dict(ARCHS[arch])
+    model_type = spec.pop("model_type")
+    spec.update(overrides)
+    tokenizer = build_tokenizer(folder)
+    config = CONFIG_MAPPING[model_type](
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=num_layers,
+        num_attention_heads=4, max_position_embeddings=128, bos_token_id=1, eos_token_id=2, **spec,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).to(getattr(torch, dtype))
+    # Norm weights start at exactly 1; perturb them so a wrong copy shows up in comparisons.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(folder, **kwargs)
+    return model.eval()
+
+
+@pytest.fixture(params=sorted(ARCHS))
+def arch(request):
+    return request.param
+
+
+@pytest.fixture
+def small(tmp_path, arch):
+    folder = tmp_path / f"small-{arch}"
+    build_checkpoint(folder, arch)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def llama_small(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("llama") / "small"
+    build_checkpoint(folder, "llama")
+    return folder
+
+
+@pytest.fixture
+def token_ids():
+    import torch
+
+    return torch.tensor([[1, 5, 17, 42, 9, 77, 3, 120, 64, 11, 8, 33]])

@@ -1,0 +1,228 @@
+"""The growth plan is plain data: layer maps, config growth and tensor sources, checked without torch."""
+
+import subprocess
+import sys
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hf_stack import HfStackError, StackedConfig
+from hf_stack.operators import OPERATORS
+from hf_stack.plan import (
+    build_plan,
+    grow_config,
+    layer_map_to_slices,
+    parse_layer_map,
+    resolve_layer_map,
+)
+
+SUFFIXES = ["input_layernorm.weight", "self_attn.q_proj.weight", "self_attn.o_proj.weight", "mlp.down_proj.weight"]
+
+
+def fake_source(num_layers=6, tied=False, **config):
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_hidden_layers": num_layers,
+           "tie_word_embeddings": tied, **config}  # fmt: skip
+    infos = {"model.embed_tokens.weight": ("BF16", (100, 8)), "model.norm.weight": ("BF16", (8,))}
+    for i in range(num_layers):
+        for s in SUFFIXES:
+            infos[f"model.layers.{i}.{s}"] = ("BF16", (8, 8) if "proj" in s else (8,))
+    infos["lm_head.weight"] = ("BF16", (100, 8))
+    return cfg, infos
+
+
+def test_stack_order_is_the_papers_g_stack():
+    assert resolve_layer_map(StackedConfig(factor=4), 6) == tuple(list(range(6)) * 4)
+    assert StackedConfig().factor == 4  # the default is G_stack with g = 4
+
+
+def test_interpolate_repeats_each_layer_in_place():
+    assert resolve_layer_map(StackedConfig(factor=2, order="interpolate"), 3) == (0, 0, 1, 1, 2, 2)
+    # N not a multiple of L: counts as even as possible, order kept
+    m = resolve_layer_map(StackedConfig(num_layers=7, order="interpolate"), 3)
+    assert list(m) == sorted(m) and set(m) == {0, 1, 2} and len(m) == 7
+
+
+def test_middle_keeps_first_and_last():
+    m = resolve_layer_map(StackedConfig(num_layers=10, order="middle"), 6)
+    assert m == (0, 1, 2, 3, 4, 1, 2, 3, 4, 5)
+    with pytest.raises(HfStackError, match="at least 3"):
+        resolve_layer_map(StackedConfig(factor=2, order="middle"), 2)
+
+
+def test_stack_with_layers_not_a_multiple():
+    assert resolve_layer_map(StackedConfig(num_layers=8), 6) == (0, 1, 2, 3, 4, 5, 0, 1)
+
+
+def test_explicit_layer_map_and_slices():
+    m = parse_layer_map("0-5,0-5,2-3")
+    assert m == (*range(6), *range(6), 2, 3)
+    assert layer_map_to_slices(m) == [[0, 6], [0, 6], [2, 4]]
+    assert StackedConfig(layer_map=[0, 1, 2, 0, 1, 2, 7]).layer_map == "0-2,0-2,7"
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(factor=0), "at least 1"),
+        (dict(factor=1.5), "whole number"),
+        (dict(num_layers=-3), "at least 1"),
+        (dict(factor=2, num_layers=4), "not both"),
+        (dict(order="random"), "unknown order"),
+        (dict(operator="nope"), "unknown operator"),
+        (dict(dtype="int8"), "unknown dtype"),
+    ],
+)
+def test_bad_settings_are_refused(kwargs, match):
+    with pytest.raises(HfStackError, match=match):
+        StackedConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(layer_map="0-5,9"), r"source layers \[9\]"),
+        (dict(layer_map="0-x"), "cannot parse"),
+        (dict(layer_map="5-2"), "backwards"),
+        (dict(layer_map="0-5", num_layers=7), "agree"),
+        (dict(num_layers=10**9), "more than the supported"),
+    ],
+)
+def test_bad_layer_maps_are_refused(kwargs, match):
+    with pytest.raises(HfStackError, match=match):
+        resolve_layer_map(StackedConfig(**kwargs), 6)
+
+
+def test_plan_names_a_source_for_every_target_tensor():
+    cfg, infos = fake_source(6)
+    plan = build_plan(cfg, infos, StackedConfig(factor=4))
+    targets = [t.target for t in plan.tensors]
+    assert len(targets) == len(set(targets)) == 2 + 1 + 24 * len(SUFFIXES)
+    for t in plan.tensors:
+        if t.target.startswith("model.layers."):
+            i = int(t.target.split(".")[2])
+            assert t.source == t.target.replace(f"layers.{i}.", f"layers.{i % 6}.", 1)
+        else:
+            assert t.source == t.target
+        assert (t.dtype, t.shape) == infos[t.source]
+    assert plan.target_config["num_hidden_layers"] == 24
+    assert cfg["num_hidden_layers"] == 6  # the source config is not mutated
+
+
+def test_tied_embeddings_write_no_lm_head():
+    cfg, infos = fake_source(2, tied=True)
+    plan = build_plan(cfg, infos, StackedConfig(factor=2))
+    assert "lm_head.weight" not in {t.target for t in plan.tensors}
+    cfg, infos = fake_source(2, tied=False)
+    assert "lm_head.weight" in {t.target for t in build_plan(cfg, infos, StackedConfig(factor=2)).tensors}
+    del infos["lm_head.weight"]
+    with pytest.raises(HfStackError, match="no lm_head"):
+        build_plan(cfg, infos, StackedConfig(factor=2))
+
+
+def test_zero_operator_zeroes_output_projections_of_repeats_only():
+    cfg, infos = fake_source(2)
+    plan = build_plan(cfg, infos, StackedConfig(factor=2, operator="zero"))
+    zeroed = {t.target for t in plan.tensors if t.op == "zero"}
+    assert zeroed == {f"model.layers.{i}.{s}" for i in (2, 3) for s in ("self_attn.o_proj.weight", "mlp.down_proj.weight")}
+
+
+def test_per_layer_config_fields_grow_with_the_layers():
+    cfg = {"num_hidden_layers": 3, "layer_types": ["full_attention", "full_attention", "sliding_attention"],
+           "max_window_layers": 2, "mlp_only_layers": [1], "eos_token_id": [1, 2, 3], "custom_per_layer": [10, 11, 12]}  # fmt: skip
+    out = grow_config(cfg, (0, 1, 2, 0, 1, 2))
+    assert out["layer_types"] == ["full_attention", "full_attention", "sliding_attention"] * 2
+    assert out["custom_per_layer"] == [10, 11, 12, 10, 11, 12]  # any list with one entry per layer
+    assert out["mlp_only_layers"] == [1, 4]  # index lists are remapped
+    assert out["eos_token_id"] == [1, 2, 3]  # not per-layer even though its length is 3
+    assert out["max_window_layers"] == 2
+    out = grow_config(cfg, (0, 0, 1, 1, 2, 2))
+    assert out["max_window_layers"] == 4
+
+
+@pytest.mark.parametrize(
+    "field, value", [("num_experts_per_layer", [1, 2]), ("first_k_dense_replace", 1), ("sliding_window_pattern", 2)]
+)
+def test_unknown_per_layer_config_field_is_an_error(field, value):
+    with pytest.raises(HfStackError, match=field):
+        grow_config({"num_hidden_layers": 3, field: value}, (0, 1, 2, 0, 1, 2))
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(auto_map={"AutoModelForCausalLM": "x.Y"}), "auto_map"),
+        (dict(architectures=["BertModel"]), "unsupported architecture"),
+        (dict(text_config={"num_hidden_layers": 2}), "nested"),
+        (dict(num_hidden_layers=0), "positive integer"),
+    ],
+)
+def test_unsupported_sources_are_refused(change, match):
+    cfg, infos = fake_source(2)
+    with pytest.raises(HfStackError, match=match):
+        build_plan({**cfg, **change}, infos, StackedConfig(factor=2))
+
+
+def test_checkpoint_that_does_not_match_config_is_refused():
+    cfg, infos = fake_source(3)
+    del infos["model.layers.2.self_attn.q_proj.weight"]
+    with pytest.raises(HfStackError, match="layer 2"):
+        build_plan(cfg, infos, StackedConfig(factor=2))
+    cfg, infos = fake_source(3)
+    with pytest.raises(HfStackError, match="says 4 layers"):
+        build_plan({**cfg, "num_hidden_layers": 4}, infos, StackedConfig(factor=2))
+    with pytest.raises(HfStackError, match="names what|supported"):
+        build_plan(cfg, {"transformer.h.0.w": ("F32", (2,))}, StackedConfig(factor=2))
+
+
+def test_describe_lists_every_target_tensor():
+    cfg, infos = fake_source(2)
+    plan = build_plan(cfg, infos, StackedConfig(factor=2))
+    text = plan.describe()
+    assert "[0, 2) + [0, 2)" in text
+    for t in plan.tensors:
+        assert f"{t.target} " in text
+
+
+def test_plans_do_not_need_torch():
+    code = (
+        "import sys; from hf_stack.plan import build_plan, resolve_layer_map; from hf_stack import StackedConfig;"
+        "import hf_stack.convert, hf_stack.cli; assert 'torch' not in sys.modules, 'torch imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    L=st.integers(1, 12),
+    order=st.sampled_from(["stack", "interpolate", "middle"]),
+    n=st.integers(1, 64),
+    operator=st.sampled_from(sorted(OPERATORS)),
+)
+def test_every_valid_setting_gives_a_complete_plan(L, order, n, operator):
+    cfg, infos = fake_source(L)
+    stacked = StackedConfig(num_layers=n, order=order, operator=operator)
+    try:
+        plan = build_plan(cfg, infos, stacked)
+    except HfStackError:
+        assert order == "middle" and (L < 3 or n < L)  # the only refusals for in-range settings
+        return
+    assert plan.num_layers == n
+    assert all(0 <= j < L for j in plan.layer_map)
+    assert {t.target for t in plan.tensors} == {f"model.layers.{i}.{s}" for i in range(n) for s in SUFFIXES} | {
+        "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}  # fmt: skip
+    if order == "interpolate":
+        assert list(plan.layer_map) == sorted(plan.layer_map)
+    if order == "stack":
+        assert plan.layer_map == tuple(i % L for i in range(n))
+    assert sum(b - a for a, b in plan.slices()) == n
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(0, 20), min_size=1, max_size=40))
+def test_explicit_maps_round_trip_through_the_spec(layer_map):
+    spec = StackedConfig(layer_map=layer_map).layer_map
+    assert parse_layer_map(spec) == tuple(layer_map)
+    if max(layer_map) >= 8:
+        with pytest.raises(HfStackError, match="only 8 layers"):
+            resolve_layer_map(StackedConfig(layer_map=spec), 8)
