@@ -1,0 +1,220 @@
+"""`hf-stack grow` from the shell: plans, outputs, one-line errors with exit 2 and nothing left on disk."""
+
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+
+import pytest
+
+from hf_stack.cli import main
+from tests.conftest import build_checkpoint
+
+
+def run(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "hf_stack.cli", *map(str, args)], capture_output=True, text=True, cwd=cwd)
+
+
+def test_cli_grow_end_to_end(llama_small, tmp_path):
+    r = run("grow", llama_small, "--factor", "4", "-o", tmp_path / "grown", "--verify")
+    assert r.returncode == 0, r.stderr
+    assert "(3 layers)" in r.stdout and "(12 layers, verified)" in r.stdout
+    assert json.loads((tmp_path / "grown" / "config.json").read_text())["num_hidden_layers"] == 12
+    # no temporary folders left beside the output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["grown"]
+
+
+def test_cli_default_output_name(llama_small, tmp_path):
+    assert main(["grow", str(llama_small), "--factor", "2"]) == 0 if os.chdir(tmp_path) is None else False
+    assert (tmp_path / "small-stack-x2" / "model.safetensors").is_file()
+
+
+def test_dry_run_prints_every_tensor_and_writes_nothing(llama_small, tmp_path):
+    r = run("grow", llama_small, "--layers", "7", "--order", "interpolate", "--dry-run", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "layers: 3 -> 7" in r.stdout and "num_hidden_layers: 3 -> 7" in r.stdout
+    assert "model.layers.6.mlp.up_proj.weight" in r.stdout and "<- model.layers.2.mlp.up_proj.weight" in r.stdout
+    tensor_lines = [line for line in r.stdout.splitlines() if line.startswith("  ")]
+    assert len(tensor_lines) == 1 + 7 * 9 + 2  # embeddings, 7 layers x 9 tensors, final norm, untied lm_head
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_help_is_instant_and_has_examples():
+    r = run("grow", "--help")
+    assert r.returncode == 0 and "examples:" in r.stdout and "--layer-map" in r.stdout
+
+
+def _corrupt(kind, folder):
+    """Damage a copy of a good checkpoint in one specific way."""
+    cfg_path = folder / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    st = folder / "model.safetensors"
+    if kind == "truncated shard":
+        data = st.read_bytes()
+        st.write_bytes(data[: len(data) - 100])
+    elif kind == "corrupt header":
+        data = st.read_bytes()
+        st.write_bytes(struct.pack("<Q", 10**12) + data[8:])
+    elif kind == "header not json":
+        data = st.read_bytes()
+        (n,) = struct.unpack("<Q", data[:8])
+        st.write_bytes(data[:8] + b"\xff" * n + data[8 + n :])
+    elif kind == "missing shard":
+        (folder / "model.safetensors.index.json").write_text(
+            json.dumps({"weight_map": {"model.embed_tokens.weight": "model-00001-of-00002.safetensors"}})
+        )
+        st.unlink()
+    elif kind == "index names missing tensors":
+        (folder / "model.safetensors.index.json").write_text(
+            json.dumps({"weight_map": {"model.extra.weight": "model.safetensors", "model.embed_tokens.weight": "model.safetensors"}})
+        )
+    elif kind == "index escapes folder":
+        (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "../../etc/passwd"}}))
+    elif kind == "auto_map":
+        cfg["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}
+    elif kind == "unknown architecture":
+        cfg["architectures"] = ["T5ForConditionalGeneration"]
+    elif kind == "no weights":
+        st.unlink()
+    elif kind == "config not json":
+        cfg_path.write_text("{not json")
+        return
+    elif kind == "config missing":
+        cfg_path.unlink()
+        return
+    elif kind == "layer count mismatch":
+        cfg["num_hidden_layers"] = 5
+    cfg_path.write_text(json.dumps(cfg))
+
+
+CORRUPTIONS = {
+    "truncated shard": "truncated",
+    "corrupt header": "corrupt or truncated safetensors header",
+    "header not json": "not JSON",
+    "missing shard": "missing",
+    "index names missing tensors": "no shard holds",
+    "index escapes folder": "not a plain file name",
+    "auto_map": "never runs remote code",
+    "unknown architecture": "unsupported architecture",
+    "no weights": "holds no model weights",
+    "config not json": "cannot read config.json",
+    "config missing": "config.json not found",
+    "layer count mismatch": "says 5 layers",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(CORRUPTIONS))
+def test_bad_source_gives_one_line_error(llama_small, tmp_path, kind, capsys):
+    src = tmp_path / "src"
+    shutil.copytree(llama_small, src)
+    _corrupt(kind, src)
+    out = tmp_path / "out"
+    assert main(["grow", str(src), "--factor", "2", "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert CORRUPTIONS[kind] in err
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no temporary folder left either
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["--factor", "0"], "factor must be at least 1"),
+        (["--factor", "1.5"], "invalid int value"),
+        (["--layer-map", "0-2,7"], "source layers [7]"),
+        (["--layer-map", "0-2", "--layers", "5"], "agree"),
+        (["--layers", "1000000000"], "more than the supported"),
+        (["--order", "sideways"], "invalid choice"),
+        (["--operator", "magic"], "unknown operator"),
+        (["--max-shard-size", "lots"], "cannot read size"),
+        (["--factor", "2", "--layers", "4"], "not both"),
+    ],
+)
+def test_bad_arguments_give_one_line_error(llama_small, tmp_path, args, match):
+    r = run("grow", llama_small, "-o", tmp_path / "out", *args)
+    assert r.returncode == 2
+    assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
+    assert match in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_output_needs_overwrite(llama_small, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert main(["grow", str(llama_small), "-o", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err and (out / "keep.txt").exists()
+    assert main(["grow", str(llama_small), "-o", str(out), "--overwrite"]) == 0
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_invalid_repo_id(tmp_path, capsys):
+    assert main(["grow", "not a/valid//repo", "-o", str(tmp_path / "o")]) == 2
+    assert "neither an existing folder nor a valid Hub repo id" in capsys.readouterr().err
+
+
+def test_no_disk_space_is_reported_before_writing(llama_small, tmp_path, monkeypatch, capsys):
+    import hf_stack.io
+
+    monkeypatch.setattr(hf_stack.io.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    assert main(["grow", str(llama_small), "-o", str(tmp_path / "out")]) == 2
+    assert "not enough disk space" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_disk_filling_up_mid_write_leaves_nothing(llama_small, tmp_path, monkeypatch, capsys):
+    """ENOSPC while writing a shard (a real OSError from the write) cleans up the temporary folder."""
+    import errno
+
+    import hf_stack.convert
+
+    calls = {"n": 0}
+    real = hf_stack.convert._copy_bytes
+
+    def failing(*a):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*a)
+
+    monkeypatch.setattr(hf_stack.convert, "_copy_bytes", failing)
+    assert main(["grow", str(llama_small), "-o", str(tmp_path / "out")]) == 2
+    assert "no space left" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_streaming_memory_is_flat_and_needs_no_torch(tmp_path):
+    """Peak RSS of `hf-stack grow` does not grow with the checkpoint, and torch is never imported."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    def synth(folder, hidden):
+        folder.mkdir()
+        cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_hidden_layers": 2,
+               "hidden_size": hidden, "tie_word_embeddings": True}  # fmt: skip
+        (folder / "config.json").write_text(json.dumps(cfg))
+        tensors = {"model.embed_tokens.weight": np.ones((64, hidden), np.float16), "model.norm.weight": np.ones(hidden, np.float16)}
+        for i in range(2):
+            tensors[f"model.layers.{i}.mlp.up_proj.weight"] = np.full((hidden, hidden), i, np.float16)
+        save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+    code = (
+        "import sys; from hf_stack.cli import main; rc = main(sys.argv[1:]); assert 'torch' not in sys.modules;"
+        # VmHWM (peak RSS of this exec'd image; ru_maxrss would include the forked pytest parent)
+        "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])"
+    )
+    peaks = {}
+    for hidden in (1024, 3072):  # 4 MB and 36 MB of weights, x4 out
+        synth(tmp_path / f"s{hidden}", hidden)
+        r = subprocess.run(
+            [sys.executable, "-c", code, "grow", str(tmp_path / f"s{hidden}"), "-o", str(tmp_path / f"o{hidden}")],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        peaks[hidden] = int(r.stdout.split()[-1])  # KiB
+        assert (tmp_path / f"o{hidden}" / "model.safetensors").stat().st_size > 4 * 2 * hidden * hidden * 2
+    assert peaks[3072] - peaks[1024] < 8 * 1024, peaks  # 9x the weights, < 8 MB more memory
