@@ -64,7 +64,9 @@ def cmd_grow(args) -> int:
         from .io import resolve_source_metadata
         from .plan import build_plan
 
-        source = resolve_source_metadata(args.source, revision=args.revision, token=args.token, cache_dir=args.cache_dir)
+        source = resolve_source_metadata(
+            args.source, revision=args.revision, token=args.token, cache_dir=args.cache_dir
+        )
         plan = build_plan(source.config, source.tensor_infos, stacked)
         print(plan.describe())
         changed = {k: v for k, v in plan.target_config.items() if source.config.get(k) != v}
@@ -107,8 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
     grow.add_argument("-o", "--output", help="Output folder (default: <source>-<operator>-x<factor>).")
     add_dataclass_options(grow, StackedConfig)
     add_hub_options(grow)
-    grow.add_argument("--dry-run", action="store_true", help="Print the plan (every target tensor's source); write nothing.")
-    grow.add_argument("--verify", action="store_true", help="Reload the result with transformers and check every tensor.")
+    grow.add_argument(
+        "--dry-run", action="store_true", help="Print the plan (every target tensor's source); write nothing."
+    )
+    grow.add_argument(
+        "--verify", action="store_true", help="Reload the result with transformers and check every tensor."
+    )
     grow.add_argument("--overwrite", action="store_true", help="Replace an existing output folder.")
     grow.add_argument("--max-shard-size", default="5GB", help="Largest output shard (default 5GB).")
     grow.set_defaults(func=cmd_grow)

@@ -47,20 +47,26 @@ class StackedConfig:
     ```
     """
 
-    operator: str = field(default="stack", metadata={"help": "Growth operator: stack (G_stack) or zero (identity copies)."})
+    operator: str = field(
+        default="stack", metadata={"help": "Growth operator: stack (G_stack) or zero (identity copies)."}
+    )
     factor: int | None = field(default=None, metadata={"help": "Growth factor g: the grown model has g x L layers."})
     num_layers: int | None = field(
         default=None, metadata={"help": "Number of layers of the grown model (need not be a multiple of L)."}
     )
     order: str = field(
         default="stack",
-        metadata={"help": "Layer order: stack (i mod L), interpolate (0,0,1,1,...) or middle (MIDAS).", "choices": ORDERS},
+        metadata={
+            "help": "Layer order: stack (i mod L), interpolate (0,0,1,1,...) or middle (MIDAS).",
+            "choices": ORDERS,
+        },
     )
     layer_map: str | None = field(
         default=None, metadata={"help": "Explicit layer map as inclusive ranges, e.g. 0-5,0-5,2-3 (overrides order)."}
     )
     dtype: str | None = field(
-        default=None, metadata={"help": "Convert weights to float32, bfloat16 or float16 (default: keep the source dtype)."}
+        default=None,
+        metadata={"help": "Convert weights to float32, bfloat16 or float16 (default: keep the source dtype)."},
     )
     provenance: dict | None = field(default=None, repr=False, compare=False, metadata={"cli": False})
 
@@ -70,7 +76,9 @@ class StackedConfig:
 
             if not all(isinstance(j, int) and j >= 0 for j in self.layer_map):
                 raise HfStackError(f"layer_map must list non-negative layer indices, got {self.layer_map!r}")
-            self.layer_map = ",".join(f"{a}-{b - 1}" if b - a > 1 else str(a) for a, b in layer_map_to_slices(self.layer_map))
+            self.layer_map = ",".join(
+                f"{a}-{b - 1}" if b - a > 1 else str(a) for a, b in layer_map_to_slices(self.layer_map)
+            )
         for name in ("factor", "num_layers"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)):

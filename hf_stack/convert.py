@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from . import __version__
 from .config import GROWTH_CONFIG_NAME, StackedConfig
@@ -98,7 +98,7 @@ def write_shards(folder: Path, tensors: list[OutputTensor], max_shard_size: int,
         size += t.nbytes
     n = len(shards)
     names = [SAFE_SINGLE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    for name, shard in zip(names, shards):
+    for name, shard in zip(names, shards, strict=False):
         with open(folder / name, "wb") as f:
             f.write(_header_bytes(shard))
             for t in shard:
@@ -108,7 +108,7 @@ def write_shards(folder: Path, tensors: list[OutputTensor], max_shard_size: int,
     if n > 1:
         index = {
             "metadata": {"total_size": sum(t.nbytes for t in tensors)},
-            "weight_map": {t.name: name for name, shard in zip(names, shards) for t in shard},
+            "weight_map": {t.name: name for name, shard in zip(names, shards, strict=False) for t in shard},
         }
         (folder / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
     return names
@@ -242,7 +242,9 @@ def grow(
         from tqdm.auto import tqdm
 
         with atomic_output_dir(out, overwrite=overwrite) as tmp:
-            with tqdm(total=total, unit="B", unit_scale=True, desc="grow", disable=None if progress is None else not progress) as bar:
+            with tqdm(
+                total=total, unit="B", unit_scale=True, desc="grow", disable=None if progress is None else not progress
+            ) as bar:
                 write_shards(tmp, tensors, shard_limit, progress=bar)
             (tmp / "config.json").write_text(json.dumps(_target_config(plan, stacked.dtype), indent=2) + "\n")
             copy_aux_files(source.folder, tmp)

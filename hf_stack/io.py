@@ -126,7 +126,9 @@ def read_safetensors_header(path: Path) -> dict[str, TensorLocation]:
         for s in shape:
             numel *= s
         if dtype not in DTYPE_SIZES or end - begin != numel * DTYPE_SIZES[dtype] or begin < 0:
-            raise HfStackError(f"{path.name}: tensor {name!r} header ({dtype}, {list(shape)}) does not match its byte range")
+            raise HfStackError(
+                f"{path.name}: tensor {name!r} header ({dtype}, {list(shape)}) does not match its byte range"
+            )
         if base + end > size:
             raise HfStackError(f"{path.name} is truncated: tensor {name!r} ends past the end of the file")
         out[name] = TensorLocation(path, dtype, shape, base + begin, end - begin)
@@ -154,7 +156,7 @@ def locate_tensors(folder: Path, allow_pickle: bool = False) -> tuple[dict[str, 
         weight_map = _read_weight_map(folder, SAFE_INDEX)
         files = {name: _safe_member(folder, name) for name in set(weight_map.values())}
         headers: dict[str, TensorLocation] = {}
-        for name, path in sorted(files.items()):
+        for _name, path in sorted(files.items()):
             headers.update(read_safetensors_header(path))
         missing = sorted(k for k in weight_map if k not in headers)
         if missing:
@@ -188,7 +190,9 @@ def _locate_pickle(folder: Path) -> dict[str, TensorLocation]:
         if not path.is_file():
             raise HfStackError(f"shard {path.name} is missing from {folder}")
         for name, t in load_pickle_shard(path).items():
-            out[name] = TensorLocation(path, _torch_to_safe_dtype(t.dtype), tuple(t.shape), -1, t.numel() * t.element_size())
+            out[name] = TensorLocation(
+                path, _torch_to_safe_dtype(t.dtype), tuple(t.shape), -1, t.numel() * t.element_size()
+            )
     return out
 
 
@@ -198,7 +202,9 @@ def _torch_to_safe_dtype(dtype) -> str:
     return {v: k for k, v in SAFE_DTYPES.items()}[dtype]
 
 
-def hub_file(repo_id: str, filename: str, revision: str | None = None, token: str | None = None, cache_dir=None) -> str:
+def hub_file(
+    repo_id: str, filename: str, revision: str | None = None, token: str | None = None, cache_dir=None
+) -> str:
     """Download one file of a Hub repo (honours HF_HUB_OFFLINE and the cache)."""
     from huggingface_hub import hf_hub_download
 
@@ -265,7 +271,17 @@ def parse_size(text: str | int) -> int:
     """'5GB' -> 5_000_000_000, '500MB', '2GiB', or a plain byte count."""
     if isinstance(text, int):
         return text
-    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    units = {
+        "": 1,
+        "B": 1,
+        "KB": 10**3,
+        "MB": 10**6,
+        "GB": 10**9,
+        "TB": 10**12,
+        "KIB": 2**10,
+        "MIB": 2**20,
+        "GIB": 2**30,
+    }
     t = text.strip().upper()
     num = t.rstrip("KMGTIB")
     unit = t[len(num) :]

@@ -39,10 +39,18 @@ NON_LAYER_LISTS = frozenset(
 # Config lists of layer *indices* (not one entry per layer): remapped to the target layers that copy them.
 LAYER_INDEX_LISTS = frozenset({"mlp_only_layers", "no_rope_layer_indices", "full_attention_layer_indices"})
 # Scalars whose name mentions layers but which do not depend on the layer count.
-LAYER_SCALARS = frozenset({"num_hidden_layers", "max_window_layers", "layer_norm_eps", "layer_norm_epsilon", "layerdrop"})
+LAYER_SCALARS = frozenset(
+    {"num_hidden_layers", "max_window_layers", "layer_norm_eps", "layer_norm_epsilon", "layerdrop"}
+)
 # Per-layer settings encoded as scalars that a layer map cannot carry over faithfully.
 UNSUPPORTED_PER_LAYER = frozenset(
-    {"first_k_dense_replace", "decoder_sparse_step", "moe_layer_freq", "num_nextn_predict_layers", "sliding_window_pattern"}
+    {
+        "first_k_dense_replace",
+        "decoder_sparse_step",
+        "moe_layer_freq",
+        "num_nextn_predict_layers",
+        "sliding_window_pattern",
+    }
 )
 MAX_TARGET_LAYERS = 4096
 
@@ -180,7 +188,9 @@ def resolve_layer_map(config: StackedConfig, source_num_layers: int) -> tuple[in
             layer_map = tuple(i * L // N for i in range(N))
         else:  # middle (MIDAS): keep the first and last layer, cycle the middle block to fill the rest
             if L < 3:
-                raise HfStackError(f"order 'middle' needs at least 3 source layers (first, middle, last); the source has {L}")
+                raise HfStackError(
+                    f"order 'middle' needs at least 3 source layers (first, middle, last); the source has {L}"
+                )
             if N < L:
                 raise HfStackError(f"order 'middle' cannot shrink {L} layers to {N}")
             middle = list(range(1, L - 1))
@@ -265,7 +275,9 @@ def check_source_config(config: dict) -> None:
         )
 
 
-def build_plan(config: dict, tensor_infos: dict[str, tuple[str, tuple[int, ...]]], stacked: StackedConfig) -> GrowthPlan:
+def build_plan(
+    config: dict, tensor_infos: dict[str, tuple[str, tuple[int, ...]]], stacked: StackedConfig
+) -> GrowthPlan:
     """Compute the growth plan from the source config and its tensor names, dtypes and shapes.
 
     Args:
@@ -304,7 +316,9 @@ def build_plan(config: dict, tensor_infos: dict[str, tuple[str, tuple[int, ...]]
     for i, s in layers.items():
         if sorted(s) != suffixes:
             missing = sorted(set(suffixes) ^ set(s))
-            raise HfStackError(f"layer {i} has different tensors from layer 0 (differs in {missing}); the checkpoint is inconsistent")
+            raise HfStackError(
+                f"layer {i} has different tensors from layer 0 (differs in {missing}); the checkpoint is inconsistent"
+            )
 
     tied = bool(config.get("tie_word_embeddings", False))
     if tied:

@@ -21,14 +21,18 @@ def verify_checkpoint(folder: Path, plan, source, dtype: str | None = None) -> N
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto", trust_remote_code=False)
     except Exception as e:
-        raise HfStackError(f"verification failed: the grown checkpoint does not load: {type(e).__name__}: {e}") from None
+        raise HfStackError(
+            f"verification failed: the grown checkpoint does not load: {type(e).__name__}: {e}"
+        ) from None
     state = model.state_dict()
     expected = {t.target for t in plan.tensors}
     tied = {"lm_head.weight"} if plan.target_config.get("tie_word_embeddings") else set()
     extra = set(state) - expected - tied
     missing = expected - set(state)
     if extra or missing:
-        raise HfStackError(f"verification failed: missing tensors {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]}")
+        raise HfStackError(
+            f"verification failed: missing tensors {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]}"
+        )
     if tied and state["lm_head.weight"].data_ptr() != state["model.embed_tokens.weight"].data_ptr():
         raise HfStackError("verification failed: embeddings should be tied but lm_head is a separate tensor")
     reader = TensorReader(source)

@@ -62,7 +62,7 @@ def build_checkpoint(folder, arch="llama", num_layers=3, dtype="float32", seed=0
     model = AutoModelForCausalLM.from_config(config).to(getattr(torch, dtype))
     # Norm weights start at exactly 1; perturb them so a wrong copy shows up in comparisons.
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for _name, p in model.named_parameters():
             if p.ndim == 1:
                 p.add_(torch.randn_like(p) * 0.1)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}

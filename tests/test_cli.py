@@ -1,7 +1,6 @@
 """`hf-stack grow` from the shell: plans, outputs, one-line errors with exit 2 and nothing left on disk."""
 
 import json
-import os
 import shutil
 import struct
 import subprocess
@@ -10,11 +9,12 @@ import sys
 import pytest
 
 from hf_stack.cli import main
-from tests.conftest import build_checkpoint
 
 
 def run(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "hf_stack.cli", *map(str, args)], capture_output=True, text=True, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, "-m", "hf_stack.cli", *map(str, args)], capture_output=True, text=True, cwd=cwd
+    )
 
 
 def test_cli_grow_end_to_end(llama_small, tmp_path):
@@ -26,8 +26,9 @@ def test_cli_grow_end_to_end(llama_small, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["grown"]
 
 
-def test_cli_default_output_name(llama_small, tmp_path):
-    assert main(["grow", str(llama_small), "--factor", "2"]) == 0 if os.chdir(tmp_path) is None else False
+def test_cli_default_output_name(llama_small, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["grow", str(llama_small), "--factor", "2"]) == 0
     assert (tmp_path / "small-stack-x2" / "model.safetensors").is_file()
 
 
@@ -68,7 +69,14 @@ def _corrupt(kind, folder):
         st.unlink()
     elif kind == "index names missing tensors":
         (folder / "model.safetensors.index.json").write_text(
-            json.dumps({"weight_map": {"model.extra.weight": "model.safetensors", "model.embed_tokens.weight": "model.safetensors"}})
+            json.dumps(
+                {
+                    "weight_map": {
+                        "model.extra.weight": "model.safetensors",
+                        "model.embed_tokens.weight": "model.safetensors",
+                    }
+                }
+            )
         )
     elif kind == "index escapes folder":
         (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "../../etc/passwd"}}))
@@ -160,7 +168,9 @@ def test_invalid_repo_id(tmp_path, capsys):
 def test_no_disk_space_is_reported_before_writing(llama_small, tmp_path, monkeypatch, capsys):
     import hf_stack.io
 
-    monkeypatch.setattr(hf_stack.io.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    monkeypatch.setattr(
+        hf_stack.io.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000)
+    )
     assert main(["grow", str(llama_small), "-o", str(tmp_path / "out")]) == 2
     assert "not enough disk space" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
@@ -197,7 +207,10 @@ def test_streaming_memory_is_flat_and_needs_no_torch(tmp_path):
         cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_hidden_layers": 2,
                "hidden_size": hidden, "tie_word_embeddings": True}  # fmt: skip
         (folder / "config.json").write_text(json.dumps(cfg))
-        tensors = {"model.embed_tokens.weight": np.ones((64, hidden), np.float16), "model.norm.weight": np.ones(hidden, np.float16)}
+        tensors = {
+            "model.embed_tokens.weight": np.ones((64, hidden), np.float16),
+            "model.norm.weight": np.ones(hidden, np.float16),
+        }
         for i in range(2):
             tensors[f"model.layers.{i}.mlp.up_proj.weight"] = np.full((hidden, hidden), i, np.float16)
         save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})

@@ -124,7 +124,9 @@ def test_zero_operator_zeroes_output_projections_of_repeats_only():
     cfg, infos = fake_source(2)
     plan = build_plan(cfg, infos, StackedConfig(factor=2, operator="zero"))
     zeroed = {t.target for t in plan.tensors if t.op == "zero"}
-    assert zeroed == {f"model.layers.{i}.{s}" for i in (2, 3) for s in ("self_attn.o_proj.weight", "mlp.down_proj.weight")}
+    assert zeroed == {
+        f"model.layers.{i}.{s}" for i in (2, 3) for s in ("self_attn.o_proj.weight", "mlp.down_proj.weight")
+    }
 
 
 def test_per_layer_config_fields_grow_with_the_layers():
