@@ -47,5 +47,14 @@ def get_operator(name: str) -> Operator:
         raise HfStackError(f"unknown operator {name!r}; choose one of: {', '.join(sorted(OPERATORS))}") from None
 
 
+def operator_table() -> str:
+    """The operator claim table (markdown) that README.md carries; generated here so it is written once."""
+    rows = ["| operator | direction | function preserving | what it does | paper |", "|---|---|---|---|---|"]
+    for op in sorted(OPERATORS.values(), key=lambda o: (o.direction, o.name)):
+        fp = "yes" if op.function_preserving else "no"
+        rows.append(f"| `{op.name}` | {op.direction} | {fp} | {op.summary} | {op.paper} |")
+    return "\n".join(rows)
+
+
 # One import line per operator file: importing registers it.
 from . import stack, zero  # noqa: E402,F401
