@@ -18,6 +18,12 @@ _EXPORTS = {
     "StackedModelForCausalLM": "modeling",
     "OPERATORS": "operators",
     "resolve_source": "io",
+    "grow_model": "modeling",
+    "plan_growth": "timing",
+    "GrowthTiming": "timing",
+    "build_dataset": "data",
+    "StackingTrainer": "trainer",
+    "StackingTrainingArguments": "trainer",
 }
 __all__ = ["__version__", *_EXPORTS]
 

@@ -114,7 +114,18 @@ def write_shards(folder: Path, tensors: list[OutputTensor], max_shard_size: int,
     return names
 
 
-def growth_record(plan: GrowthPlan, source: SourceCheckpoint, stacked: StackedConfig) -> dict:
+def source_info(source: SourceCheckpoint, num_layers: int) -> dict:
+    """Where a growth started from, for `growth_config.json`."""
+    return {
+        "name_or_path": source.name_or_path,
+        "revision": source.revision,
+        "commit": source.commit,
+        "architecture": source.config["architectures"][0],
+        "num_layers": num_layers,
+    }
+
+
+def growth_record(plan: GrowthPlan, stacked: StackedConfig, source: dict) -> dict:
     """The contents of `growth_config.json`: the settings, the plan and where the source came from."""
     op = get_operator(plan.operator)
     return {
@@ -124,13 +135,7 @@ def growth_record(plan: GrowthPlan, source: SourceCheckpoint, stacked: StackedCo
         "direction": op.direction,
         "function_preserving": op.function_preserving,
         "paper": op.paper,
-        "source": {
-            "name_or_path": source.name_or_path,
-            "revision": source.revision,
-            "commit": source.commit,
-            "architecture": source.config["architectures"][0],
-            "num_layers": plan.source_num_layers,
-        },
+        "source": source,
         **plan.to_dict(),
     }
 
@@ -248,7 +253,7 @@ def grow(
                 write_shards(tmp, tensors, shard_limit, progress=bar)
             (tmp / "config.json").write_text(json.dumps(_target_config(plan, stacked.dtype), indent=2) + "\n")
             copy_aux_files(source.folder, tmp)
-            write_growth_record(tmp, growth_record(plan, source, stacked))
+            write_growth_record(tmp, growth_record(plan, stacked, source_info(source, plan.source_num_layers)))
             if verify:
                 from .verify import verify_checkpoint
 

@@ -7,7 +7,7 @@ import types
 from pathlib import Path
 
 from .config import StackedConfig
-from .convert import growth_record, write_growth_record
+from .convert import growth_record, source_info, write_growth_record
 from .errors import HfStackError
 from .io import copy_aux_files, resolve_source
 from .plan import build_plan
@@ -57,48 +57,73 @@ class StackedModelForCausalLM:
 
         Paper: https://arxiv.org/abs/2405.15319
         """
-        from transformers import CONFIG_MAPPING, AutoModelForCausalLM, GenerationConfig
-        from transformers.initialization import no_init_weights
+        from transformers import GenerationConfig
 
-        from .tensors import TORCH_DTYPES, apply_plan
+        from .tensors import TensorReader, apply_plan
 
         stacked = stacked_config or StackedConfig()
         if dtype is not None:
             stacked = StackedConfig(**{**stacked.to_dict(), "dtype": dtype})
         source = resolve_source(
-            pretrained_model_name_or_path,
-            revision=revision,
-            token=token,
-            cache_dir=cache_dir,
-            allow_pickle=allow_pickle,
+            pretrained_model_name_or_path, revision=revision, token=token, cache_dir=cache_dir, allow_pickle=allow_pickle
         )
         plan = build_plan(source.config, source.tensor_infos, stacked)
-        state = apply_plan(plan, source, stacked.dtype)
-        config_dict = dict(plan.target_config)
-        model_type = config_dict.get("model_type")
-        if model_type not in CONFIG_MAPPING:
-            raise HfStackError(
-                f"transformers does not know model_type {model_type!r}; upgrade transformers or check config.json"
-            )
-        config = CONFIG_MAPPING[model_type].from_dict(config_dict)
-        torch_dtype = next(iter(state.values())).dtype
-        with no_init_weights():
-            model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, trust_remote_code=False)
-        result = model.load_state_dict(state, strict=False)
-        tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
-        if result.unexpected_keys or set(result.missing_keys) - tied:
-            raise HfStackError(
-                f"the grown tensors do not fit {type(model).__name__}: missing {result.missing_keys[:3]}, "
-                f"unexpected {result.unexpected_keys[:3]}"
-            )
-        model.tie_weights()
-        if stacked.dtype is not None:
-            model.config.dtype = TORCH_DTYPES[stacked.dtype]
+        model = instantiate(plan, apply_plan(plan, TensorReader(source), stacked.dtype))
         if (source.folder / "generation_config.json").is_file():
             model.generation_config = GenerationConfig.from_pretrained(source.folder)
-        model.eval()
-        _attach_provenance(model, growth_record(plan, source, stacked), source.folder)
+        record = growth_record(plan, stacked, source_info(source, plan.source_num_layers))
+        _attach_provenance(model, record, source.folder)
         return model
+
+
+def instantiate(plan, state: dict):
+    """Build the target architecture's own transformers class from the plan's config and the grown tensors."""
+    from transformers import CONFIG_MAPPING, AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    config_dict = dict(plan.target_config)
+    model_type = config_dict.get("model_type")
+    if model_type not in CONFIG_MAPPING:
+        raise HfStackError(f"transformers does not know model_type {model_type!r}; upgrade transformers or check config.json")
+    config = CONFIG_MAPPING[model_type].from_dict(config_dict)
+    torch_dtype = next(iter(state.values())).dtype
+    config.dtype = torch_dtype
+    # No random init: every parameter is overwritten by the grown tensors right after.
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, trust_remote_code=False)
+    result = model.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    if result.unexpected_keys or set(result.missing_keys) - tied:
+        raise HfStackError(
+            f"the grown tensors do not fit {type(model).__name__}: missing {result.missing_keys[:3]}, "
+            f"unexpected {result.unexpected_keys[:3]}"
+        )
+    model.tie_weights()
+    return model.eval()
+
+
+def grow_model(model, stacked_config: StackedConfig):
+    """Grow a live transformers model (e.g. in the middle of a training run).
+
+    Args:
+        model: a causal LM `PreTrainedModel` (unwrapped: no DDP or PEFT wrapper).
+        stacked_config: growth settings.
+
+    Returns:
+        `(grown_model, plan)`: the grown model on the CPU in train mode, and the [`GrowthPlan`] applied.
+    """
+    from .tensors import apply_plan, safe_dtype_name
+
+    config = model.config.to_dict()
+    if not config.get("architectures"):
+        config["architectures"] = [type(model).__name__]
+    state = model.state_dict()
+    infos = {k: (safe_dtype_name(v.dtype), tuple(v.shape)) for k, v in state.items()}
+    plan = build_plan(config, infos, stacked_config)
+    tensors = {k: v.detach().cpu() for k, v in apply_plan(plan, state.__getitem__, stacked_config.dtype).items()}
+    grown = instantiate(plan, tensors)
+    grown.generation_config = model.generation_config
+    return grown.train(model.training), plan
 
 
 def _attach_provenance(model, record: dict, source_folder: Path) -> None:

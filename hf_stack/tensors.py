@@ -58,11 +58,16 @@ def materialize(entry, reader: TensorReader, dtype: torch.dtype | None = None) -
     return src.to(out_dtype, copy=True).contiguous()
 
 
-def apply_plan(plan, source, dtype: str | None = None) -> dict[str, torch.Tensor]:
-    """Build every target tensor of `plan` in memory (the path `from_small_pretrained` uses)."""
-    reader = TensorReader(source)
+def apply_plan(plan, read, dtype: str | None = None) -> dict[str, torch.Tensor]:
+    """Build every target tensor of `plan` in memory.
+
+    Args:
+        plan: the [`~hf_stack.plan.GrowthPlan`].
+        read: source tensor name -> tensor (a [`TensorReader`] over files, or a live model's `state_dict().__getitem__`).
+        dtype: optional target dtype name.
+    """
     torch_dtype = TORCH_DTYPES[dtype] if dtype else None
-    return {entry.target: materialize(entry, reader, torch_dtype) for entry in plan.tensors}
+    return {entry.target: materialize(entry, read, torch_dtype) for entry in plan.tensors}
 
 
 def tensor_bytes(t: torch.Tensor) -> bytes:

@@ -1,0 +1,391 @@
+"""Standard checkpoint -> trainer: continued pre-training that can grow the model in the middle of the run.
+
+The paper's recipe (Du et al., 2024, arXiv 2405.15319): train the small model for d tokens, grow it, then train
+the grown model with a fresh AdamW and a re-warmed schedule on the data that follows. `StackingTrainer` runs the
+two phases as two passes of the stock `Trainer` loop, so checkpoints, resuming, DDP and logging integrations are
+transformers' own; it only adds the growth between them and token/FLOP accounting.
+
+Folder layout of a run with growth:
+    output_dir/small/checkpoint-*   phase 1 (small model) checkpoints, the last one at the growth step
+    output_dir/grown-init/          the grown model right after growth (+ growth_config.json)
+    output_dir/checkpoint-*         phase 2 (grown model) checkpoints
+    output_dir/final/               the final model, tokenizer and growth_config.json with both phases
+    output_dir/training_log.json    every logged step of both phases with tokens and FLOPs
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainingArguments, default_data_collator
+from transformers.trainer_callback import ProgressCallback
+from transformers.trainer_utils import get_last_checkpoint
+
+from .config import StackedConfig
+from .errors import HfStackError
+from .timing import training_flops
+
+RUN_CONFIG = "run_config.json"
+GROWTH_STATE = "growth_state.json"
+TRAINING_LOG = "training_log.json"
+
+
+@dataclass
+class StackingTrainingArguments(TrainingArguments):
+    """`TrainingArguments` plus growth inside the run. `learning_rate`, `warmup_steps` and the optimizer settings
+    apply to the small model (phase 1); the `grown_*` fields to the grown model (phase 2)."""
+
+    grow_at_tokens: float | None = field(
+        default=None, metadata={"help": "Grow once this many training tokens have been seen (the paper's d)."}
+    )
+    max_tokens: float | None = field(
+        default=None, metadata={"help": "Total training-token budget over both phases (sets max_steps)."}
+    )
+    stacked_config: dict | str | None = field(
+        default=None,
+        metadata={"help": 'Growth settings: a StackedConfig, a dict or JSON like \'{"factor": 4}\' (default: G_stack, g=4).'},
+    )
+    grown_learning_rate: float | None = field(
+        default=None, metadata={"help": "Peak learning rate after growth (default: learning_rate; the paper: 3e-4)."}
+    )
+    grown_warmup_steps: float | None = field(
+        default=None, metadata={"help": "Warmup of the re-started schedule after growth (default: warmup_steps)."}
+    )
+    carry_optimizer_state: bool = field(
+        default=False,
+        metadata={"help": "Carry AdamW moments over the growth, grown by the same plan (default: fresh, as the paper)."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if isinstance(self.stacked_config, str):
+            try:
+                self.stacked_config = json.loads(self.stacked_config)
+            except json.JSONDecodeError:
+                raise HfStackError(f"stacked_config is not JSON: {self.stacked_config!r}") from None
+        if isinstance(self.stacked_config, dict):
+            self.stacked_config = StackedConfig(**self.stacked_config)
+        elif self.stacked_config is None:
+            self.stacked_config = StackedConfig()
+        for name in ("grow_at_tokens", "max_tokens"):
+            value = getattr(self, name)
+            if value is not None:
+                if not math.isfinite(value) or value <= 0:
+                    raise HfStackError(f"{name} must be a positive number of tokens, got {value!r}")
+                setattr(self, name, int(value))
+        if self.grow_at_tokens is not None and self.max_tokens is not None and self.grow_at_tokens >= self.max_tokens:
+            raise HfStackError(
+                f"grow_at_tokens ({self.grow_at_tokens:.3g}) is beyond the budget max_tokens ({self.max_tokens:.3g}); "
+                "grow earlier or train longer"
+            )
+
+    def to_dict(self):
+        d = super().to_dict()
+        if isinstance(self.stacked_config, StackedConfig):
+            d["stacked_config"] = self.stacked_config.to_dict()
+        return d
+
+
+def count_parameters(model) -> int:
+    """Unique parameters (tied weights once), embeddings included: the N of C = 6ND."""
+    seen, n = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            n += p.numel()
+    return n
+
+
+class StackingTrainer(Trainer):
+    """A `Trainer` that grows the model when `args.grow_at_tokens` training tokens have been seen.
+
+    Args:
+        model: the small model (or an already grown one for plain continued pre-training).
+        args: [`StackingTrainingArguments`].
+        peft_config: optional `peft` config applied to the model that is trained after growth (or to the
+            model itself when the run does not grow), e.g. LoRA or LLaMA-Pro style training of new layers only.
+        All other arguments are `Trainer`'s.
+
+    Example:
+
+    ```python
+    >>> from hf_stack import StackingTrainer, StackingTrainingArguments, StackedConfig
+    >>> args = StackingTrainingArguments("run", grow_at_tokens=2e6, max_tokens=8e6, stacked_config=StackedConfig(factor=4))
+    >>> StackingTrainer(model=small, args=args, train_dataset=packed).train()  # doctest: +SKIP
+    ```
+    """
+
+    def __init__(self, model=None, args: StackingTrainingArguments | None = None, *pargs, peft_config=None, **kwargs):
+        if args is not None and not isinstance(args, StackingTrainingArguments):
+            raise HfStackError("StackingTrainer needs StackingTrainingArguments")
+        self.peft_config = peft_config
+        if peft_config is not None and args is not None and args.grow_at_tokens is None:
+            model = _apply_peft(model, peft_config)
+        # Packed blocks all have the same length: stack them, never pad.
+        kwargs.setdefault("data_collator", default_data_collator)
+        super().__init__(model, args, *pargs, **kwargs)
+        self.phase = 1
+        self.phase_start = {"tokens": 0, "flops": 0.0}
+        self._last_log = None
+
+    # -- data: sequential over the pre-shuffled packed blocks, so "the data that follows" is well defined.
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        return torch.utils.data.SequentialSampler(dataset)
+
+    def _block_size(self) -> int:
+        return len(self.train_dataset[0]["input_ids"])
+
+    def tokens_per_step(self) -> int:
+        a = self.args
+        return a.per_device_train_batch_size * a.gradient_accumulation_steps * a.world_size * self._block_size()
+
+    def _check_block_size(self):
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        if limit is not None and self._block_size() > limit:
+            raise HfStackError(
+                f"block size {self._block_size()} is larger than the model's context ({limit} positions); "
+                "use a smaller --block-size"
+            )
+
+    # -- accounting, added to every log entry (so it lands in trainer_state.json and report_to integrations)
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        tokens = self.phase_start["tokens"] + self.state.global_step * self.tokens_per_step()
+        params = count_parameters(self.model)
+        flops = self.phase_start["flops"] + training_flops(params, tokens - self.phase_start["tokens"])
+        now = time.perf_counter()
+        extra = {"tokens": tokens, "flops": flops, "phase": self.phase, "num_parameters": params}
+        if self._last_log is not None and now > self._last_log[1] and tokens > self._last_log[0]:
+            extra["tokens_per_second"] = round((tokens - self._last_log[0]) / (now - self._last_log[1]), 1)
+        self._last_log = (tokens, now)
+        logs = {**logs, **extra}
+        for cb in self.callback_handler.callbacks:
+            if isinstance(cb, ProgressCallback) and cb.training_bar is not None and "loss" in logs:
+                cb.training_bar.set_postfix(loss=f"{logs['loss']:.3f}", tok_s=extra.get("tokens_per_second", "-"))
+        super().log(logs, start_time)
+
+    # -- the two phases
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
+        args = self.args
+        out = Path(args.output_dir)
+        self._check_block_size()
+        tps = self.tokens_per_step()
+        n_blocks = len(self.train_dataset)
+        total_steps = self._total_steps(tps)
+        self._check_run_config(out, resume_from_checkpoint, tps, n_blocks)
+        saved = {k: getattr(args, k) for k in ("output_dir", "max_steps", "learning_rate", "warmup_steps")}
+        full_dataset = self.train_dataset
+        try:
+            if args.grow_at_tokens is None:
+                args.max_steps = total_steps
+                result = Trainer.train(self, resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+            else:
+                grow_step = math.ceil(args.grow_at_tokens / tps)
+                if grow_step >= total_steps:
+                    raise HfStackError(
+                        f"growth at step {grow_step} ({args.grow_at_tokens:.3g} tokens at {tps} tokens/step) is not "
+                        f"before the end of training (step {total_steps})"
+                    )
+                if grow_step * tps // self._block_size() > n_blocks:
+                    raise HfStackError(
+                        f"the data holds {n_blocks * self._block_size():,} tokens, fewer than grow_at_tokens; add data"
+                    )
+                grown_init = out / "grown-init"
+                if not (out / GROWTH_STATE).is_file():
+                    args.output_dir, args.max_steps = str(out / "small"), grow_step
+                    resume = _last_checkpoint(out / "small", resume_from_checkpoint)
+                    Trainer.train(self, resume_from_checkpoint=resume, **kwargs)
+                    self._save_checkpoint(self.model, trial=None)  # a checkpoint on the small side of the boundary
+                    self._grow(out, grown_init, grow_step, tps)
+                else:
+                    self._load_grown(out, grown_init)
+                # Phase 2: the grown model on the blocks that follow, fresh optimizer, re-warmed schedule.
+                consumed = grow_step * tps // self._block_size()
+                if consumed + (total_steps - grow_step) * tps // self._block_size() > n_blocks:
+                    warnings.warn("the data runs out before max_tokens; the grown model will see blocks again", stacklevel=2)
+                self.train_dataset = _tail(full_dataset, consumed)
+                args.output_dir, args.max_steps = str(out), total_steps - grow_step
+                args.learning_rate = args.grown_learning_rate or saved["learning_rate"]
+                if args.grown_warmup_steps is not None:
+                    args.warmup_steps = args.grown_warmup_steps
+                resume = _last_checkpoint(out, resume_from_checkpoint)
+                result = Trainer.train(self, resume_from_checkpoint=resume, **kwargs)
+        finally:
+            for k, v in saved.items():
+                setattr(args, k, v)
+            self.train_dataset = full_dataset
+        self._finish(out, tps)
+        return result
+
+    def _total_steps(self, tps: int) -> int:
+        if self.args.max_tokens is not None:
+            return max(1, self.args.max_tokens // tps)
+        if self.args.max_steps > 0:
+            return self.args.max_steps
+        raise HfStackError("set max_tokens (or max_steps): the token budget decides where training ends")
+
+    def _check_run_config(self, out: Path, resume, tps: int, n_blocks: int) -> None:
+        """Refuse to resume from, or write over, a folder that belongs to a different run."""
+        args = self.args
+        config = {
+            "grow_at_tokens": args.grow_at_tokens,
+            "max_tokens": args.max_tokens,
+            "stacked_config": args.stacked_config.to_dict() if args.grow_at_tokens is not None else None,
+            "tokens_per_step": tps,
+            "num_blocks": n_blocks,
+            "seed": args.seed,
+            "model": {k: getattr(self.model.config, k, None) for k in ("model_type", "num_hidden_layers", "hidden_size")},
+        }
+        path = out / RUN_CONFIG
+        if path.is_file():
+            previous = json.loads(path.read_text())
+            if not resume:
+                raise HfStackError(f"{out} already holds a training run; resume it (--resume) or choose another folder")
+            diff = sorted(k for k in config if previous.get(k) != config[k])
+            if diff:
+                raise HfStackError(f"cannot resume from {out}: it belongs to another run ({', '.join(diff)} differ)")
+        elif resume:
+            raise HfStackError(f"nothing to resume in {out}: it holds no {RUN_CONFIG} from an hf_stack run")
+        elif self.is_world_process_zero():
+            out.mkdir(parents=True, exist_ok=True)
+            _write_json_atomic(path, config)
+
+    def _grow(self, out: Path, grown_init: Path, grow_step: int, tps: int) -> None:
+        from .convert import growth_record, write_growth_record
+        from .modeling import grow_model
+
+        small = self.accelerator.unwrap_model(self.model)
+        small_params = count_parameters(small)
+        grown, plan = grow_model(small, self.args.stacked_config)
+        grown.to(self.args.device)
+        phase1 = {"phase": 1, "num_parameters": small_params, "steps": grow_step, "tokens": grow_step * tps,
+                  "flops": training_flops(small_params, grow_step * tps), "num_layers": plan.source_num_layers}  # fmt: skip
+        new_optimizer = self._grown_optimizer(small, grown, plan) if self.args.carry_optimizer_state else None
+        self._install_model(grown, phase1)
+        self.optimizer, self.lr_scheduler = new_optimizer, None
+        if self.is_world_process_zero():
+            record = growth_record(plan, self.args.stacked_config, {"name_or_path": "in-run growth", "phase1": phase1})
+            tmp = grown_init.with_name(grown_init.name + ".tmp")
+            self.accelerator.unwrap_model(self.model).save_pretrained(tmp)
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(tmp)
+            write_growth_record(tmp, record)
+            if grown_init.exists():  # left by a run killed between this rename and the growth state below
+                shutil.rmtree(grown_init)
+            os.replace(tmp, grown_init)
+            # Written last: its presence means the growth is complete and phase 2 may resume from it.
+            _write_json_atomic(out / GROWTH_STATE, {"phase1": phase1, "growth": record})
+        self.accelerator.wait_for_everyone()
+
+    def _load_grown(self, out: Path, grown_init: Path) -> None:
+        from transformers import AutoModelForCausalLM
+
+        state = json.loads((out / GROWTH_STATE).read_text())
+        grown = AutoModelForCausalLM.from_pretrained(grown_init, dtype=self.model.dtype, trust_remote_code=False)
+        self._install_model(grown.to(self.args.device).train(), state["phase1"])
+        self.optimizer, self.lr_scheduler = None, None
+
+    def _install_model(self, grown, phase1: dict) -> None:
+        if self.peft_config is not None:
+            grown = _apply_peft(grown, self.peft_config)
+        self.model = self.model_wrapped = grown
+        self.phase = 2
+        self.phase_start = {"tokens": phase1["tokens"], "flops": phase1["flops"]}
+        self.phase1 = phase1
+
+    def _grown_optimizer(self, small, grown, plan):
+        """A new AdamW over the grown parameters whose moments are the small model's, moved by the plan."""
+        old_state = self.optimizer.state if self.optimizer is not None else {}
+        old_by_name = {n: old_state.get(p, {}) for n, p in small.named_parameters()}
+        self.optimizer = None
+        self.model = grown
+        optimizer = self.create_optimizer()
+        params = dict(grown.named_parameters())
+        for entry in plan.tensors:
+            if entry.target not in params or not old_by_name.get(entry.source):
+                continue
+            src = old_by_name[entry.source]
+            optimizer.state[params[entry.target]] = {
+                k: (torch.zeros_like(v) if entry.op == "zero" and v.ndim else v.clone()).to(params[entry.target].device)
+                for k, v in src.items()
+            }
+        return optimizer
+
+    def _finish(self, out: Path, tps: int) -> None:
+        if not self.is_world_process_zero():
+            return
+        from .convert import write_growth_record
+
+        final = out / "final"
+        tmp = out / "final.tmp"
+        model = self.accelerator.unwrap_model(self.model)
+        model.save_pretrained(tmp)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(tmp)
+        phases = []
+        if self.phase == 2:
+            phases.append(self.phase1)
+        params = count_parameters(model)
+        tokens = self.state.global_step * tps
+        phases.append({"phase": self.phase, "num_parameters": params, "steps": self.state.global_step, "tokens": tokens,
+                       "flops": training_flops(params, tokens), "num_layers": model.config.num_hidden_layers})  # fmt: skip
+        training = {
+            "phases": phases,
+            "total_tokens": sum(p["tokens"] for p in phases),
+            "total_flops": sum(p["flops"] for p in phases),
+            "flops_convention": "6 N D per phase, N = all parameters (embeddings included, tied weights once)",
+        }
+        record = {}
+        if (out / GROWTH_STATE).is_file():
+            record = json.loads((out / GROWTH_STATE).read_text())["growth"]
+        write_growth_record(tmp, {**record, "training": training})
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        # Phase 1's log lives in its last checkpoint; the current phase's in self.state (restored on resume).
+        history = _read_history(out / "small") if self.phase == 2 else []
+        history += [e for e in self.state.log_history if "tokens" in e]
+        _write_json_atomic(out / TRAINING_LOG, {"training": training, "log_history": history})
+
+
+def _tail(dataset, start: int):
+    """The blocks from `start` on (what follows the small model's data)."""
+    if hasattr(dataset, "select"):
+        return dataset.select(range(start, len(dataset)))
+    return torch.utils.data.Subset(dataset, range(start, len(dataset)))
+
+
+def _apply_peft(model, peft_config):
+    from peft import get_peft_model
+
+    return get_peft_model(model, peft_config)
+
+
+def _last_checkpoint(folder: Path, resume) -> str | None:
+    if not resume:
+        return None
+    if isinstance(resume, (str, os.PathLike)) and resume is not True:
+        return str(resume)
+    return get_last_checkpoint(str(folder)) if folder.is_dir() else None
+
+
+def _read_history(small_dir: Path) -> list[dict]:
+    last = get_last_checkpoint(str(small_dir)) if small_dir.is_dir() else None
+    if last is None:
+        return []
+    state = json.loads((Path(last) / "trainer_state.json").read_text())
+    return [e for e in state.get("log_history", []) if "tokens" in e]
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
