@@ -28,7 +28,7 @@ class _Parser(argparse.ArgumentParser):
 def add_dataclass_options(parser: argparse.ArgumentParser, cls) -> None:
     """Expose a dataclass's fields as options; the help text comes from the field metadata (documented once)."""
     for f in dataclasses.fields(cls):
-        if f.metadata.get("cli") is False:
+        if not f.init:
             continue
         flag = FLAG_NAMES.get(f.name, "--" + f.name.replace("_", "-"))
         kind = int if "int" in str(f.type) else str
@@ -93,6 +93,93 @@ def cmd_grow(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from .timing import plan_growth
+
+    timing = plan_growth(args.params, args.tokens, args.factor)
+    print(timing.describe())
+    return 0
+
+
+@dataclasses.dataclass
+class TrainCommandArguments:
+    """What `hf-stack train` adds to the trainer's own arguments: the model, the data and how to pack it."""
+
+    data: list[str] = dataclasses.field(
+        metadata={"help": "Training text: files, globs (.txt/.jsonl/.parquet) or a Hub dataset id."}
+    )
+    model: str | None = dataclasses.field(
+        default=None,
+        metadata={
+            "help": "Model to train: the small model (grown during the run with --grow-at-tokens) or a grown one."
+        },
+    )
+    from_scratch_like: str | None = dataclasses.field(
+        default=None,
+        metadata={
+            "help": "Train a randomly initialised model with this checkpoint's config and tokenizer (the scratch baseline)."
+        },
+    )
+    tokenizer: str | None = dataclasses.field(default=None, metadata={"help": "Tokenizer (default: the model's)."})
+    block_size: int = dataclasses.field(default=256, metadata={"help": "Tokens per packed training block."})
+    text_column: str = dataclasses.field(default="text", metadata={"help": "Text column of jsonl/parquet/Hub data."})
+    validation_fraction: float = dataclasses.field(
+        default=0.0, metadata={"help": "Hold out this tail fraction of the token stream for eval_loss."}
+    )
+    resume: bool = dataclasses.field(
+        default=False, metadata={"help": "Resume the run in --output_dir from its last checkpoint."}
+    )
+    lora_r: int | None = dataclasses.field(
+        default=None, metadata={"help": "Train LoRA adapters of this rank (peft) instead of all weights."}
+    )
+    revision: str | None = dataclasses.field(default=None, metadata={"help": "Hub revision of --model."})
+
+
+def _train_parser():
+    from transformers import HfArgumentParser
+
+    from .trainer import StackingTrainingArguments
+
+    class Parser(HfArgumentParser):
+        def error(self, message):
+            self.exit(2, f"error: {message} (see 'hf-stack train --help')\n")
+
+    return Parser((TrainCommandArguments, StackedConfig, StackingTrainingArguments), prog="hf-stack train")
+
+
+def cmd_train(argv: list[str]) -> int:
+    # `-o DIR` is the short spelling used by every hf-stack command.
+    argv = ["--output_dir" if a == "-o" else a for a in argv]
+    cli, stacked, targs = _train_parser().parse_args_into_dataclasses(argv)
+    if "--stacked_config" not in argv and "--stacked-config" not in argv:
+        targs.stacked_config = stacked
+    if (cli.model is None) == (cli.from_scratch_like is None):
+        raise HfStackError(
+            "give exactly one of --model (a checkpoint to train) or --from-scratch-like (a config to initialise)"
+        )
+    from .trainer import run_training
+
+    result = run_training(cli, targs)
+    if targs.process_index == 0:
+        print(
+            f"trained {result['total_tokens']:,} tokens ({result['total_flops']:.3g} FLOPs); final model: {result['final']}"
+        )
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from .compare import compare
+
+    r = compare(args.grown, args.scratch, args.output)
+    sign = ">=" if r["lower_bound"] else "="
+    print(
+        f"grown run: final {r['metric']} {r['grown_final_loss']:.4f} after {r['grown_flops']:.3g} FLOPs; "
+        f"scratch needs {r['scratch_flops_to_match']:.3g} FLOPs{' (never reached)' if r['lower_bound'] else ''}"
+    )
+    print(f"speed-up {sign} {r['speedup']:.1%}; plot: {r['plot']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="hf-stack", description="Grow small transformers checkpoints into deeper ones (G_stack).")
     parser.add_argument("--version", action="version", version=f"hf-stack {__import__('hf_stack').__version__}")
@@ -118,12 +205,45 @@ def build_parser() -> argparse.ArgumentParser:
     grow.add_argument("--overwrite", action="store_true", help="Replace an existing output folder.")
     grow.add_argument("--max-shard-size", default="5GB", help="Largest output shard (default 5GB).")
     grow.set_defaults(func=cmd_grow)
+
+    plan = sub.add_parser(
+        "plan",
+        help="when to grow (the paper's formula)",
+        description="Growth timing from the paper's fit: log10(d) = 0.88 log10(N) + 163.27/log10(6ND) - 5.74.",
+        epilog="examples:\n  hf-stack plan --params 7e9 --tokens 300e9\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    plan.add_argument("--params", type=float, required=True, help="Target model parameters N (e.g. 7e9).")
+    plan.add_argument("--tokens", type=float, required=True, help="Total training tokens D (e.g. 300e9).")
+    plan.add_argument("--factor", type=int, default=4, help="Growth factor g (default 4, the paper's choice).")
+    plan.set_defaults(func=cmd_plan)
+
+    # `train` is parsed by HfArgumentParser (all TrainingArguments flags); listed here for --help.
+    sub.add_parser(
+        "train",
+        help="continued pre-training, optionally growing mid-run (see 'hf-stack train --help')",
+        add_help=False,
+    )
+
+    compare = sub.add_parser(
+        "compare",
+        help="loss vs FLOPs of a grown run against a scratch baseline",
+        epilog="examples:\n  hf-stack compare run/ baseline/ -o compare.png\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    compare.add_argument("grown", help="Run folder of the grown run.")
+    compare.add_argument("scratch", help="Run folder of the from-scratch baseline.")
+    compare.add_argument("-o", "--output", help="PNG to write (default: <grown>/compare.png).")
+    compare.set_defaults(func=cmd_compare)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
+        if argv[:1] == ["train"]:
+            return cmd_train(argv[1:])
+        args = build_parser().parse_args(argv)
         return args.func(args)
     except HfStackError as e:
         print(f"error: {e}", file=sys.stderr)

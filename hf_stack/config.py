@@ -68,7 +68,8 @@ class StackedConfig:
         default=None,
         metadata={"help": "Convert weights to float32, bfloat16 or float16 (default: keep the source dtype)."},
     )
-    provenance: dict | None = field(default=None, repr=False, compare=False, metadata={"cli": False})
+    # Filled by `from_pretrained` with the whole growth_config.json; not a setting (init=False keeps it off CLIs).
+    provenance: dict | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if isinstance(self.layer_map, (list, tuple)):
@@ -113,7 +114,7 @@ class StackedConfig:
         return self.factor * source_num_layers
 
     def to_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "provenance"}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.init}
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **hub_kwargs) -> StackedConfig:
@@ -143,7 +144,9 @@ class StackedConfig:
         unknown = sorted(set(settings) - known)
         if unknown:
             warnings.warn(f"ignoring unknown growth settings {unknown} (written by a newer hf_stack?)", stacklevel=2)
-        return cls(**{k: v for k, v in settings.items() if k in known}, provenance=data)
+        config = cls(**{k: v for k, v in settings.items() if k in known})
+        config.provenance = data
+        return config
 
 
 DTYPES = ("float32", "bfloat16", "float16")

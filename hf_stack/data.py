@@ -36,7 +36,9 @@ def iter_documents(sources: str | list[str], text_column: str = "text", split: s
 
 def _documents_of(src: str, text_column: str, split: str):
     files = sorted(glob.glob(src)) if any(c in src for c in "*?[") else ([src] if Path(src).exists() else [])
-    if not files and (Path(src).suffix in (*TEXT_SUFFIXES, *TABLE_FORMATS) or os.sep in src and not _looks_like_repo(src)):
+    if not files and (
+        Path(src).suffix in (*TEXT_SUFFIXES, *TABLE_FORMATS) or os.sep in src and not _looks_like_repo(src)
+    ):
         raise HfStackError(f"data file {src!r} does not exist")
     if not files:
         yield from _hub_documents(src, text_column, split)
@@ -65,7 +67,9 @@ def _table_documents(path: Path, text_column: str):
     try:
         ds = load_dataset(TABLE_FORMATS[path.suffix], data_files=str(path), split="train")
     except Exception as e:
-        raise HfStackError(f"cannot read {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        raise HfStackError(
+            f"cannot read {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        ) from None
     if text_column not in ds.column_names:
         raise HfStackError(f"{path} has no {text_column!r} column (columns: {ds.column_names}); pass --text-column")
     for row in ds:
@@ -79,7 +83,9 @@ def _hub_documents(repo_id: str, text_column: str, split: str):
     try:
         ds = load_dataset(repo_id, split=split, streaming=True)
     except Exception as e:
-        raise HfStackError(f"cannot load dataset {repo_id!r}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        raise HfStackError(
+            f"cannot load dataset {repo_id!r}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        ) from None
     for row in ds:
         if text_column not in row:
             raise HfStackError(f"dataset {repo_id!r} has no {text_column!r} column (columns: {sorted(row)})")
@@ -109,6 +115,8 @@ def tokenize_documents(documents, tokenizer, max_tokens: int | None = None) -> n
     sep = separator_id(tokenizer)
     chunks, total, n_docs = [], 0, 0
     for doc in documents:
+        if not doc.strip():  # whitespace-only documents carry no text; they would train on separators alone
+            continue
         n_docs += 1
         for piece in _pieces(doc):
             ids = tokenizer(piece, add_special_tokens=False)["input_ids"]
@@ -120,7 +128,7 @@ def tokenize_documents(documents, tokenizer, max_tokens: int | None = None) -> n
         total += 1
         if max_tokens is not None and total >= max_tokens:
             break
-    if total <= n_docs:  # only separators: every document tokenised to nothing
+    if total <= n_docs:  # nothing but separators (or no documents at all): every document tokenised to nothing
         raise HfStackError("the training data tokenises to nothing (empty files or an empty text column)")
     return np.concatenate(chunks)
 

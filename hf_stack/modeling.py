@@ -65,7 +65,11 @@ class StackedModelForCausalLM:
         if dtype is not None:
             stacked = StackedConfig(**{**stacked.to_dict(), "dtype": dtype})
         source = resolve_source(
-            pretrained_model_name_or_path, revision=revision, token=token, cache_dir=cache_dir, allow_pickle=allow_pickle
+            pretrained_model_name_or_path,
+            revision=revision,
+            token=token,
+            cache_dir=cache_dir,
+            allow_pickle=allow_pickle,
         )
         plan = build_plan(source.config, source.tensor_infos, stacked)
         model = instantiate(plan, apply_plan(plan, TensorReader(source), stacked.dtype))
@@ -84,7 +88,9 @@ def instantiate(plan, state: dict):
     config_dict = dict(plan.target_config)
     model_type = config_dict.get("model_type")
     if model_type not in CONFIG_MAPPING:
-        raise HfStackError(f"transformers does not know model_type {model_type!r}; upgrade transformers or check config.json")
+        raise HfStackError(
+            f"transformers does not know model_type {model_type!r}; upgrade transformers or check config.json"
+        )
     config = CONFIG_MAPPING[model_type].from_dict(config_dict)
     torch_dtype = next(iter(state.values())).dtype
     config.dtype = torch_dtype

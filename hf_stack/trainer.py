@@ -51,7 +51,9 @@ class StackingTrainingArguments(TrainingArguments):
     )
     stacked_config: dict | str | None = field(
         default=None,
-        metadata={"help": 'Growth settings: a StackedConfig, a dict or JSON like \'{"factor": 4}\' (default: G_stack, g=4).'},
+        metadata={
+            "help": "Growth settings: a StackedConfig, a dict or JSON like '{\"factor\": 4}' (default: G_stack, g=4)."
+        },
     )
     grown_learning_rate: float | None = field(
         default=None, metadata={"help": "Peak learning rate after growth (default: learning_rate; the paper: 3e-4)."}
@@ -61,7 +63,9 @@ class StackingTrainingArguments(TrainingArguments):
     )
     carry_optimizer_state: bool = field(
         default=False,
-        metadata={"help": "Carry AdamW moments over the growth, grown by the same plan (default: fresh, as the paper)."},
+        metadata={
+            "help": "Carry AdamW moments over the growth, grown by the same plan (default: fresh, as the paper)."
+        },
     )
 
     def __post_init__(self):
@@ -210,7 +214,9 @@ class StackingTrainer(Trainer):
                 # Phase 2: the grown model on the blocks that follow, fresh optimizer, re-warmed schedule.
                 consumed = grow_step * tps // self._block_size()
                 if consumed + (total_steps - grow_step) * tps // self._block_size() > n_blocks:
-                    warnings.warn("the data runs out before max_tokens; the grown model will see blocks again", stacklevel=2)
+                    warnings.warn(
+                        "the data runs out before max_tokens; the grown model will see blocks again", stacklevel=2
+                    )
                 self.train_dataset = _tail(full_dataset, consumed)
                 args.output_dir, args.max_steps = str(out), total_steps - grow_step
                 args.learning_rate = args.grown_learning_rate or saved["learning_rate"]
@@ -242,13 +248,19 @@ class StackingTrainer(Trainer):
             "tokens_per_step": tps,
             "num_blocks": n_blocks,
             "seed": args.seed,
-            "model": {k: getattr(self.model.config, k, None) for k in ("model_type", "num_hidden_layers", "hidden_size")},
+            "model": {
+                k: getattr(self.model.config, k, None) for k in ("model_type", "num_hidden_layers", "hidden_size")
+            },
         }
         path = out / RUN_CONFIG
-        if path.is_file():
-            previous = json.loads(path.read_text())
+        previous = json.loads(path.read_text()) if path.is_file() else None
+        # Every process reads before process 0 writes, so they all judge the same folder.
+        self.accelerator.wait_for_everyone()
+        if previous is not None:
             if not resume:
-                raise HfStackError(f"{out} already holds a training run; resume it (--resume) or choose another folder")
+                raise HfStackError(
+                    f"{out} already holds a training run; resume it (--resume) or choose another folder"
+                )
             diff = sorted(k for k in config if previous.get(k) != config[k])
             if diff:
                 raise HfStackError(f"cannot resume from {out}: it belongs to another run ({', '.join(diff)} differ)")
@@ -314,14 +326,19 @@ class StackingTrainer(Trainer):
                 continue
             src = old_by_name[entry.source]
             optimizer.state[params[entry.target]] = {
-                k: (torch.zeros_like(v) if entry.op == "zero" and v.ndim else v.clone()).to(params[entry.target].device)
+                k: (torch.zeros_like(v) if entry.op == "zero" and v.ndim else v.clone()).to(
+                    params[entry.target].device
+                )
                 for k, v in src.items()
             }
         return optimizer
 
     def _finish(self, out: Path, tps: int) -> None:
-        if not self.is_world_process_zero():
-            return
+        if self.is_world_process_zero():
+            self._write_final(out, tps)
+        self.accelerator.wait_for_everyone()
+
+    def _write_final(self, out: Path, tps: int) -> None:
         from .convert import write_growth_record
 
         final = out / "final"
@@ -389,3 +406,46 @@ def _write_json_atomic(path: Path, data: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
     os.replace(tmp, path)
+
+
+def run_training(cli, args: StackingTrainingArguments) -> dict:
+    """What `hf-stack train` does: load the model and tokenizer, pack the data, train, return the summary."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, set_seed
+
+    from .data import build_dataset
+    from .io import resolve_source
+
+    name = cli.model or cli.from_scratch_like
+    # resolve_source validates the folder or Hub id (no remote code, safetensors) before anything heavy runs.
+    source = resolve_source(name, revision=cli.revision)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(cli.tokenizer or source.folder)
+    except Exception as e:
+        raise HfStackError(f"cannot load a tokenizer from {cli.tokenizer or name}: {type(e).__name__}: {e}") from None
+    # Data first: bad data should fail before the model is loaded.
+    train, validation = build_dataset(
+        cli.data, tokenizer, cli.block_size, seed=args.seed, max_tokens=args.max_tokens,
+        validation_fraction=cli.validation_fraction, text_column=cli.text_column,
+    )  # fmt: skip
+    set_seed(args.seed)
+    if cli.from_scratch_like:
+        config = AutoConfig.from_pretrained(source.folder, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(source.folder, trust_remote_code=False)
+    if validation is not None and args.eval_strategy == "no":
+        args.eval_strategy, args.eval_steps = "steps", args.eval_steps or args.logging_steps
+    peft_config = None
+    if cli.lora_r:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(
+            r=cli.lora_r, lora_alpha=2 * cli.lora_r, target_modules="all-linear", task_type="CAUSAL_LM"
+        )
+    trainer = StackingTrainer(
+        model=model, args=args, train_dataset=train, eval_dataset=validation, processing_class=tokenizer,
+        peft_config=peft_config,
+    )  # fmt: skip
+    trainer.train(resume_from_checkpoint=cli.resume or None)
+    summary = json.loads((Path(args.output_dir) / TRAINING_LOG).read_text())["training"]
+    return {**summary, "final": str(Path(args.output_dir) / "final")}

@@ -52,12 +52,10 @@ def build_checkpoint(folder, arch="llama", num_layers=3, dtype="float32", seed=0
 
     spec = dict(ARCHS[arch])
     model_type = spec.pop("model_type")
-    spec.update(overrides)
     tokenizer = build_tokenizer(folder)
-    config = CONFIG_MAPPING[model_type](
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=num_layers,
-        num_attention_heads=4, max_position_embeddings=128, bos_token_id=1, eos_token_id=2, **spec,
-    )  # fmt: skip
+    settings = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=num_layers,
+                    num_attention_heads=4, max_position_embeddings=128, bos_token_id=1, eos_token_id=2)  # fmt: skip
+    config = CONFIG_MAPPING[model_type](**{**settings, **spec, **overrides})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).to(getattr(torch, dtype))
     # Norm weights start at exactly 1; perturb them so a wrong copy shows up in comparisons.

@@ -1,0 +1,332 @@
+"""Continued pre-training with in-run growth: the real Trainer on real packed data from tiny checkpoints."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+
+from hf_stack import (
+    HfStackError,
+    StackedConfig,
+    StackingTrainer,
+    StackingTrainingArguments,
+    build_dataset,
+    plan_growth,
+)
+from hf_stack.compare import Curve, speedup
+from hf_stack.data import iter_documents, pack, tokenize_documents
+from tests.conftest import TEXT, build_checkpoint
+
+CORPUS = [TEXT.replace("a", c) for c in "abcdefghijklmnop"]  # 16 distinct documents
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "corpus.jsonl"
+    path.write_text("".join(json.dumps({"text": t * 3}) + "\n" for t in CORPUS))
+    return path
+
+
+@pytest.fixture
+def small2(tmp_path):
+    build_checkpoint(tmp_path / "small", "llama", num_layers=2)
+    return tmp_path / "small"
+
+
+def make_trainer(small, out, data_file, cls=StackingTrainer, callbacks=None, **kw):
+    tok = AutoTokenizer.from_pretrained(small)
+    train, _ = build_dataset([str(data_file)], tok, 16, seed=0)
+    settings = dict(per_device_train_batch_size=4, learning_rate=1e-3, grown_learning_rate=5e-4, warmup_steps=2,
+                    logging_steps=2, save_steps=4, report_to=[], use_cpu=True, disable_tqdm=True, seed=0,
+                    data_seed=0, stacked_config=StackedConfig(factor=2))  # fmt: skip
+    settings.update(kw)
+    args = StackingTrainingArguments(str(out), **settings)
+    model = AutoModelForCausalLM.from_pretrained(small)
+    return cls(model=model, args=args, train_dataset=train, processing_class=tok, callbacks=callbacks)
+
+
+# ---------------------------------------------------------------- growth timing
+
+
+@pytest.mark.parametrize(
+    "params, tokens, d", [(8e9, 15e12, 6.58e9), (7e9, 2e12, 11.11e9), (13e9, 2e12, 15.84e9), (70e9, 2e12, 42.48e9)]
+)
+def test_plan_growth_reproduces_the_papers_table(params, tokens, d):
+    timing = plan_growth(params, tokens)
+    assert timing.d == pytest.approx(d, rel=0.005)
+    assert timing.growth_factor == 4 and timing.compute == 6 * params * tokens
+    assert 0 < timing.flops_saved < timing.compute
+
+
+@pytest.mark.parametrize("args", [(-1, 1e9), (7e9, 0), (7e9, float("nan")), (7e9, 1e12, 1)])
+def test_plan_growth_refuses_absurd_numbers(args):
+    with pytest.raises(HfStackError):
+        plan_growth(*args)
+
+
+def test_plan_cli():
+    r = subprocess.run([sys.executable, "-m", "hf_stack.cli", "plan", "--params", "7e9", "--tokens", "300e9"],
+                       capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 0 and "d = 20.5B tokens" in r.stdout
+
+
+# ---------------------------------------------------------------- data
+
+
+def test_packing_is_deterministic_with_separators_and_no_padding(llama_small, tmp_path):
+    tok = AutoTokenizer.from_pretrained(llama_small)
+    tokens = tokenize_documents(["one two", "three"], tok)
+    assert (tokens == tok.eos_token_id).sum() == 2 and tokens[-1] == tok.eos_token_id
+    stream = np.arange(100)
+    a, b, c = pack(stream, 10, seed=1), pack(stream, 10, seed=1), pack(stream, 10, seed=2)
+    assert torch.equal(a[:]["input_ids"], b[:]["input_ids"]) and not torch.equal(a[:]["input_ids"], c[:]["input_ids"])
+    assert torch.equal(a[:]["input_ids"], a[:]["labels"]) and a[:]["input_ids"].shape == (10, 10)
+    assert sorted(a[:]["input_ids"].flatten().tolist()) == list(range(100))  # every token once, nothing padded
+
+
+def test_data_sources_and_validation_tail(llama_small, tmp_path, data_file):
+    tok = AutoTokenizer.from_pretrained(llama_small)
+    (tmp_path / "a.txt").write_text(CORPUS[0])
+    import pandas as pd
+
+    pd.DataFrame({"text": CORPUS[:3]}).to_parquet(tmp_path / "b.parquet")
+    for src in ([str(tmp_path / "*.txt")], [str(tmp_path / "b.parquet")], [str(data_file)]):
+        train, _ = build_dataset(src, tok, 8)
+        assert len(train) > 0 and train[:]["input_ids"].shape[1] == 8
+    train, val = build_dataset([str(data_file)], tok, 8, validation_fraction=0.2)
+    stream = tokenize_documents(iter_documents([str(data_file)]), tok)
+    head, tail = stream[: len(stream) - int(len(stream) * 0.2)], stream[len(stream) - int(len(stream) * 0.2) :]
+    # validation is the stream's tail in order; training is the head's blocks (shuffled): never the same tokens
+    assert val[:]["input_ids"].flatten().tolist() == tail[: len(val) * 8].tolist()
+    head_blocks = sorted(map(tuple, head[: len(head) // 8 * 8].reshape(-1, 8).tolist()))
+    assert sorted(map(tuple, train[:]["input_ids"].tolist())) == head_blocks
+
+
+@pytest.mark.parametrize(
+    "content, match",
+    [(b"\xff\xfe\x00bad", "not UTF-8"), (b"", "tokenises to nothing"), (b"   \n", "tokenises to nothing")],
+)
+def test_bad_data_is_refused(llama_small, tmp_path, content, match):
+    tok = AutoTokenizer.from_pretrained(llama_small)
+    (tmp_path / "x.txt").write_bytes(content)
+    with pytest.raises(HfStackError, match=match):
+        build_dataset([str(tmp_path / "x.txt")], tok, 8)
+    with pytest.raises(HfStackError, match="does not exist"):
+        build_dataset([str(tmp_path / "missing.txt")], tok, 8)
+
+
+# ---------------------------------------------------------------- growth in the run
+
+
+class RecordBatches(StackingTrainer):
+    """Records the first block of every batch the model trains on, and the phase it was in."""
+
+    def compute_loss(self, model, inputs, *a, **kw):
+        self.seen = getattr(self, "seen", [])
+        self.seen.append((self.phase, inputs["input_ids"][0].tolist()))
+        return super().compute_loss(model, inputs, *a, **kw)
+
+
+def test_growth_in_the_middle_of_a_run(small2, tmp_path, data_file):
+    out = tmp_path / "run"
+    trainer = make_trainer(small2, out, data_file, cls=RecordBatches, grow_at_tokens=64 * 6, max_tokens=64 * 16)
+    dataset = trainer.train_dataset
+    trainer.train()
+    # 6 steps of 4 blocks of 16 tokens on the small model, then 10 on the grown one
+    assert [p for p, _ in trainer.seen] == [1] * 6 + [2] * 10
+    # the grown model continues on the blocks that follow: block 24 first, nothing replayed
+    rows = dataset[:]["input_ids"].tolist()
+    assert [b for _, b in trainer.seen] == [rows[4 * i] for i in range(16)]
+
+    final = AutoModelForCausalLM.from_pretrained(out / "final")
+    assert final.config.num_hidden_layers == 4 and type(final).__name__ == "LlamaForCausalLM"
+    assert (out / "small" / "checkpoint-6").is_dir() and (out / "grown-init" / "growth_config.json").is_file()
+    grown_init = AutoModelForCausalLM.from_pretrained(out / "grown-init")
+    small_last = AutoModelForCausalLM.from_pretrained(out / "small" / "checkpoint-6")
+    for i in range(4):  # the grown model started as the stack of the small model at the growth step
+        assert torch.equal(
+            grown_init.model.layers[i].mlp.up_proj.weight, small_last.model.layers[i % 2].mlp.up_proj.weight
+        )
+
+    record = json.loads((out / "final" / "growth_config.json").read_text())
+    phases = record["training"]["phases"]
+    assert [p["tokens"] for p in phases] == [384, 640] and record["layer_map"] == [0, 1, 0, 1]
+    assert phases[1]["flops"] == 6 * phases[1]["num_parameters"] * 640
+    assert phases[1]["num_parameters"] > phases[0]["num_parameters"]
+    # accounting is in trainer_state.json of the checkpoints on both sides of the boundary
+    state = json.loads((out / "checkpoint-8" / "trainer_state.json").read_text())
+    entry = [e for e in state["log_history"] if e.get("step") == 8][0]
+    assert entry["tokens"] == 384 + 8 * 64 and entry["phase"] == 2
+    log = json.loads((out / "training_log.json").read_text())["log_history"]
+    # fresh AdamW and a re-warmed schedule: the LR climbs again after growth, up to the grown peak
+    lrs2 = [e["learning_rate"] for e in log if e["phase"] == 2 and "learning_rate" in e]
+    assert max(lrs2) <= 5e-4 + 1e-12 and lrs2[0] < lrs2[1]
+    tokens = [e["tokens"] for e in log if "loss" in e]
+    assert tokens == sorted(tokens) and tokens[-1] == 1024
+
+
+class Crash(TrainerCallback):
+    def __init__(self, at_phase2_step):
+        self.at = at_phase2_step
+
+    def on_step_end(self, args, state, control, model=None, **kw):
+        if model.config.num_hidden_layers == 4 and state.global_step == self.at:
+            raise RuntimeError("simulated crash")
+
+
+def test_resume_after_growth_matches_an_uninterrupted_run(small2, tmp_path, data_file):
+    settings = dict(grow_at_tokens=64 * 6, max_tokens=64 * 14)
+    make_trainer(small2, tmp_path / "a", data_file, **settings).train()
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        make_trainer(small2, tmp_path / "b", data_file, callbacks=[Crash(6)], **settings).train()
+    assert (tmp_path / "b" / "checkpoint-4").is_dir() and not (tmp_path / "b" / "final").exists()
+    make_trainer(small2, tmp_path / "b", data_file, **settings).train(resume_from_checkpoint=True)
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "a" / "final").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "b" / "final").state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    la = json.loads((tmp_path / "a" / "training_log.json").read_text())["training"]
+    lb = json.loads((tmp_path / "b" / "training_log.json").read_text())["training"]
+    assert la == lb
+
+
+def test_resume_refuses_another_runs_folder(small2, tmp_path, data_file):
+    make_trainer(small2, tmp_path / "a", data_file, grow_at_tokens=64 * 2, max_tokens=64 * 4).train()
+    with pytest.raises(HfStackError, match="belongs to another run"):
+        make_trainer(small2, tmp_path / "a", data_file, grow_at_tokens=64 * 3, max_tokens=64 * 4).train(True)
+    with pytest.raises(HfStackError, match="already holds a training run"):
+        make_trainer(small2, tmp_path / "a", data_file, grow_at_tokens=64 * 2, max_tokens=64 * 4).train()
+    with pytest.raises(HfStackError, match="nothing to resume"):
+        make_trainer(small2, tmp_path / "new", data_file, max_tokens=64 * 4).train(True)
+
+
+class CheckMoments(TrainerCallback):
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kw):
+        if model.config.num_hidden_layers != 4:
+            return
+        params = dict(model.named_parameters())
+        for i in (2, 3):
+            new = optimizer.state[params[f"model.layers.{i}.self_attn.q_proj.weight"]]
+            old = optimizer.state[params[f"model.layers.{i - 2}.self_attn.q_proj.weight"]]
+            assert torch.equal(new["exp_avg"], old["exp_avg"]) and new["exp_avg"].abs().sum() > 0
+        self.checked = True
+
+
+def test_adam_moments_can_be_carried_over_the_growth(small2, tmp_path, data_file):
+    check = CheckMoments()
+    make_trainer(small2, tmp_path / "r", data_file, callbacks=[check], grow_at_tokens=128, max_tokens=256,
+                 carry_optimizer_state=True).train()  # fmt: skip
+    assert getattr(check, "checked", False)
+
+
+def test_lora_on_a_grown_model(small2, tmp_path, data_file):
+    from peft import LoraConfig
+
+    from hf_stack import grow
+
+    grow(small2, tmp_path / "grown", StackedConfig(factor=2))
+    before = AutoModelForCausalLM.from_pretrained(tmp_path / "grown").state_dict()
+    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], layers_to_transform=[2, 3], task_type="CAUSAL_LM")
+    trainer = make_trainer(tmp_path / "grown", tmp_path / "r", data_file, max_tokens=256)
+    trainer = StackingTrainer(model=AutoModelForCausalLM.from_pretrained(tmp_path / "grown"), args=trainer.args,
+                              train_dataset=trainer.train_dataset, peft_config=lora)  # fmt: skip
+    trainer.train()
+    trained = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
+    assert trained and all("lora_" in n and (".layers.2." in n or ".layers.3." in n) for n in trained)
+    merged = trainer.model.merge_and_unload().state_dict()
+    assert torch.equal(
+        merged["model.layers.0.self_attn.q_proj.weight"], before["model.layers.0.self_attn.q_proj.weight"]
+    )
+    assert not torch.equal(
+        merged["model.layers.2.self_attn.q_proj.weight"], before["model.layers.2.self_attn.q_proj.weight"]
+    )
+    assert (tmp_path / "r" / "final" / "adapter_config.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "settings, match",
+    [
+        (dict(grow_at_tokens=1000, max_tokens=500), "beyond the budget"),
+        (dict(grow_at_tokens=-5), "positive number"),
+        (dict(max_tokens=64 * 4, grow_at_tokens=64 * 4 - 10), "not before the end"),
+        (dict(grow_at_tokens=64 * 10**4, max_tokens=64 * 10**5), "fewer than grow_at_tokens"),
+        (dict(), "set max_tokens"),
+    ],
+)
+def test_bad_training_settings_fail_before_training(small2, tmp_path, data_file, settings, match):
+    with pytest.raises(HfStackError, match=match):
+        make_trainer(small2, tmp_path / "r", data_file, **settings).train()
+    assert not (tmp_path / "r" / "small").exists()
+
+
+def test_block_size_beyond_context_is_refused(tmp_path, data_file):
+    build_checkpoint(tmp_path / "s", "llama", num_layers=1, max_position_embeddings=8)
+    with pytest.raises(HfStackError, match="larger than the model's context"):
+        make_trainer(tmp_path / "s", tmp_path / "r", data_file, max_tokens=256).train()
+
+
+# ---------------------------------------------------------------- the command line, compare, multi-process
+
+
+def hf_stack(*args, **kw):
+    return subprocess.run(
+        [sys.executable, "-m", "hf_stack.cli", *map(str, args)], capture_output=True, text=True, **kw
+    )
+
+
+def test_train_and_compare_commands(small2, tmp_path, data_file):
+    common = ["--data", data_file, "--block-size", 16, "--per-device-train-batch-size", 4, "--max-tokens", 64 * 12,
+              "--logging-steps", 2, "--validation-fraction", 0.2, "--disable-tqdm", "true", "--use-cpu", "true"]  # fmt: skip
+    r = hf_stack(
+        "train", "--model", small2, "--grow-at-tokens", 64 * 4, "--factor", 2, "-o", tmp_path / "run", *common
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "final model:" in r.stdout
+    r = hf_stack("train", "--from-scratch-like", tmp_path / "run" / "final", "-o", tmp_path / "base", *common)
+    assert r.returncode == 0, r.stderr[-3000:]
+    log = json.loads((tmp_path / "base" / "training_log.json").read_text())["log_history"]
+    assert any("eval_loss" in e for e in log)
+    r = hf_stack("compare", tmp_path / "run", tmp_path / "base", "-o", tmp_path / "cmp.png")
+    assert r.returncode == 0, r.stderr
+    assert "speed-up" in r.stdout and (tmp_path / "cmp.png").read_bytes()[:4] == b"\x89PNG"
+    # a bad input: one line, exit 2, nothing trained
+    (tmp_path / "empty.txt").write_text("")
+    r = hf_stack(
+        "train", "--model", small2, "--data", tmp_path / "empty.txt", "--max-tokens", 100, "-o", tmp_path / "x"
+    )
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr[-2000:]
+    assert not (tmp_path / "x").exists()
+    r = hf_stack("train", "--data", data_file, "-o", tmp_path / "y")
+    assert r.returncode == 2 and "exactly one of --model" in r.stderr
+
+
+def test_speedup_arithmetic():
+    grown = Curve("g", [1, 2, 3], [1, 2, 3], [3.0, 2.0, 1.5], "loss", 1)
+    scratch = Curve("s", [1, 2, 4, 6], [1, 2, 4, 6], [3.0, 2.5, 2.0, 1.0], "loss", None)
+    r = speedup(grown, scratch)
+    assert r["scratch_flops_to_match"] == pytest.approx(5.0) and r["speedup"] == pytest.approx(5 / 3 - 1)
+    never = Curve("s", [1, 2], [1, 2], [3.0, 2.9], "loss", None)
+    assert speedup(grown, never)["lower_bound"] is True
+
+
+def test_two_processes_with_torchrun_grow_together(small2, tmp_path, data_file):
+    """DDP on gloo with 2 CPU processes: the same run, growth included, with twice the tokens per step."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           "-m", "hf_stack.cli", "train", "--model", small2, "--data", data_file, "--block-size", 16,
+           "--per-device-train-batch-size", 2, "--grow-at-tokens", 64 * 3, "--max-tokens", 64 * 8, "--factor", 2,
+           "--logging-steps", 1, "--disable-tqdm", "true", "--use-cpu", "true", "--ddp-backend", "gloo",
+           "-o", tmp_path / "ddp"]  # fmt: skip
+    r = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    record = json.loads((tmp_path / "ddp" / "final" / "growth_config.json").read_text())
+    assert [p["tokens"] for p in record["training"]["phases"]] == [192, 320]
+    assert [p["steps"] for p in record["training"]["phases"]] == [3, 5]  # 2 processes x 2 blocks x 16 tokens a step
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "ddp" / "final").config.num_hidden_layers == 4
+    log = json.loads((tmp_path / "ddp" / "training_log.json").read_text())
+    assert log["training"]["total_tokens"] == 512
