@@ -15,6 +15,7 @@ GROW_EXAMPLES = """examples:
   hf-stack grow ./small --layers 30 --order interpolate --dry-run  # print the plan, write nothing
   hf-stack grow ./small --layer-map 0-5,0-5,2-3 -o grown --verify  # explicit map, check the result
   hf-stack grow ./small --factor 2 --operator zero -o grown        # function-preserving identity copies
+  hf-stack grow org/small --factor 4 --push                        # to <your namespace>/small-stack-x4
 """
 # CLI spellings that differ from the dataclass field names.
 FLAG_NAMES = {"num_layers": "--layers"}
@@ -90,7 +91,26 @@ def cmd_grow(args) -> int:
     )
     verified = ", verified" if args.verify else ""
     print(f"grew {args.source} ({plan.source_num_layers} layers) -> {out} ({plan.num_layers} layers{verified})")
+    if args.push is not None:
+        from .hub import push
+
+        url = push(out, None if args.push is True else args.push, private=args.private or None,
+                   revision=args.push_revision, token=args.token)  # fmt: skip
+        print(f"pushed to {url}")
     return 0
+
+
+def cmd_push(args) -> int:
+    from .hub import push
+
+    url = push(args.folder, args.repo_id, private=args.private or None, revision=args.revision, token=args.token)
+    print(f"pushed {args.folder} to {url}")
+    return 0
+
+
+def add_push_options(parser: argparse.ArgumentParser, revision_flag: str) -> None:
+    parser.add_argument("--private", action="store_true", help="Create the Hub repo private.")
+    parser.add_argument(revision_flag, help="Hub branch to push to (created from main if missing).")
 
 
 def cmd_plan(args) -> int:
@@ -204,7 +224,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     grow.add_argument("--overwrite", action="store_true", help="Replace an existing output folder.")
     grow.add_argument("--max-shard-size", default="5GB", help="Largest output shard (default 5GB).")
+    grow.add_argument(
+        "--push", nargs="?", const=True, metavar="REPO_ID",
+        help="Push the result to the Hub (default repo: <your namespace>/<output folder name>).",
+    )  # fmt: skip
+    add_push_options(grow, "--push-revision")
     grow.set_defaults(func=cmd_grow)
+
+    push = sub.add_parser(
+        "push",
+        help="push a folder hf_stack wrote to the Hub",
+        epilog="examples:\n  hf-stack push ./run/final me/small-x4-trained --private\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    push.add_argument("folder", help="A model folder written by hf-stack grow/train/eval.")
+    push.add_argument("repo_id", nargs="?", help="Target repo (default: <your namespace>/<folder name>).")
+    push.add_argument("--token", help="Hub token (default: HF_TOKEN or the saved login).")
+    add_push_options(push, "--revision")
+    push.set_defaults(func=cmd_push)
 
     plan = sub.add_parser(
         "plan",

@@ -139,7 +139,9 @@ class StackedConfig:
             data = json.loads(Path(file).read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise HfStackError(f"cannot read {file}: {e}") from None
-        settings = data.get("settings", {})
+        if "settings" not in data:
+            raise HfStackError(f"{file} records training only: this model was not grown by hf_stack")
+        settings = data["settings"]
         known = {f.name for f in fields(cls)} - {"provenance"}
         unknown = sorted(set(settings) - known)
         if unknown:

@@ -254,6 +254,9 @@ def grow(
             (tmp / "config.json").write_text(json.dumps(_target_config(plan, stacked.dtype), indent=2) + "\n")
             copy_aux_files(source.folder, tmp)
             write_growth_record(tmp, growth_record(plan, stacked, source_info(source, plan.source_num_layers)))
+            from .card import update_card
+
+            update_card(tmp, repo_id=out.name, source_card=source.folder / "README.md")
             if verify:
                 from .verify import verify_checkpoint
 

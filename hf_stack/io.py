@@ -249,7 +249,7 @@ def resolve_source(
         validate_repo_id(name)
         from huggingface_hub import snapshot_download
 
-        patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "LICENSE*"]
+        patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "LICENSE*", "README.md"]
         if allow_pickle:
             patterns.append("*.bin")
         try:

@@ -364,13 +364,23 @@ class StackingTrainer(Trainer):
         if (out / GROWTH_STATE).is_file():
             record = json.loads((out / GROWTH_STATE).read_text())["growth"]
         write_growth_record(tmp, {**record, "training": training})
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
         # Phase 1's log lives in its last checkpoint; the current phase's in self.state (restored on resume).
         history = _read_history(out / "small") if self.phase == 2 else []
         history += [e for e in self.state.log_history if "tokens" in e]
         _write_json_atomic(out / TRAINING_LOG, {"training": training, "log_history": history})
+        plot = None
+        if any("loss" in e for e in history):
+            from .compare import plot as plot_curves
+            from .compare import read_curve
+
+            plot_curves([read_curve(out, "loss")], tmp / "training_loss.png", title="training loss (dotted: growth)")
+            plot = "training_loss.png"
+        from .card import training_section, update_card
+
+        update_card(tmp, repo_id=out.resolve().name, sections={"training": training_section(training, plot)})
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
 
 
 def _tail(dataset, start: int):

@@ -1,0 +1,155 @@
+"""Model cards: rendered once from `model_cards/template.md`, then updated section by section.
+
+Grow, train and eval each own one section between `<!-- hf_stack:NAME -->` markers; running one of them again
+replaces its section and never duplicates it. Front matter is `huggingface_hub`'s `ModelCardData`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from .config import GROWTH_CONFIG_NAME
+from .errors import HfStackError
+
+TEMPLATE = Path(__file__).resolve().parent.parent / "model_cards" / "template.md"
+SECTIONS = ("growth", "training", "evaluation", "usage")
+PLACEHOLDER = {
+    "growth": "Not grown by hf_stack.",
+    "training": "No training recorded by hf_stack yet.",
+    "evaluation": "Not evaluated by hf_stack yet.",
+    "usage": "",
+}
+
+
+def usage_section(repo_id: str) -> str:
+    return (
+        "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+        f'model = AutoModelForCausalLM.from_pretrained("{repo_id}")\n'
+        f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")\n```'
+    )
+
+
+def _section_pattern(name: str):
+    return re.compile(rf"(<!-- hf_stack:{name} -->\n)(.*?)(\n<!-- /hf_stack:{name} -->)", re.S)
+
+
+def growth_section(record: dict) -> str:
+    """Markdown for the growth section: what was grown from what, how, and the layer map."""
+    src = record.get("source", {})
+    lines = [
+        f"Grown from `{src.get('name_or_path')}` ({src.get('num_layers')} layers"
+        + (f", commit `{src['commit'][:12]}`" if src.get("commit") else "")
+        + f") to {record['target_num_layers']} layers with the `{record['operator']}` operator "
+        f"([paper]({record['paper']})); function preserving at growth: "
+        f"{'yes' if record.get('function_preserving') else 'no'}.",
+        "",
+        "| target layers | source layers |",
+        "|---|---|",
+    ]
+    start = 0
+    for a, b in record["layer_slices"]:
+        n = b - a
+        lines.append(f"| {start}-{start + n - 1} | {a}-{b - 1} |")
+        start += n
+    lines += ["", "<details><summary>growth_config.json</summary>", "", "```json"]
+    lines += [json.dumps({k: v for k, v in record.items() if k != "training"}, indent=2), "```", "", "</details>"]
+    return "\n".join(lines)
+
+
+def training_section(training: dict, plot: str | None = None) -> str:
+    lines = ["| phase | layers | parameters | steps | tokens | FLOPs (6ND) |", "|---|---|---|---|---|---|"]
+    for p in training["phases"]:
+        lines.append(
+            f"| {p['phase']} | {p['num_layers']} | {p['num_parameters']:,} | {p['steps']:,} | {p['tokens']:,} | {p['flops']:.3g} |"
+        )
+    lines += [
+        "",
+        f"Total: {training['total_tokens']:,} tokens, {training['total_flops']:.3g} FLOPs ({training['flops_convention']}).",
+    ]
+    if plot:
+        lines += ["", f"![training loss]({plot})"]
+    return "\n".join(lines)
+
+
+def _render_new(folder: Path, repo_id: str, card_data):
+    from huggingface_hub import ModelCard
+
+    if not TEMPLATE.is_file():
+        raise HfStackError(f"the model card template is missing ({TEMPLATE}); reinstall hf_stack")
+    name = repo_id.split("/")[-1]
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(TEMPLATE),
+        model_name=name,
+        summary=f"`{name}` was grown with hf_stack.",
+        **{f"{s}_section": PLACEHOLDER[s] for s in SECTIONS},
+    )
+
+
+def update_card(
+    folder: str | Path,
+    repo_id: str | None = None,
+    *,
+    sections: dict[str, str] | None = None,
+    eval_results: list | None = None,
+    source_card: str | Path | None = None,
+) -> Path:
+    """Create or update `folder/README.md`.
+
+    Args:
+        folder: a model folder written by hf_stack.
+        repo_id: the Hub id the card talks about (defaults to the folder name).
+        sections: new markdown for any of "growth", "training", "evaluation"; others are left as they are.
+        eval_results: `huggingface_hub.EvalResult` list; replaces the card's model-index.
+        source_card: the source model's README.md, whose licence is inherited.
+    """
+    from huggingface_hub import ModelCard, ModelCardData
+
+    folder = Path(folder)
+    path = folder / "README.md"
+    record = json.loads((folder / GROWTH_CONFIG_NAME).read_text()) if (folder / GROWTH_CONFIG_NAME).is_file() else {}
+    repo_id = repo_id or folder.resolve().name
+    existing = ModelCard.load(path) if path.is_file() else None
+    if existing is not None and "<!-- hf_stack:growth -->" in existing.text:
+        card = existing
+    else:
+        source = record.get("source", {}).get("name_or_path") or ""
+        license_ = None
+        if source_card is not None and Path(source_card).is_file():
+            license_ = ModelCard.load(source_card).data.get("license")
+        tags = ["hf-stack", "model-growth"] + ([record["operator"]] if record.get("operator") else [])
+        data = ModelCardData(
+            library_name="transformers",
+            pipeline_tag="text-generation",
+            tags=tags,
+            license=license_,
+            # base_model must be a Hub id; local paths are not published
+            base_model=source if _is_repo_id(source) else None,
+        )
+        card = _render_new(folder, repo_id, data)
+        if record.get("layer_map"):
+            sections = {"growth": growth_section(record), **(sections or {})}
+    sections = {**(sections or {}), "usage": usage_section(repo_id)}
+    for name, content in sections.items():
+        if name not in SECTIONS:
+            raise ValueError(f"unknown card section {name!r}")
+        card.content = _section_pattern(name).sub(lambda m, c=content: m.group(1) + c + m.group(3), card.content)
+    if eval_results is not None:
+        card.data.eval_results = eval_results
+        card.data.model_name = repo_id.split("/")[-1]
+    card.save(path)
+    return path
+
+
+def _is_repo_id(name: str) -> bool:
+    if not name or Path(name).exists():
+        return False
+    try:
+        from huggingface_hub.utils import validate_repo_id
+
+        validate_repo_id(name)
+    except Exception:
+        return False
+    return "/" in name

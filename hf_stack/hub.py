@@ -1,0 +1,97 @@
+"""Standard checkpoint -> Hub: push any folder hf_stack wrote, with its model card, through `huggingface_hub`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .errors import HfStackError
+from .io import validate_repo_id
+
+
+def resolve_token(token: str | None = None) -> str:
+    """The token from the argument, `HF_TOKEN` or the saved login (`hf auth login`); never printed."""
+    from huggingface_hub import get_token
+
+    token = token or get_token()
+    if not token:
+        raise HfStackError("pushing needs a Hub token: set HF_TOKEN, run `hf auth login`, or pass --token")
+    return token
+
+
+def _scrub(text: str, token: str) -> str:
+    return text.replace(token, "***") if token else text
+
+
+def default_repo_id(name: str, token: str) -> str:
+    """`<your namespace>/<name>`, the namespace from `whoami`."""
+    from huggingface_hub import HfApi
+
+    try:
+        user = HfApi().whoami(token=token)["name"]
+    except Exception as e:
+        raise HfStackError(f"cannot find your Hub namespace (whoami failed): {_scrub(_reason(e), token)}") from None
+    return f"{user}/{name}"
+
+
+def _reason(e: Exception) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def push(
+    folder: str | os.PathLike,
+    repo_id: str | None = None,
+    *,
+    private: bool | None = None,
+    revision: str | None = None,
+    token: str | None = None,
+    commit_message: str | None = None,
+) -> str:
+    """Upload a model folder (weights, config, tokenizer, card, growth_config.json) as one commit.
+
+    The commit is atomic on the Hub: a push that fails midway leaves the repository as it was, and running the
+    same push again completes it.
+
+    Args:
+        folder: a folder written by hf_stack (`grow`, `train`, `eval`).
+        repo_id: target repo; default `<your namespace>/<folder name>`.
+        private: create the repo private.
+        revision: branch to push to (created from main if missing).
+        token: Hub token (default: `HF_TOKEN` or the saved login).
+        commit_message: defaults to "Upload <folder name> with hf_stack".
+
+    Returns:
+        The repo URL.
+    """
+    from huggingface_hub import HfApi
+
+    from .card import update_card
+
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise HfStackError(f"{folder} is not a model folder (no config.json); push a folder hf_stack wrote")
+    token = resolve_token(token)
+    if repo_id is None:
+        repo_id = default_repo_id(folder.resolve().name, token)
+    validate_repo_id(repo_id)
+    update_card(folder, repo_id)
+    api = HfApi(token=token)
+    try:
+        url = api.create_repo(repo_id, private=private, exist_ok=True)
+        if revision and revision != "main":
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        api.upload_folder(
+            folder_path=folder,
+            repo_id=repo_id,
+            revision=revision,
+            commit_message=commit_message or f"Upload {folder.resolve().name} with hf_stack",
+            ignore_patterns=[".*", "*.tmp", "checkpoint-*/*"],
+        )
+    except HfStackError:
+        raise
+    except Exception as e:
+        raise HfStackError(
+            f"push to {repo_id} failed ({_scrub(_reason(e), token)}); nothing was committed, run the same command again"
+        ) from None
+    return str(url)
