@@ -94,15 +94,24 @@ def cmd_grow(args) -> int:
     if args.push is not None:
         from .hub import push
 
+        _quiet_hub()
         url = push(out, None if args.push is True else args.push, private=args.private or None,
                    revision=args.push_revision, token=args.token)  # fmt: skip
         print(f"pushed to {url}")
     return 0
 
 
+def _quiet_hub() -> None:
+    # huggingface_hub logs each retry as a warning; the CLI reports the outcome in one line instead.
+    from huggingface_hub.utils import logging as hub_logging
+
+    hub_logging.set_verbosity_error()
+
+
 def cmd_push(args) -> int:
     from .hub import push
 
+    _quiet_hub()
     url = push(args.folder, args.repo_id, private=args.private or None, revision=args.revision, token=args.token)
     print(f"pushed {args.folder} to {url}")
     return 0

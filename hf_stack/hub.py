@@ -74,7 +74,7 @@ def push(
     token = resolve_token(token)
     if repo_id is None:
         repo_id = default_repo_id(folder.resolve().name, token)
-    validate_repo_id(repo_id)
+    validate_repo_id(repo_id, source=False)
     update_card(folder, repo_id)
     api = HfApi(token=token)
     try:

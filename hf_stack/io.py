@@ -220,14 +220,16 @@ def _hub_reason(e: Exception) -> str:
     return f"{type(e).__name__}: {text}"
 
 
-def validate_repo_id(repo_id: str) -> None:
+def validate_repo_id(repo_id: str, source: bool = True) -> None:
+    """Refuse ids the Hub would refuse; `source` says the string could also have been a local folder."""
     from huggingface_hub.utils import HFValidationError
     from huggingface_hub.utils import validate_repo_id as _validate
 
     try:
         _validate(repo_id)
     except HFValidationError:
-        raise HfStackError(f"{repo_id!r} is neither an existing folder nor a valid Hub repo id (org/name)") from None
+        what = "neither an existing folder nor a valid Hub repo id" if source else "not a valid Hub repo id"
+        raise HfStackError(f"{repo_id!r} is {what} (write it as namespace/name)") from None
 
 
 def resolve_source(

@@ -1,0 +1,206 @@
+"""Hub behaviour over real HTTP: the real `huggingface_hub` client against the Hub-compatible server in tests/."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from hf_stack.card import update_card
+from tests.conftest import build_checkpoint
+from tests.hub_server import HubServer, Repo
+
+TOKEN = "hf_TOPSECRETtoken0123456789"
+
+
+@pytest.fixture(scope="module")
+def hub():
+    server = HubServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def env(hub, tmp_path):
+    return {**os.environ, "HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf-home"),
+            "HF_TOKEN": TOKEN, "HF_HUB_DISABLE_PROGRESS_BARS": "1"}  # fmt: skip
+
+
+def host(hub, repo_id, folder, private=False):
+    """Publish a local folder as a Hub repo on the test server."""
+    repo = hub.repos[repo_id] = Repo(private=private)
+    repo.commit({p.name: p.read_bytes() for p in Path(folder).iterdir() if p.is_file()}, "main", "upload")
+
+
+def cli(env, *args):
+    return subprocess.run([sys.executable, "-m", "hf_stack.cli", *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=300)  # fmt: skip
+
+
+def py(env, code):
+    r = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout
+
+
+@pytest.fixture(scope="module")
+def hosted_small(hub, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("src") / "small"
+    build_checkpoint(folder, "llama", num_layers=2)
+    (folder / "README.md").write_text("---\nlicense: mit\n---\n# small\n")
+    host(hub, "org/small", folder)
+    return folder
+
+
+def test_grow_from_the_hub_push_and_load_back(hub, env, hosted_small, tmp_path):
+    r = cli(env, "grow", "org/small", "--factor", 2, "-o", tmp_path / "small-stack-x2", "--push")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "pushed to" in r.stdout and "me/small-stack-x2" in r.stdout
+    files = hub.files("me/small-stack-x2")
+    assert {"config.json", "model.safetensors", "growth_config.json", "README.md", "tokenizer.json"} <= set(files)
+    # the growth recorded the source's Hub commit
+    record = json.loads(files["growth_config.json"])
+    assert (
+        record["source"]["name_or_path"] == "org/small"
+        and record["source"]["commit"] == hub.repos["org/small"].branches["main"]
+    )
+    out = py(
+        env,
+        f"""
+        import torch
+        from transformers import AutoModelForCausalLM
+        from huggingface_hub import ModelCard
+        remote = AutoModelForCausalLM.from_pretrained("me/small-stack-x2")
+        local = AutoModelForCausalLM.from_pretrained("{tmp_path / "small-stack-x2"}")
+        a, b = remote.state_dict(), local.state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        card = ModelCard.load("me/small-stack-x2")
+        print(card.data.base_model, card.data.license, *sorted(card.data.tags), card.data.library_name,
+              card.data.pipeline_tag, remote.config.num_hidden_layers)
+    """,
+    )
+    assert out.split() == [
+        "org/small",
+        "mit",
+        "hf-stack",
+        "model-growth",
+        "stack",
+        "transformers",
+        "text-generation",
+        "4",
+    ]
+
+
+def test_in_memory_growth_from_a_hub_id(hub, env, hosted_small):
+    out = py(
+        env,
+        """
+        from hf_stack import StackedConfig, StackedModelForCausalLM
+        m = StackedModelForCausalLM.from_small_pretrained("org/small", StackedConfig(factor=3), revision="main")
+        print(type(m).__name__, m.config.num_hidden_layers, m.growth_record["source"]["commit"] is not None)
+    """,
+    )
+    assert out.split() == ["LlamaForCausalLM", "6", "True"]
+
+
+def test_push_command_private_branch_and_idempotent_card(hub, env, llama_small, tmp_path):
+    folder = tmp_path / "grown"
+    assert cli(env, "grow", llama_small, "--factor", 2, "-o", folder).returncode == 0
+    for _ in range(2):  # a second push updates, never duplicates
+        r = cli(env, "push", folder, "me/grown-x2", "--private", "--revision", "dev")
+        assert r.returncode == 0, r.stderr[-3000:]
+    repo = hub.repos["me/grown-x2"]
+    assert repo.private and "dev" in repo.branches
+    card = hub.files("me/grown-x2", "dev")["README.md"].decode()
+    for marker in ("growth", "training", "evaluation", "usage"):
+        assert card.count(f"<!-- hf_stack:{marker} -->") == 1
+    assert 'from_pretrained("me/grown-x2")' in card and "| 3-5 | 0-2 |" in card
+    # private: invisible without a token
+    no_token = {k: v for k, v in env.items() if k != "HF_TOKEN"}
+    r = py(
+        no_token,
+        """
+        from huggingface_hub import hf_hub_download
+        try:
+            hf_hub_download("me/grown-x2", "config.json", revision="dev")
+        except Exception as e:
+            print(type(e).__name__)
+    """,
+    )
+    assert "RepositoryNotFound" in r or "RepoNotFound" in r or "GatedRepo" in r
+
+
+def test_token_never_printed_logged_or_written(hub, env, llama_small, tmp_path):
+    folder = tmp_path / "g"
+    r1 = cli(env, "grow", llama_small, "--factor", 2, "-o", folder, "--push", "me/secret-check")
+    r2 = cli(env, "push", folder, "bad//repo")
+    assert r1.returncode == 0 and r2.returncode == 2
+    for text in (r1.stdout, r1.stderr, r2.stdout, r2.stderr):
+        assert TOKEN not in text
+    for repo_id in ("me/secret-check",):
+        for name, data in hub.files(repo_id).items():
+            assert TOKEN.encode() not in data, name
+    for p in folder.rglob("*"):
+        if p.is_file():
+            assert TOKEN.encode() not in p.read_bytes(), p
+    # the server did receive it, as an Authorization header only
+    assert any(
+        {k.lower(): v for k, v in h.items()}.get("authorization") == f"Bearer {TOKEN}" for _, _, h in hub.requests
+    )
+
+
+def test_push_that_fails_halfway_leaves_nothing_and_reruns(hub, env, llama_small, tmp_path):
+    folder = tmp_path / "g"
+    assert cli(env, "grow", llama_small, "--factor", 2, "-o", folder).returncode == 0
+    # The connection drops in the middle of every commit request, more times than the client retries (1 + 5).
+    hub.drop_commits = 6
+    r = cli(env, "push", folder, "me/flaky")
+    hub.drop_commits = 0
+    assert r.returncode == 2 and r.stderr.startswith("error: push to me/flaky failed") and r.stderr.count("\n") == 1
+    assert "run the same command again" in r.stderr
+    assert set(hub.files("me/flaky")) == {".gitattributes"}  # nothing that looks complete
+    r = cli(env, "push", folder, "me/flaky")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert {"config.json", "model.safetensors", "README.md"} <= set(hub.files("me/flaky"))
+
+
+@pytest.mark.parametrize(
+    "args, env_change, match",
+    [
+        (["push", "{folder}", "not a valid/repo//id"], {}, "not a valid Hub repo id"),
+        (["push", "{folder}", "me/x"], {"HF_TOKEN": None}, "needs a Hub token"),
+        (["push", "{tmp}", "me/x"], {}, "not a model folder"),
+        (["grow", "org/remote-code", "--factor", "2", "-o", "{tmp}/o"], {}, "auto_map"),
+        (["grow", "org/does-not-exist", "-o", "{tmp}/o"], {}, "cannot download 'org/does-not-exist'"),
+    ],
+)
+def test_hub_bad_inputs(hub, env, llama_small, tmp_path, args, env_change, match):
+    folder = tmp_path / "g"
+    assert cli(env, "grow", llama_small, "--factor", 2, "-o", folder).returncode == 0
+    evil = tmp_path / "evil"
+    build_checkpoint(evil, "llama", num_layers=1)
+    config = json.loads((evil / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.Evil"}
+    (evil / "config.json").write_text(json.dumps(config))
+    host(hub, "org/remote-code", evil)
+    run_env = {k: v for k, v in {**env, **env_change}.items() if v is not None}
+    r = cli(run_env, *[a.format(folder=folder, tmp=tmp_path) for a in args])
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr[-2000:]
+    assert match in r.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_card_sections_update_without_duplicates(llama_small, tmp_path):
+    from hf_stack import StackedConfig, grow
+
+    grow(llama_small, tmp_path / "g", StackedConfig(factor=2))
+    update_card(tmp_path / "g", "me/g", sections={"evaluation": "| task | acc |\n|---|---|\n| piqa | 0.5 |"})
+    update_card(tmp_path / "g", "me/g", sections={"evaluation": "| task | acc |\n|---|---|\n| piqa | 0.6 |"})
+    text = (tmp_path / "g" / "README.md").read_text()
+    assert text.count("| piqa |") == 1 and "0.6" in text and text.count("## Growth") == 1
+    assert text.count("<!-- hf_stack:growth -->") == 1 and "Grown from" in text
