@@ -24,6 +24,9 @@ _EXPORTS = {
     "build_dataset": "data",
     "StackingTrainer": "trainer",
     "StackingTrainingArguments": "trainer",
+    "evaluate_model": "evaluate",
+    "EvalCallback": "evaluate",
+    "push": "hub",
 }
 __all__ = ["__version__", *_EXPORTS]
 

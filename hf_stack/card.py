@@ -131,16 +131,58 @@ def update_card(
         card = _render_new(folder, repo_id, data)
         if record.get("layer_map"):
             sections = {"growth": growth_section(record), **(sections or {})}
+    apply_updates(card, repo_id, sections, eval_results)
+    card.save(path)
+    return path
+
+
+def apply_updates(card, repo_id: str, sections: dict[str, str] | None = None, eval_results: list | None = None):
+    """Replace the named sections of a card (and its model-index); the usage section follows `repo_id`."""
     sections = {**(sections or {}), "usage": usage_section(repo_id)}
     for name, content in sections.items():
         if name not in SECTIONS:
             raise ValueError(f"unknown card section {name!r}")
-        card.content = _section_pattern(name).sub(lambda m, c=content: m.group(1) + c + m.group(3), card.content)
+        pattern = _section_pattern(name)
+        if not pattern.search(card.content):  # a card hf_stack did not write: add the section once, at the end
+            card.text = (
+                card.text.rstrip()
+                + f"\n\n## {name.capitalize()}\n\n<!-- hf_stack:{name} -->\n\n<!-- /hf_stack:{name} -->\n"
+            )
+        card.content = pattern.sub(lambda m, c=content: m.group(1) + c + m.group(3), card.content)
     if eval_results is not None:
         card.data.eval_results = eval_results
         card.data.model_name = repo_id.split("/")[-1]
-    card.save(path)
-    return path
+    return card
+
+
+def eval_results(results: dict) -> list:
+    """`huggingface_hub.EvalResult`s for the card's model-index, one per headline metric."""
+    from huggingface_hub import EvalResult
+
+    from .evaluate import DATASETS, HEADLINE
+
+    out = []
+    for task, key in HEADLINE.items():
+        if task not in results.get("results", {}):
+            continue
+        metric = key.split(",")[0]
+        dataset_id, config, split = DATASETS[task]
+        out.append(
+            EvalResult(
+                task_type="text-generation",
+                task_name="Text Generation",
+                dataset_type=dataset_id,
+                dataset_name=task,
+                dataset_config=config,
+                dataset_split=split,
+                metric_type=metric,
+                metric_name=metric,
+                metric_value=float(results["results"][task][key]),
+                source_name="hf_stack (lm-evaluation-harness, zero-shot)",
+                source_url="https://github.com/EleutherAI/lm-evaluation-harness",
+            )  # fmt: skip
+        )
+    return out
 
 
 def _is_repo_id(name: str) -> bool:

@@ -209,6 +209,31 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from .evaluate import evaluate_model, print_table, results_table
+
+    if args.push and Path(args.model).exists():
+        raise HfStackError("--push sends results to a Hub model; push the folder first with `hf-stack push`")
+    results = evaluate_model(
+        args.model, tasks=args.tasks, data_dir=args.data_dir, limit=args.limit, batch_size=args.batch_size,
+        backend=args.backend, output=args.output, revision=args.revision,
+    )  # fmt: skip
+    print_table(results)
+    if args.output:
+        print(f"results: {args.output} (plot: {Path(args.output).with_suffix('.png')})")
+    if Path(args.model).is_dir() and (Path(args.model) / "config.json").is_file():
+        from .card import eval_results, update_card
+
+        update_card(args.model, sections={"evaluation": results_table(results)}, eval_results=eval_results(results))
+    if args.push:
+        from .hub import push_eval
+
+        _quiet_hub()
+        push_eval(args.model, results, token=args.token, revision=args.revision)
+        print(f"results written to the model card of {args.model}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="hf-stack", description="Grow small transformers checkpoints into deeper ones (G_stack).")
     parser.add_argument("--version", action="version", version=f"hf-stack {__import__('hf_stack').__version__}")
@@ -281,6 +306,30 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("scratch", help="Run folder of the from-scratch baseline.")
     compare.add_argument("-o", "--output", help="PNG to write (default: <grown>/compare.png).")
     compare.set_defaults(func=cmd_compare)
+
+    ev = sub.add_parser(
+        "eval",
+        help="score the paper's eight benchmarks (lm-evaluation-harness, zero-shot)",
+        epilog=(
+            "examples:\n  hf-stack eval ./grown\n"
+            "  hf-stack eval ./grown --data-dir ./bench-data --limit 200 --batch-size 16 -o results.json\n"
+            "  hf-stack eval ./grown --tasks arc_easy,piqa --backend lm-eval\n  hf-stack eval me/small-x4 --push\n"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ev.add_argument("model", help="Model folder or Hub id.")
+    ev.add_argument("--tasks", default="hf_stack_8", help="hf_stack_8 (default) or comma-separated task names.")
+    ev.add_argument("--data-dir", help="Read DIR/<task>.jsonl|json|parquet instead of the Hub datasets.")
+    ev.add_argument("--limit", type=int, help="Score only the first N documents of each task.")
+    ev.add_argument("--batch-size", type=int, default=16, help="Rows per forward pass (default 16).")
+    ev.add_argument(
+        "--backend", default="hf-stack", choices=("hf-stack", "lm-eval"), help="Scorer (default hf-stack)."
+    )
+    ev.add_argument("-o", "--output", help="Write lm-eval's results JSON here (and a bar chart PNG beside it).")
+    ev.add_argument("--revision", help="Hub revision of the model.")
+    ev.add_argument("--token", help="Hub token for --push (default: HF_TOKEN or the saved login).")
+    ev.add_argument("--push", action="store_true", help="Write the results into the Hub model's card (model-index).")
+    ev.set_defaults(func=cmd_eval)
     return parser
 
 

@@ -95,3 +95,22 @@ def push(
             f"push to {repo_id} failed ({_scrub(_reason(e), token)}); nothing was committed, run the same command again"
         ) from None
     return str(url)
+
+
+def push_eval(repo_id: str, results: dict, *, token: str | None = None, revision: str | None = None) -> str:
+    """Write evaluation results into a Hub model's card: the model-index (front matter) and the evaluation
+    section; other sections stay as they are, so re-running replaces rather than duplicates."""
+    from huggingface_hub import ModelCard
+
+    from .card import apply_updates, eval_results
+    from .evaluate import results_table
+
+    token = resolve_token(token)
+    validate_repo_id(repo_id, source=False)
+    try:
+        card = ModelCard.load(repo_id, token=token)
+        apply_updates(card, repo_id, {"evaluation": results_table(results)}, eval_results(results))
+        card.push_to_hub(repo_id, token=token, revision=revision, commit_message="Evaluation results from hf_stack")
+    except Exception as e:
+        raise HfStackError(f"pushing results to {repo_id} failed ({_scrub(_reason(e), token)}); run again") from None
+    return repo_id

@@ -1,0 +1,320 @@
+"""Evaluator: the paper's eight benchmarks scored by lm-evaluation-harness, from the Hub or from local files.
+
+The task list is data (`hf_stack/tasks/hf_stack_8.yaml`); lm-eval's own task definitions, metrics and results
+JSON are used unchanged. `--data-dir` swaps each task's dataset for `DIR/<task>.jsonl|json|parquet` (rows in the
+Hub dataset's schema) through lm-eval's group-level task overrides, so prompts and metrics stay identical.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from importlib.metadata import version
+from pathlib import Path
+
+import yaml
+from transformers import TrainerCallback
+
+from .errors import HfStackError
+
+TASKS_DIR = Path(__file__).resolve().parent / "tasks"
+SAMPLES_DIR = TASKS_DIR / "samples"
+GROUP = "hf_stack_8"
+TASKS = ("lambada_openai", "arc_challenge", "arc_easy", "logiqa", "piqa", "sciq", "winogrande", "wikitext")
+# Fields each task's prompt and target read (the Hub datasets' own schemas).
+REQUIRED_FIELDS = {
+    "lambada_openai": ("text",),
+    "arc_challenge": ("question", "choices", "answerKey"),
+    "arc_easy": ("question", "choices", "answerKey"),
+    "logiqa": ("label", "context", "question", "options"),
+    "piqa": ("goal", "sol1", "sol2", "label"),
+    "sciq": ("question", "distractor1", "distractor2", "distractor3", "correct_answer", "support"),
+    "winogrande": ("sentence", "option1", "option2", "answer"),
+    "wikitext": ("page",),
+}
+# Hub dataset, config and evaluated split of each task (lm-eval 0.4.13), for model-index entries.
+DATASETS = {
+    "lambada_openai": ("EleutherAI/lambada_openai", "default", "test"),
+    "arc_challenge": ("allenai/ai2_arc", "ARC-Challenge", "test"),
+    "arc_easy": ("allenai/ai2_arc", "ARC-Easy", "test"),
+    "logiqa": ("EleutherAI/logiqa", "logiqa", "test"),
+    "piqa": ("baber/piqa", None, "validation"),
+    "sciq": ("allenai/sciq", None, "test"),
+    "winogrande": ("allenai/winogrande", "winogrande_xl", "validation"),
+    "wikitext": ("EleutherAI/wikitext_document_level", "wikitext-2-raw-v1", "test"),
+}
+# The metric the paper reports per task (accuracy; perplexity for wikitext).
+HEADLINE = {t: "acc,none" for t in TASKS} | {"wikitext": "word_perplexity,none"}
+# Pinned: lm-eval >= 0.4.9.2 defaults to the tokenizer's BOS choice; the paper-era harness added no BOS.
+ADD_BOS_TOKEN = False
+BACKENDS = ("hf-stack", "lm-eval")
+
+
+def parse_tasks(tasks: str | list[str] | None) -> list[str]:
+    if tasks is None or tasks == GROUP or tasks == [GROUP]:
+        return list(TASKS)
+    names = [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks) if t.strip()]
+    unknown = [t for t in names if t not in TASKS and t != GROUP]
+    if unknown or not names:
+        raise HfStackError(f"unknown task {', '.join(unknown) or '(none)'}; choose from: {GROUP}, {', '.join(TASKS)}")
+    return list(TASKS) if GROUP in names else names
+
+
+def _data_file(data_dir: Path, task: str) -> tuple[str, Path]:
+    for suffix, builder in ((".jsonl", "json"), (".json", "json"), (".parquet", "parquet")):
+        path = data_dir / f"{task}{suffix}"
+        if path.is_file():
+            return builder, path
+    raise HfStackError(f"--data-dir {data_dir} has no {task}.jsonl (or .json / .parquet)")
+
+
+def _check_fields(task: str, builder: str, path: Path) -> None:
+    from datasets import load_dataset
+
+    try:
+        ds = load_dataset(builder, data_files=str(path), split="train")
+    except Exception as e:
+        raise HfStackError(
+            f"cannot read {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        ) from None
+    missing = [f for f in REQUIRED_FIELDS[task] if f not in ds.column_names]
+    if missing or len(ds) == 0:
+        raise HfStackError(f"{path} lacks the fields {task} needs: {missing or 'no rows'} (has {ds.column_names})")
+
+
+def _task_specs(tasks: list[str], data_dir: Path | None) -> list:
+    """Group children: the shipped group's entries, with datasets swapped for local files under `data_dir`."""
+    from lm_eval.tasks import TaskManager
+
+    shipped = yaml.safe_load((TASKS_DIR / f"{GROUP}.yaml").read_text())
+    by_name = {(c if isinstance(c, str) else c["task"]): c for c in shipped["task"]}
+    specs = []
+    index = TaskManager().task_index if data_dir is not None else None
+    for task in tasks:
+        spec = by_name[task]
+        if data_dir is not None:
+            builder, path = _data_file(data_dir, task)
+            _check_fields(task, builder, path)
+            cfg = index[task].cfg
+            split_key = "test_split" if cfg.get("test_split") else "validation_split"
+            split = cfg[split_key]
+            spec = {"task": task, "dataset_path": builder, "dataset_name": None, "training_split": None,
+                    "validation_split": None, "test_split": None, "fewshot_split": None, split_key: split,
+                    "dataset_kwargs": {"data_files": {split: str(path.resolve())}}}  # fmt: skip
+        specs.append(spec)
+    return specs
+
+
+def load_model(model, tokenizer=None, revision: str | None = None):
+    """A loaded (model, tokenizer) from a folder or Hub id, or the given objects."""
+    if isinstance(model, (str, os.PathLike)):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from .io import resolve_source
+
+        source = resolve_source(model, revision=revision)
+        try:
+            loaded = AutoModelForCausalLM.from_pretrained(source.folder, dtype="auto", trust_remote_code=False)
+            tokenizer = tokenizer or AutoTokenizer.from_pretrained(source.folder)
+        except Exception as e:
+            raise HfStackError(
+                f"{model} does not load as a causal LM: {type(e).__name__}: {str(e).splitlines()[0]}"
+            ) from None
+        model = loaded
+    elif tokenizer is None:
+        raise HfStackError("pass the tokenizer with an in-memory model")
+    if isinstance(tokenizer, (str, os.PathLike)):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+    return model.eval(), tokenizer
+
+
+def make_lm(model, tokenizer, backend: str = "hf-stack", batch_size: int = 16, max_length: int | None = None):
+    """The lm-eval LM object: our prefix-sharing backend or lm-eval's own HFLM, same arguments."""
+    if backend not in BACKENDS:
+        raise HfStackError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
+    from lm_eval.models.huggingface import HFLM
+
+    from .scorer import PrefixSharingLM
+
+    cls = PrefixSharingLM if backend == "hf-stack" else HFLM
+    return cls(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, add_bos_token=ADD_BOS_TOKEN,
+               max_length=max_length)  # fmt: skip
+
+
+def evaluate_model(
+    model,
+    tokenizer=None,
+    *,
+    tasks: str | list[str] | None = GROUP,
+    data_dir: str | os.PathLike | None = None,
+    limit: int | None = None,
+    batch_size: int = 16,
+    backend: str = "hf-stack",
+    output: str | os.PathLike | None = None,
+    revision: str | None = None,
+) -> dict:
+    """Score a model on the paper's eight benchmarks (or a subset) with lm-evaluation-harness, zero-shot.
+
+    Args:
+        model: a folder, a Hub id, or a loaded causal LM (then pass `tokenizer`).
+        tokenizer: tokenizer (object or path) for an in-memory model.
+        tasks: `"hf_stack_8"` (default), or task names / a comma-separated string.
+        data_dir: read each task's evaluated split from `DIR/<task>.jsonl` (or .json / .parquet) instead of the Hub.
+        limit: score only the first N documents of each task.
+        batch_size: requests (HFLM) or packed rows (hf-stack) per forward pass.
+        backend: `"hf-stack"` (prefix sharing, default) or `"lm-eval"` (lm-eval's HFLM, for cross-checks).
+        output: write lm-eval's results JSON here, with a bar chart PNG beside it.
+
+    Returns:
+        lm-eval's results dict (`results`, `groups`, `configs`, ...), plus `hf_stack` settings (BOS, backend).
+
+    Example:
+
+    ```python
+    >>> from hf_stack import evaluate_model
+    >>> results = evaluate_model("./grown", tasks="hf_stack_8")  # doctest: +SKIP
+    >>> results["results"]["piqa"]["acc,none"]  # doctest: +SKIP
+    ```
+    """
+    names = parse_tasks(tasks)
+    data_dir = Path(data_dir) if data_dir is not None else None
+    if data_dir is not None and not data_dir.is_dir():
+        raise HfStackError(f"--data-dir {data_dir} is not a folder")
+    if limit is not None and limit < 1:
+        raise HfStackError(f"limit must be at least 1, got {limit}")
+    specs = _task_specs(names, data_dir)  # validates data before the model loads
+    model, tokenizer = load_model(model, tokenizer, revision)
+    lm = make_lm(model, tokenizer, backend, batch_size)
+
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    with tempfile.TemporaryDirectory() as tmp:
+        group = {"group": "hf_stack_run", "task": specs, "metadata": {"version": 1.0},
+                 "aggregate_metric_list": [{"metric": "acc", "aggregation": "mean", "weight_by_size": False}]}  # fmt: skip
+        Path(tmp, "hf_stack_run.yaml").write_text(yaml.safe_dump(group, sort_keys=False))
+        results = lm_eval.simple_evaluate(
+            model=lm, tasks=["hf_stack_run"], task_manager=TaskManager(include_path=tmp), limit=limit,
+            num_fewshot=0, log_samples=False, batch_size=batch_size,
+        )  # fmt: skip
+    # The run's group is the paper's average of the accuracies; name it as the shipped group.
+    if "hf_stack_run" in results.get("groups", {}):
+        results["groups"][GROUP] = results["groups"].pop("hf_stack_run")
+        results["results"].pop("hf_stack_run", None)
+    results["hf_stack"] = {"backend": backend, "add_bos_token": ADD_BOS_TOKEN, "lm_eval_version": version("lm_eval"),
+                           "data_dir": str(data_dir) if data_dir else None, "limit": limit, "batch_size": batch_size}  # fmt: skip
+    if output is not None:
+        write_results(results, output)
+    return results
+
+
+def headline(results: dict) -> dict[str, float]:
+    """Task -> the paper's metric (accuracy, or word perplexity for wikitext), plus the seven-task average."""
+    out = {t: results["results"][t][m] for t, m in HEADLINE.items() if t in results["results"]}
+    accs = [v for t, v in out.items() if t != "wikitext"]
+    if accs:
+        out["average (acc)"] = sum(accs) / len(accs)
+    return out
+
+
+def write_results(results: dict, output: str | os.PathLike) -> Path:
+    """lm-eval's JSON as it is, written atomically, and a bar chart PNG beside it."""
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(f".{output.name}.tmp")
+    tmp.write_text(json.dumps(results, indent=2, default=str))
+    plot_results(results, output.with_suffix(".png"))
+    os.replace(tmp, output)
+    return output
+
+
+def plot_results(results: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scores = {k: v for k, v in headline(results).items() if k != "wikitext"}
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    ax.bar(list(scores), [100 * v for v in scores.values()], color="#4c72b0")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    title = "zero-shot accuracy"
+    if "wikitext" in results["results"]:
+        title += f"; wikitext word perplexity {results['results']['wikitext']['word_perplexity,none']:.1f}"
+    ax.set_title(title)
+    ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def results_table(results: dict, title: str = "hf_stack evaluation") -> str:
+    """A markdown table of the headline metrics (for cards and logs)."""
+    rows = ["| task | metric | value |", "|---|---|---|"]
+    for task, value in headline(results).items():
+        metric = "word perplexity" if task == "wikitext" else "accuracy"
+        rows.append(f"| {task} | {metric} | {value:.4f} |")
+    return "\n".join(rows)
+
+
+def print_table(results: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="hf_stack evaluation (zero-shot)")
+    for col in ("task", "metric", "value"):
+        table.add_column(col)
+    for task, value in headline(results).items():
+        table.add_row(task, "word perplexity" if task == "wikitext" else "accuracy", f"{value:.4f}")
+    Console().print(table)
+
+
+class EvalCallback(TrainerCallback):
+    """Score chosen benchmarks during training, at each save or every `every_n_steps`, and log them.
+
+    Logged as `bench/<task>` (and `bench/average`) next to the trainer's loss; with `StackingTrainer` each entry
+    also carries tokens and FLOPs, so benchmark curves can be drawn against training compute.
+
+    Args:
+        tokenizer: the model's tokenizer.
+        tasks, data_dir, limit, batch_size: as for [`evaluate_model`] (keep `limit` small: it runs in the loop).
+        every_n_steps: score every N optimizer steps; by default at each checkpoint save.
+        trainer: the trainer whose `log` receives the scores (so `report_to` integrations see them).
+
+    Example:
+
+    ```python
+    >>> trainer.add_callback(EvalCallback(tok, tasks="arc_easy,piqa", limit=50, every_n_steps=500, trainer=trainer))  # doctest: +SKIP
+    ```
+    """
+
+    def __init__(self, tokenizer, tasks="hf_stack_8", data_dir=None, limit: int | None = 20, batch_size: int = 16,
+                 every_n_steps: int | None = None, trainer=None):  # fmt: skip
+        self.tokenizer, self.tasks, self.data_dir, self.limit = tokenizer, parse_tasks(tasks), data_dir, limit
+        self.batch_size, self.every_n_steps, self.trainer = batch_size, every_n_steps, trainer
+        self.history: list[dict] = []
+
+    def _score(self, state, model):
+        was_training = model.training
+        results = evaluate_model(model, self.tokenizer, tasks=self.tasks, data_dir=self.data_dir, limit=self.limit,
+                                 batch_size=self.batch_size)  # fmt: skip
+        model.train(was_training)
+        logs = {f"bench/{k.replace(' (acc)', '')}": float(v) for k, v in headline(results).items()}
+        self.history.append({"step": state.global_step, **logs})
+        if self.trainer is not None:
+            self.trainer.log(logs)
+        else:
+            state.log_history.append({**logs, "step": state.global_step})
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self.every_n_steps and state.global_step % self.every_n_steps == 0:
+            self._score(state, model)
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        if not self.every_n_steps:
+            self._score(state, model)
