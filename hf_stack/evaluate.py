@@ -155,6 +155,7 @@ def evaluate_model(
     backend: str = "hf-stack",
     output: str | os.PathLike | None = None,
     revision: str | None = None,
+    bootstrap_iters: int = 100000,
 ) -> dict:
     """Score a model on the paper's eight benchmarks (or a subset) with lm-evaluation-harness, zero-shot.
 
@@ -167,6 +168,8 @@ def evaluate_model(
         batch_size: requests (HFLM) or packed rows (hf-stack) per forward pass.
         backend: `"hf-stack"` (prefix sharing, default) or `"lm-eval"` (lm-eval's HFLM, for cross-checks).
         output: write lm-eval's results JSON here, with a bar chart PNG beside it.
+        revision: Hub revision when `model` is a Hub id.
+        bootstrap_iters: lm-eval's bootstrap iterations for standard errors (0 skips them).
 
     Returns:
         lm-eval's results dict (`results`, `groups`, `configs`, ...), plus `hf_stack` settings (BOS, backend).
@@ -198,7 +201,7 @@ def evaluate_model(
         Path(tmp, "hf_stack_run.yaml").write_text(yaml.safe_dump(group, sort_keys=False))
         results = lm_eval.simple_evaluate(
             model=lm, tasks=["hf_stack_run"], task_manager=TaskManager(include_path=tmp), limit=limit,
-            num_fewshot=0, log_samples=False, batch_size=batch_size,
+            num_fewshot=0, log_samples=False, batch_size=batch_size, bootstrap_iters=bootstrap_iters,
         )  # fmt: skip
     # The run's group is the paper's average of the accuracies; name it as the shipped group.
     if "hf_stack_run" in results.get("groups", {}):
@@ -302,7 +305,7 @@ class EvalCallback(TrainerCallback):
     def _score(self, state, model):
         was_training = model.training
         results = evaluate_model(model, self.tokenizer, tasks=self.tasks, data_dir=self.data_dir, limit=self.limit,
-                                 batch_size=self.batch_size)  # fmt: skip
+                                 batch_size=self.batch_size, bootstrap_iters=0)  # fmt: skip
         model.train(was_training)
         logs = {f"bench/{k.replace(' (acc)', '')}": float(v) for k, v in headline(results).items()}
         self.history.append({"step": state.global_step, **logs})

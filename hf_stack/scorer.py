@@ -81,7 +81,7 @@ class PrefixSharingLM(HFLM):
             layouts.append((ctx, members, tokens, positions, owner, spans))
             width = max(width, len(tokens))
         n = len(batch)
-        ids = torch.full((n, width), self.tokenizer.pad_token_id or 0, dtype=torch.long)
+        ids = torch.zeros((n, width), dtype=torch.long)  # padding is never read; 0 is always a valid id
         pos = torch.zeros((n, width), dtype=torch.long)
         keep = torch.zeros((n, width, width), dtype=torch.bool)
         for r, (_, _, tokens, positions, owner, _) in enumerate(layouts):
