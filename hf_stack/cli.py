@@ -85,6 +85,7 @@ def cmd_grow(args) -> int:
         token=args.token,
         cache_dir=args.cache_dir,
         allow_pickle=args.allow_pickle,
+        allow_nonfinite=args.allow_nonfinite,
         overwrite=args.overwrite,
         max_shard_size=args.max_shard_size,
         verify=args.verify,
@@ -257,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--verify", action="store_true", help="Reload the result with transformers and check every tensor."
     )
     grow.add_argument("--overwrite", action="store_true", help="Replace an existing output folder.")
+    grow.add_argument("--allow-nonfinite", action="store_true", help="Grow even if source weights hold NaN or Inf.")
     grow.add_argument("--max-shard-size", default="5GB", help="Largest output shard (default 5GB).")
     grow.add_argument(
         "--push", nargs="?", const=True, metavar="REPO_ID",

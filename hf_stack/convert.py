@@ -24,6 +24,7 @@ from .io import (
     check_free_space,
     copy_aux_files,
     parse_size,
+    refuse_nonfinite,
     resolve_source,
 )
 from .operators import get_operator
@@ -197,6 +198,7 @@ def grow(
     token: str | None = None,
     cache_dir: str | os.PathLike | None = None,
     allow_pickle: bool = False,
+    allow_nonfinite: bool = False,
     overwrite: bool = False,
     max_shard_size: str | int = "5GB",
     verify: bool = False,
@@ -213,6 +215,7 @@ def grow(
         stacked_config: growth settings; defaults to `StackedConfig(factor=4)` (G_stack).
         revision, token, cache_dir: passed to `huggingface_hub` for Hub ids.
         allow_pickle: accept `.bin` weights (loaded with `weights_only=True`).
+        allow_nonfinite: grow even if source weights hold NaN or Inf (refused by default).
         overwrite: replace an existing `output_dir`.
         max_shard_size: largest output shard, e.g. "5GB".
         verify: reload the result with `AutoModelForCausalLM` and check every tensor against its source.
@@ -239,6 +242,8 @@ def grow(
         pretrained_model_name_or_path, revision=revision, token=token, cache_dir=cache_dir, allow_pickle=allow_pickle
     )
     plan = build_plan(source.config, source.tensor_infos, stacked)
+    if not allow_nonfinite:
+        refuse_nonfinite(source, (t.source for t in plan.tensors))
     fds: dict = {}
     try:
         tensors = _output_tensors(plan, source, stacked.dtype, fds)

@@ -296,6 +296,55 @@ def parse_size(text: str | int) -> int:
     return value
 
 
+# Exponent bits of each float format: a value is NaN or Inf exactly when they are all ones.
+_EXPONENT_MASKS = {"F16": ("<u2", 0x7C00), "BF16": ("<u2", 0x7F80), "F32": ("<u4", 0x7F800000),
+                   "F64": ("<u8", 0x7FF0000000000000)}  # fmt: skip
+
+
+def nonfinite_tensors(source: SourceCheckpoint, names) -> list[str]:
+    """Names among `names` whose values include NaN or Inf, read in bounded chunks straight from the files."""
+    import numpy as np
+
+    bad = []
+    for name in names:
+        loc = source.tensors[name]
+        if loc.dtype not in _EXPONENT_MASKS:
+            continue
+        if source.pickle:
+            import torch
+
+            from .tensors import load_pickle_shard
+
+            if not bool(torch.isfinite(load_pickle_shard(loc.file)[name]).all()):
+                bad.append(name)
+            continue
+        fmt, mask = _EXPONENT_MASKS[loc.dtype]
+        itemsize = np.dtype(fmt).itemsize
+        data = np.memmap(loc.file, dtype=fmt, mode="r", offset=loc.offset, shape=(loc.nbytes // itemsize,))
+        step = 1 << 22
+        if any(((data[i : i + step] & mask) == mask).any() for i in range(0, len(data), step)):
+            bad.append(name)
+        del data
+    return bad
+
+
+def refuse_nonfinite(source: SourceCheckpoint, names) -> None:
+    bad = nonfinite_tensors(source, sorted(set(names)))
+    if bad:
+        raise HfStackError(
+            f"{len(bad)} source tensors hold NaN or Inf values (first: {bad[0]}); growing would copy them. "
+            "Fix the checkpoint, or pass --allow-nonfinite (allow_nonfinite=True) to grow it anyway"
+        )
+
+
+def _owner_alive(tmp: Path) -> bool:
+    try:
+        os.kill(int((tmp / ".hf_stack_pid").read_text()), 0)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 @contextlib.contextmanager
 def atomic_output_dir(out: Path, overwrite: bool = False):
     """Yield a temporary folder beside `out`; rename it into place only if the body succeeds.
@@ -307,9 +356,14 @@ def atomic_output_dir(out: Path, overwrite: bool = False):
     if out.exists() and not overwrite:
         raise HfStackError(f"output folder {out} already exists; pass --overwrite (overwrite=True) to replace it")
     parent = out.parent if str(out.parent) else Path(".")
+    # Leftovers of runs killed with SIGKILL (which no handler can clean up) go first.
+    for stale in parent.glob(f".{out.name}.tmp-*") if parent.is_dir() else []:
+        if not _owner_alive(stale):
+            shutil.rmtree(stale, ignore_errors=True)
     try:
         parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+        (tmp / ".hf_stack_pid").write_text(str(os.getpid()))
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the result should look like any other folder
@@ -317,6 +371,7 @@ def atomic_output_dir(out: Path, overwrite: bool = False):
         raise HfStackError(f"cannot create the output folder in {parent}: {e.strerror or e}") from None
     try:
         yield tmp
+        (tmp / ".hf_stack_pid").unlink()
         if out.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=parent))
             os.rename(out, trash / "old")

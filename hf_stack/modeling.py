@@ -9,7 +9,7 @@ from pathlib import Path
 from .config import StackedConfig
 from .convert import growth_record, source_info, write_growth_record
 from .errors import HfStackError
-from .io import copy_aux_files, resolve_source
+from .io import copy_aux_files, refuse_nonfinite, resolve_source
 from .plan import build_plan
 
 
@@ -32,6 +32,7 @@ class StackedModelForCausalLM:
         token: str | None = None,
         cache_dir: str | os.PathLike | None = None,
         allow_pickle: bool = False,
+        allow_nonfinite: bool = False,
         dtype: str | None = None,
     ):
         """Grow a small pretrained checkpoint in memory.
@@ -41,6 +42,7 @@ class StackedModelForCausalLM:
             stacked_config: growth settings; defaults to `StackedConfig(factor=4)` (G_stack, g = 4).
             revision, token, cache_dir: passed to `huggingface_hub` for Hub ids.
             allow_pickle: accept `.bin` weights (loaded with `weights_only=True`).
+            allow_nonfinite: grow even if source weights hold NaN or Inf (refused by default).
             dtype: overrides `stacked_config.dtype` (`"float32"`, `"bfloat16"`, `"float16"`).
 
         Returns:
@@ -72,6 +74,8 @@ class StackedModelForCausalLM:
             allow_pickle=allow_pickle,
         )
         plan = build_plan(source.config, source.tensor_infos, stacked)
+        if not allow_nonfinite:
+            refuse_nonfinite(source, (t.source for t in plan.tensors))
         model = instantiate(plan, apply_plan(plan, TensorReader(source), stacked.dtype))
         if (source.folder / "generation_config.json").is_file():
             model.generation_config = GenerationConfig.from_pretrained(source.folder)

@@ -15,6 +15,7 @@ Folder layout of a run with growth:
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -27,7 +28,6 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainingArguments, default_data_collator
 from transformers.trainer_callback import ProgressCallback
-from transformers.trainer_utils import get_last_checkpoint
 
 from .config import StackedConfig
 from .errors import HfStackError
@@ -231,6 +231,22 @@ class StackingTrainer(Trainer):
         self._finish(out, tps)
         return result
 
+    def _save_checkpoint(self, model, trial) -> None:
+        """transformers writes checkpoints in place; a checkpoint counts only once its trainer_state.json (written
+        last) exists. A failed write (full disk) removes the partial folder and says which checkpoint is intact."""
+        folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+        try:
+            super()._save_checkpoint(model, trial)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+                raise
+            shutil.rmtree(folder, ignore_errors=True)
+            last = _last_checkpoint(folder.parent, True)
+            raise HfStackError(
+                f"the disk is full (or a file-size limit was hit) while writing {folder.name}: {e.strerror}; "
+                f"the last complete checkpoint is {last or 'none'}; free space and resume"
+            ) from None
+
     def _total_steps(self, tps: int) -> int:
         if self.args.max_tokens is not None:
             return max(1, self.args.max_tokens // tps)
@@ -397,15 +413,24 @@ def _apply_peft(model, peft_config):
 
 
 def _last_checkpoint(folder: Path, resume) -> str | None:
+    """The newest *complete* checkpoint (one whose trainer_state.json, written last, exists) in `folder`."""
     if not resume:
         return None
     if isinstance(resume, (str, os.PathLike)) and resume is not True:
         return str(resume)
-    return get_last_checkpoint(str(folder)) if folder.is_dir() else None
+    if not folder.is_dir():
+        return None
+    complete = [
+        p for p in folder.glob("checkpoint-*") if p.name[11:].isdigit() and (p / "trainer_state.json").is_file()
+    ]
+    for partial in folder.glob("checkpoint-*"):
+        if partial not in complete and partial.is_dir():
+            shutil.rmtree(partial, ignore_errors=True)  # killed mid-write: never resume from it
+    return str(max(complete, key=lambda p: int(p.name[11:]))) if complete else None
 
 
 def _read_history(small_dir: Path) -> list[dict]:
-    last = get_last_checkpoint(str(small_dir)) if small_dir.is_dir() else None
+    last = _last_checkpoint(small_dir, True)
     if last is None:
         return []
     state = json.loads((Path(last) / "trainer_state.json").read_text())
