@@ -1,9 +1,9 @@
 """The prefix-sharing scorer against lm-eval's own HFLM: same model, data and batch size, side by side on CPU.
 
-    .venv/bin/python bench/eval.py --items 60 --reps 2
+    .venv/bin/python bench/eval.py --items 100 --reps 2
 
 Task files in each benchmark's schema are synthesised from the public-domain corpus (../shared/data/corpus/), so
-prompt lengths are realistic and no benchmark item is copied; the model is a 4-layer Llama (hidden 256) with a BPE
+prompt lengths are realistic and no benchmark item is copied; the model is a 6-layer Llama (hidden 384, about 14M parameters) with a BPE
 tokenizer trained on the corpus. Both backends score every task through `evaluate_model`, interleaved; the
 script asserts every metric is identical and reports wall-time ratios overall and on the multiple-choice tasks.
 """
@@ -93,6 +93,8 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=60)
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--hidden", type=int, default=384)
     args = parser.parse_args()
 
     import torch
@@ -101,7 +103,7 @@ def main() -> None:
 
     torch.manual_seed(0)
     tok = tokenizer()
-    model = llama(tok, 4, 256).eval()
+    model = llama(tok, args.layers, args.hidden).eval()
     data = WORK / "eval-data"
     synthesise(data, args.items)
     times: dict[str, dict[str, list[float]]] = {b: {t: [] for t in TASKS} for b in ("hf-stack", "lm-eval")}

@@ -237,14 +237,14 @@ class StackingTrainer(Trainer):
         folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
         try:
             super()._save_checkpoint(model, trial)
-        except OSError as e:
-            if e.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+        except (OSError, RuntimeError) as e:
+            if not _is_write_failure(e):
                 raise
             shutil.rmtree(folder, ignore_errors=True)
             last = _last_checkpoint(folder.parent, True)
             raise HfStackError(
-                f"the disk is full (or a file-size limit was hit) while writing {folder.name}: {e.strerror}; "
-                f"the last complete checkpoint is {last or 'none'}; free space and resume"
+                f"the disk is full (or a file-size limit was hit) while writing {folder.name}; the partial folder "
+                f"was removed and the last complete checkpoint is {last or 'none'}: free space and resume"
             ) from None
 
     def _total_steps(self, tps: int) -> int:
@@ -397,6 +397,20 @@ class StackingTrainer(Trainer):
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
+
+
+def _is_write_failure(e: BaseException | None) -> bool:
+    """A full disk or file-size limit; torch.save reports it as RuntimeError ("iostream error", "unexpected pos")
+    rather than OSError(ENOSPC), so the exception chain is searched."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            return True
+        if isinstance(e, RuntimeError) and any(
+            m in str(e) for m in ("iostream error", "unexpected pos", "failed writing")
+        ):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def _tail(dataset, start: int):

@@ -3,15 +3,13 @@
 import json
 import subprocess
 import sys
-import tempfile
-from pathlib import Path
 
 import pytest
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_stack import HfStackError
-from hf_stack.evaluate import SAMPLES_DIR, TASKS, _task_specs, evaluate_model, make_lm
+from hf_stack.evaluate import SAMPLES_DIR, TASKS, _task_manager, _task_specs, evaluate_model, make_lm
 from tests.conftest import build_checkpoint
 
 
@@ -24,12 +22,11 @@ def scorer_model(tmp_path_factory):
 
 
 def _instances(tasks):
-    from lm_eval.tasks import TaskManager
-
-    with tempfile.TemporaryDirectory() as tmp:
-        group = {"group": "parity", "task": _task_specs(tasks, SAMPLES_DIR)}
-        Path(tmp, "parity.yaml").write_text(yaml.safe_dump(group))
-        loaded = TaskManager(include_path=tmp).load(["parity"])["tasks"]
+    manager, folder = _task_manager()
+    (folder / "hf_stack_run.yaml").write_text(
+        yaml.safe_dump({"group": "hf_stack_run", "task": _task_specs(tasks, SAMPLES_DIR)})
+    )
+    loaded = manager.load(["hf_stack_run"])["tasks"]
     out = {}
     for name, task in loaded.items():
         task.build_all_requests(limit=None, rank=0, world_size=1)
