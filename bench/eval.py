@@ -127,7 +127,9 @@ def main() -> None:
             a[k] == b[k] if k.startswith("acc") else abs(a[k] - b[k]) <= 1e-6 * abs(b[k]) for k in a
         ), (task, a, b)
     med = {b: {t: statistics.median(v) for t, v in per.items()} for b, per in times.items()}
-    print(f"\n{args.items} items per task, batch size {args.batch_size}, medians of {args.reps}; accuracies identical, perplexities within 1e-6\n")
+    print(
+        f"\n{args.items} items per task, batch size {args.batch_size}, medians of {args.reps}; accuracies identical, perplexities within 1e-6\n"
+    )
     print("| task | hf-stack s | lm-eval HFLM s | speed-up |\n|---|---|---|---|")
     for t in TASKS:
         print(

@@ -41,10 +41,10 @@ def main() -> None:
     results.mkdir(exist_ok=True)
     shutil.copy(out / "loss_vs_flops.png", results / "speedup.png")
     (results / "speedup.json").write_text(json.dumps(r, indent=2, default=str))
-    sign = ">=" if r["lower_bound"] else "="
+    from hf_stack.compare import describe_speedup
+
     print(f"\ngrown run: final eval_loss {r['grown_final_loss']:.4f} at {r['grown_flops']:.3g} FLOPs; scratch at the "
-          f"same FLOPs: {r['scratch_loss_at_equal_flops']:.4f}; scratch reaches {r['grown_final_loss']:.4f} at "
-          f"{r['scratch_flops_to_match']:.3g} FLOPs\nspeed-up {sign} {r['speedup']:.1%}")  # fmt: skip
+          f"same FLOPs: {r['scratch_loss_at_equal_flops']:.4f}\n{describe_speedup(r)}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -59,7 +59,9 @@ def main() -> None:
                   f"{end_to_end[name][-1]:,.0f} end to end", flush=True)  # fmt: skip
     med = {k: statistics.median(v) for k, v in rates.items()}
     e2e = {k: statistics.median(v) for k, v in end_to_end.items()}
-    print(f"\n{args.layers}-layer Llama (hidden 256), {args.steps} steps of {batch}x{block} tokens, medians of {args.reps}")
+    print(
+        f"\n{args.layers}-layer Llama (hidden 256), {args.steps} steps of {batch}x{block} tokens, medians of {args.reps}"
+    )
     print("| trainer | tokens/s, training loop | tokens/s, end to end |\n|---|---|---|")
     for k in med:
         print(f"| {k} | {med[k]:,.0f} | {e2e[k]:,.0f} |")

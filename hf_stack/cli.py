@@ -198,15 +198,10 @@ def cmd_train(argv: list[str]) -> int:
 
 
 def cmd_compare(args) -> int:
-    from .compare import compare
+    from .compare import compare, describe_speedup
 
     r = compare(args.grown, args.scratch, args.output)
-    sign = ">=" if r["lower_bound"] else "="
-    print(
-        f"grown run: final {r['metric']} {r['grown_final_loss']:.4f} after {r['grown_flops']:.3g} FLOPs; "
-        f"scratch needs {r['scratch_flops_to_match']:.3g} FLOPs{' (never reached)' if r['lower_bound'] else ''}"
-    )
-    print(f"speed-up {sign} {r['speedup']:.1%}; plot: {r['plot']}")
+    print(f"{describe_speedup(r)}\nplot: {r['plot']}")
     return 0
 
 

@@ -95,6 +95,15 @@ def plot(curves: list[Curve], path: str | Path, title: str = "") -> Path:
     return path
 
 
+def describe_speedup(r: dict) -> str:
+    """One line: the speed-up, or its lower bound when scratch never reached the grown run's loss."""
+    if r["lower_bound"]:
+        return (f"speed-up > {r['speedup']:.1%}: scratch never reached the grown run's final {r['metric']} "
+                f"{r['grown_final_loss']:.4f} within its {r['scratch_flops_to_match']:.3g} FLOPs")  # fmt: skip
+    return (f"speed-up = {r['speedup']:.1%}: scratch needs {r['scratch_flops_to_match']:.3g} FLOPs to reach the grown "
+            f"run's final {r['metric']} {r['grown_final_loss']:.4f}, the grown run used {r['grown_flops']:.3g}")  # fmt: skip
+
+
 def compare(grown_run: str | Path, scratch_run: str | Path, output: str | Path | None = None) -> dict:
     """Read two run folders, write the loss-vs-FLOPs plot and return the speed-up figures.
 
@@ -108,11 +117,8 @@ def compare(grown_run: str | Path, scratch_run: str | Path, output: str | Path |
         grown, scratch = read_curve(grown_run, "loss"), read_curve(scratch_run, "loss")
     result = speedup(grown, scratch)
     out = Path(output) if output else Path(grown_run) / "compare.png"
-    sign = ">=" if result["lower_bound"] else "="
-    plot(
-        [grown, scratch],
-        out,
-        title=f"speed-up {sign} {result['speedup']:.1%} (FLOPs to reach the grown run's final loss)",
-    )
+    bound = ">" if result["lower_bound"] else "="
+    title = f"speed-up {bound} {result['speedup']:.1%} (FLOPs scratch needs to reach the grown run's final loss)"
+    plot([grown, scratch], out, title=title)
     result["plot"] = str(out)
     return result

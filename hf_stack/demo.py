@@ -193,10 +193,10 @@ def main(argv: list[str] | None = None) -> int:
     except HfStackError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    sign = ">=" if result["lower_bound"] else "="
+    from .compare import describe_speedup
+
     print(f"\ngrown: validation loss {result['grown_final_loss']:.4f} after {result['grown_flops']:.3g} FLOPs; "
-          f"scratch at the same FLOPs: {result['scratch_loss_at_equal_flops']:.4f}\n"
-          f"speed-up {sign} {result['speedup']:.1%} (FLOPs scratch needs to reach the grown run's final loss)")  # fmt: skip
+          f"scratch at the same FLOPs: {result['scratch_loss_at_equal_flops']:.4f}\n{describe_speedup(result)}")  # fmt: skip
     print(
         f"\noutputs in {out.resolve()}:\n  loss_vs_flops.png  speedup.json  grown-model/ (with README.md card)  "
         "smoke_eval.json  smoke_eval.png  runs/"

@@ -42,7 +42,9 @@ class PrefixSharingLM(HFLM):
         singles = [i for members in groups.values() if len(members) == 1 for i in members]
         results: list[tuple[float, bool] | None] = [None] * len(requests)
         if singles:
-            for i, answer in zip(singles, super()._loglikelihood_tokens([requests[i] for i in singles], disable_tqdm, override_bs)):
+            for i, answer in zip(
+                singles, super()._loglikelihood_tokens([requests[i] for i in singles], disable_tqdm, override_bs)
+            ):
                 results[i] = answer
         rows = []
         for ctx, members in groups.items():
@@ -60,7 +62,9 @@ class PrefixSharingLM(HFLM):
             rows.append((ctx, chunk))
         rows.sort(key=lambda r: -(len(r[0]) + sum(len(conts[i]) - 1 for i in r[1])))
         batch_size = int(override_bs or (self.batch_size if self.batch_size != "auto" else 16) or 1)
-        bar = tqdm(total=len(requests) - len(singles), disable=disable_tqdm or self.rank != 0, desc="hf-stack log-likelihoods")
+        bar = tqdm(
+            total=len(requests) - len(singles), disable=disable_tqdm or self.rank != 0, desc="hf-stack log-likelihoods"
+        )
         for start in range(0, len(rows), batch_size):
             batch = rows[start : start + batch_size]
             for i, answer in self._score_rows(batch, conts):
