@@ -20,7 +20,7 @@ test: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -n 2 -q tests
 
 demo: install
-	$(PY) -m hf_stack.demo --output $(DEMO_OUT)
+	$(PY) -m hf_stack.demo --output $(DEMO_OUT) $(if $(RECIPE),--recipe $(RECIPE)) $(if $(DATA),--data $(DATA))
 
 style: install
 	$(VENV)/bin/ruff format hf_stack tests bench

@@ -45,6 +45,8 @@ def growth_section(record: dict) -> str:
         f"([paper]({record['paper']})); function preserving at growth: "
         f"{'yes' if record.get('function_preserving') else 'no'}.",
         "",
+        "![layer map](layer_map.png)" if record.get("_figure") else "",
+        "",
         "| target layers | source layers |",
         "|---|---|",
     ]
@@ -54,8 +56,30 @@ def growth_section(record: dict) -> str:
         lines.append(f"| {start}-{start + n - 1} | {a}-{b - 1} |")
         start += n
     lines += ["", "<details><summary>growth_config.json</summary>", "", "```json"]
-    lines += [json.dumps({k: v for k, v in record.items() if k != "training"}, indent=2), "```", "", "</details>"]
+    shown = {k: v for k, v in record.items() if k not in ("training", "_figure")}
+    lines += [json.dumps(shown, indent=2), "```", "", "</details>"]
     return "\n".join(lines)
+
+
+def layer_map_figure(record: dict, path: str | Path) -> Path:
+    """A picture of the layer map: which source layer each target layer copies (PNG, matplotlib)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layer_map, n_src = record["layer_map"], record.get("source_num_layers") or max(record["layer_map"]) + 1
+    fig, ax = plt.subplots(figsize=(max(4, 0.25 * len(layer_map) + 1.5), max(2, 0.35 * n_src + 1)))
+    ax.scatter(range(len(layer_map)), layer_map, marker="s", s=60, c=layer_map, cmap="viridis")
+    ax.set_xlabel("target layer")
+    ax.set_ylabel("source layer")
+    ax.set_yticks(range(n_src))
+    ax.set_title(f"{record.get('operator', 'stack')}: {n_src} -> {len(layer_map)} layers")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
 
 
 def training_section(training: dict, plot: str | None = None) -> str:
@@ -95,6 +119,7 @@ def update_card(
     sections: dict[str, str] | None = None,
     eval_results: list | None = None,
     source_card: str | Path | None = None,
+    figure: bool = False,
 ) -> Path:
     """Create or update `folder/README.md`.
 
@@ -104,6 +129,7 @@ def update_card(
         sections: new markdown for any of "growth", "training", "evaluation"; others are left as they are.
         eval_results: `huggingface_hub.EvalResult` list; replaces the card's model-index.
         source_card: the source model's README.md, whose licence is inherited.
+        figure: also draw the layer map as `layer_map.png` (matplotlib) and show it in the growth section.
     """
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -129,8 +155,10 @@ def update_card(
             base_model=source if _is_repo_id(source) else None,
         )
         card = _render_new(folder, repo_id, data)
-        if record.get("layer_map"):
-            sections = {"growth": growth_section(record), **(sections or {})}
+    if record.get("layer_map") and (existing is None or figure):
+        if figure:
+            layer_map_figure(record, folder / "layer_map.png")
+        sections = {"growth": growth_section({**record, "_figure": figure}), **(sections or {})}
     apply_updates(card, repo_id, sections, eval_results)
     card.save(path)
     return path

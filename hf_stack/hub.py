@@ -75,7 +75,7 @@ def push(
     if repo_id is None:
         repo_id = default_repo_id(folder.resolve().name, token)
     validate_repo_id(repo_id, source=False)
-    update_card(folder, repo_id)
+    update_card(folder, repo_id, figure=True)
     api = HfApi(token=token)
     try:
         url = api.create_repo(repo_id, private=private, exist_ok=True)

@@ -110,6 +110,13 @@ class GrowthPlan:
             "target_num_layers": self.num_layers,
         }
 
+    def picture(self) -> str:
+        """The layer map as text: one row per source layer, a mark under each target layer it fills."""
+        rows = [f"{'target':<10}" + "".join(str(i % 10) for i in range(self.num_layers))]
+        for j in range(self.source_num_layers):
+            rows.append(f"{'source ' + str(j):<10}" + "".join("#" if s == j else "." for s in self.layer_map))
+        return "\n".join(rows)
+
     def describe(self) -> str:
         """Human-readable plan: the layer map, config changes and one line per target tensor."""
         op = get_operator(self.operator)
@@ -118,6 +125,7 @@ class GrowthPlan:
             f"layers: {self.source_num_layers} -> {self.num_layers}",
             "layer map (target <- source, [start, end) slices): "
             + " + ".join(f"[{a}, {b})" for a, b in self.slices()),
+            self.picture(),
             f"function preserving: {'yes' if op.function_preserving else 'no'}",
             f"tensors: {len(self.tensors)} ({sum(_numel(t.shape) for t in self.tensors):,} parameters)",
         ]

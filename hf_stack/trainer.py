@@ -393,7 +393,9 @@ class StackingTrainer(Trainer):
             plot = "training_loss.png"
         from .card import training_section, update_card
 
-        update_card(tmp, repo_id=out.resolve().name, sections={"training": training_section(training, plot)})
+        update_card(
+            tmp, repo_id=out.resolve().name, sections={"training": training_section(training, plot)}, figure=True
+        )
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

@@ -204,3 +204,27 @@ def test_card_sections_update_without_duplicates(llama_small, tmp_path):
     text = (tmp_path / "g" / "README.md").read_text()
     assert text.count("| piqa |") == 1 and "0.6" in text and text.count("## Growth") == 1
     assert text.count("<!-- hf_stack:growth -->") == 1 and "Grown from" in text
+
+
+def test_eval_push_writes_model_index_once(hub, env, llama_small, tmp_path):
+    from hf_stack.evaluate import SAMPLES_DIR
+
+    assert cli(env, "grow", llama_small, "--factor", 2, "-o", tmp_path / "g", "--push", "me/evaluated").returncode == 0
+    for _ in range(2):
+        r = cli(
+            env, "eval", "me/evaluated", "--push", "--data-dir", SAMPLES_DIR, "--tasks", "arc_easy,piqa", "--limit", 3
+        )
+        assert r.returncode == 0, r.stderr[-3000:]
+    card = hub.files("me/evaluated")["README.md"].decode()
+    assert card.count("<!-- hf_stack:evaluation -->") == 1 and card.count("| arc_easy |") == 1
+    out = py(
+        env,
+        """
+        from huggingface_hub import ModelCard
+        card = ModelCard.load("me/evaluated")
+        print(sorted(r.dataset_name for r in card.data.eval_results), card.data.base_model is None)
+    """,
+    )
+    assert out.strip() == "['arc_easy', 'piqa'] True"
+    r = cli(env, "eval", tmp_path / "g", "--push", "--data-dir", SAMPLES_DIR, "--tasks", "piqa")
+    assert r.returncode == 2 and "push the folder first" in r.stderr
