@@ -144,24 +144,29 @@ def _make_handler(hub: HubServer):
                 return self._resolve(m["repo"], m["rev"], unquote(m["file"]), head)
             self._error(404, "NotFound", f"no route {path}", head)
 
-        def _info(self, repo_id: str, rev: str):
-            repo = self._repo(repo_id)
+        def _snapshot(self, repo_id: str, rev: str, head: bool = False) -> tuple[Repo, str] | None:
+            """The repo and the commit a revision names, or None after answering 404."""
+            repo = self._repo(repo_id, head)
             if repo is None:
-                return
+                return None
             sha = repo.resolve(rev)
             if sha is None:
-                return self._error(404, "RevisionNotFound", f"Invalid rev id: {rev}")
+                self._error(404, "RevisionNotFound", f"Invalid rev id: {rev}", head)
+                return None
+            return repo, sha
+
+        def _info(self, repo_id: str, rev: str):
+            if (found := self._snapshot(repo_id, rev)) is None:
+                return
+            repo, sha = found
             files = repo.commits[sha]
             self._json(200, {"id": repo_id, "modelId": repo_id, "sha": sha, "private": repo.private, "tags": [],
                              "siblings": [{"rfilename": p} for p in sorted(files)]})  # fmt: skip
 
         def _tree(self, repo_id: str, rev: str, sub: str):
-            repo = self._repo(repo_id)
-            if repo is None:
+            if (found := self._snapshot(repo_id, rev)) is None:
                 return
-            sha = repo.resolve(rev)
-            if sha is None:
-                return self._error(404, "RevisionNotFound", f"Invalid rev id: {rev}")
+            repo, sha = found
             prefix = sub.rstrip("/") + "/" if sub else ""
             entries = [
                 {"type": "file", "path": p, "size": len(b), "oid": hashlib.sha1(b).hexdigest()}
@@ -171,12 +176,9 @@ def _make_handler(hub: HubServer):
             self._json(200, entries)
 
         def _resolve(self, repo_id: str, rev: str, file: str, head: bool):
-            repo = self._repo(repo_id, head)
-            if repo is None:
+            if (found := self._snapshot(repo_id, rev, head)) is None:
                 return
-            sha = repo.resolve(rev)
-            if sha is None:
-                return self._error(404, "RevisionNotFound", f"Invalid rev id: {rev}", head)
+            repo, sha = found
             data = repo.commits[sha].get(file)
             if data is None:
                 return self._error(404, "EntryNotFound", f"{file} does not exist at {rev}", head)
