@@ -184,24 +184,23 @@ class StackingTrainer(Trainer):
         tps = self.tokens_per_step()
         n_blocks = len(self.train_dataset)
         total_steps = self._total_steps(tps)
+        grow_step = None if args.grow_at_tokens is None else math.ceil(args.grow_at_tokens / tps)
+        if grow_step is not None and grow_step >= total_steps:
+            raise HfStackError(
+                f"growth at step {grow_step} ({args.grow_at_tokens:.3g} tokens at {tps} tokens/step) is not "
+                f"before the end of training (step {total_steps})"
+            )
+        if grow_step is not None and grow_step * tps // self._block_size() > n_blocks:
+            raise HfStackError(f"the data holds {n_blocks * self._block_size():,} tokens, fewer than grow_at_tokens; add data")
+        # All checks above run before anything is written.
         self._check_run_config(out, resume_from_checkpoint, tps, n_blocks)
         saved = {k: getattr(args, k) for k in ("output_dir", "max_steps", "learning_rate", "warmup_steps")}
         full_dataset = self.train_dataset
         try:
-            if args.grow_at_tokens is None:
+            if grow_step is None:
                 args.max_steps = total_steps
                 result = Trainer.train(self, resume_from_checkpoint=resume_from_checkpoint, **kwargs)
             else:
-                grow_step = math.ceil(args.grow_at_tokens / tps)
-                if grow_step >= total_steps:
-                    raise HfStackError(
-                        f"growth at step {grow_step} ({args.grow_at_tokens:.3g} tokens at {tps} tokens/step) is not "
-                        f"before the end of training (step {total_steps})"
-                    )
-                if grow_step * tps // self._block_size() > n_blocks:
-                    raise HfStackError(
-                        f"the data holds {n_blocks * self._block_size():,} tokens, fewer than grow_at_tokens; add data"
-                    )
                 grown_init = out / "grown-init"
                 if not (out / GROWTH_STATE).is_file():
                     args.output_dir, args.max_steps = str(out / "small"), grow_step

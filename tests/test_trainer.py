@@ -261,7 +261,8 @@ def test_lora_on_a_grown_model(small2, tmp_path, data_file):
 def test_bad_training_settings_fail_before_training(small2, tmp_path, data_file, settings, match):
     with pytest.raises(HfStackError, match=match):
         make_trainer(small2, tmp_path / "r", data_file, **settings).train()
-    assert not (tmp_path / "r" / "small").exists()
+    # refused before anything was written (transformers' Trainer itself may create the empty output folder)
+    assert not (tmp_path / "r").exists() or not any((tmp_path / "r").iterdir())
 
 
 def test_block_size_beyond_context_is_refused(tmp_path, data_file):
