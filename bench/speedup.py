@@ -39,8 +39,9 @@ def main() -> None:
     r = run_experiment(recipe, out, data=corpus_files())
     results = Path(__file__).resolve().parent / "results"
     results.mkdir(exist_ok=True)
-    shutil.copy(out / "loss_vs_flops.png", results / "speedup.png")
-    (results / "speedup.json").write_text(json.dumps(r, indent=2, default=str))
+    name = Path(args.recipe).stem
+    shutil.copy(out / "loss_vs_flops.png", results / f"{name}.png")
+    (results / f"{name}.json").write_text(json.dumps(r, indent=2, default=str))
     from hf_stack.compare import describe_speedup
 
     print(f"\ngrown run: final eval_loss {r['grown_final_loss']:.4f} at {r['grown_flops']:.3g} FLOPs; scratch at the "

@@ -124,7 +124,13 @@ def test_eval_cli(scorer_model, tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "arc_easy" in r.stdout and "average" in r.stdout
-    assert json.loads((tmp_path / "res.json").read_text())["results"]["arc_easy"]["sample_len"] == 3
+    saved = json.loads((tmp_path / "res.json").read_text())
+    assert saved["results"]["arc_easy"]["sample_len"] == 3
+    r = subprocess.run([*cmd[:-2], "--backend", "lm-eval", "-o", str(tmp_path / "ref.json")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ref = json.loads((tmp_path / "ref.json").read_text())
+    assert ref["hf_stack"]["backend"] == "lm-eval"
+    assert ref["results"]["arc_easy"]["acc,none"] == saved["results"]["arc_easy"]["acc,none"]
     card = (folder / "README.md").read_text()
     assert "model-index" in card and card.count("<!-- hf_stack:evaluation -->") == 1
     # failures: one line, exit 2, no results file
