@@ -31,43 +31,43 @@ class PrefixSharingLM(HFLM):
             # Custom 4-D masks need the eager or SDPA attention path.
             return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
         # Same truncation as HFLM: keep the last max_length + 1 tokens of context + continuation.
-        groups: dict[tuple[int, ...], list[int]] = {}
+        ctxs: list[tuple[int, ...]] = []
         conts: list[list[int]] = []
-        for i, (_, ctx, cont) in enumerate(requests):
+        for _, ctx, cont in requests:
             assert len(ctx) > 0 and 0 < len(cont) <= self.max_length
             full = (ctx + cont)[-(self.max_length + 1) :]
+            ctxs.append(tuple(full[: len(full) - len(cont)]))
             conts.append(cont)
-            groups.setdefault(tuple(full[: len(full) - len(cont)]), []).append(i)
-        # A context with a single continuation has nothing to share: HFLM's own batched path scores those.
-        singles = [i for members in groups.values() if len(members) == 1 for i in members]
+        groups = _shared_prefix_groups(ctxs)
+        # A request that shares no prefix has nothing to gain: HFLM's own batched path scores those.
+        singles = [members[0] for _, members in groups if len(members) == 1]
         results: list[tuple[float, bool] | None] = [None] * len(requests)
         if singles:
-            for i, answer in zip(
-                singles, super()._loglikelihood_tokens([requests[i] for i in singles], disable_tqdm, override_bs)
-            ):
+            answers = super()._loglikelihood_tokens([requests[i] for i in singles], disable_tqdm, override_bs)
+            for i, answer in zip(singles, answers):
                 results[i] = answer
         rows = []
-        for ctx, members in groups.items():
+        for prefix, members in groups:
             if len(members) == 1:
                 continue
-            # A row must fit the model: split a group whose continuations together overflow it.
-            chunk, length = [], len(ctx)
+            # A row must fit the model: split a group whose branches together overflow it.
+            chunk, length = [], len(prefix)
             for i in members:
-                extra = len(conts[i]) - 1
+                extra = len(ctxs[i]) - len(prefix) + len(conts[i]) - 1
                 if chunk and length + extra > self.max_length:
-                    rows.append((ctx, chunk))
-                    chunk, length = [], len(ctx)
+                    rows.append((prefix, chunk))
+                    chunk, length = [], len(prefix)
                 chunk.append(i)
                 length += extra
-            rows.append((ctx, chunk))
-        rows.sort(key=lambda r: -(len(r[0]) + sum(len(conts[i]) - 1 for i in r[1])))
+            rows.append((prefix, chunk))
+        rows.sort(key=lambda r: -(len(r[0]) + sum(len(ctxs[i]) - len(r[0]) + len(conts[i]) - 1 for i in r[1])))
         batch_size = int(override_bs or (self.batch_size if self.batch_size != "auto" else 16) or 1)
         bar = tqdm(
             total=len(requests) - len(singles), disable=disable_tqdm or self.rank != 0, desc="hf-stack log-likelihoods"
         )
         for start in range(0, len(rows), batch_size):
             batch = rows[start : start + batch_size]
-            for i, answer in self._score_rows(batch, conts):
+            for i, answer in self._score_rows(batch, ctxs, conts):
                 results[i] = answer
                 req = requests[i][0]
                 if req is not None:
@@ -77,31 +77,38 @@ class PrefixSharingLM(HFLM):
         return results
 
     @torch.no_grad()
-    def _score_rows(self, batch, conts):
-        # Lay out each row: the context, then each continuation without its last token (nothing reads it).
+    def _score_rows(self, batch, ctxs, conts):
+        # Lay out each row: the shared prefix, then per request its own rest of the context and its continuation
+        # without the last token (nothing reads it).
         layouts, width = [], 0
-        for ctx, members in batch:
-            tokens, positions, owner = list(ctx), list(range(len(ctx))), [-1] * len(ctx)
-            spans = []
+        for prefix, members in batch:
+            tokens, positions, owner = list(prefix), list(range(len(prefix))), [-1] * len(prefix)
+            reads = []  # per member: row positions whose logits predict its continuation tokens
             for k, i in enumerate(members):
-                body = conts[i][:-1]
-                spans.append((len(tokens), len(body)))
-                tokens += body
-                positions += range(len(ctx), len(ctx) + len(body))
-                owner += [k] * len(body)
-            layouts.append((ctx, members, tokens, positions, owner, spans))
+                tail = list(ctxs[i][len(prefix) :]) + conts[i][:-1]
+                start = len(tokens)
+                tokens += tail
+                positions += range(len(prefix), len(prefix) + len(tail))
+                owner += [k] * len(tail)
+                # a token at absolute position p (in this request's own sequence) sits at row index
+                # p if p < len(prefix), else start + p - len(prefix)
+                first = len(ctxs[i]) - 1
+                reads.append(
+                    [p if p < len(prefix) else start + p - len(prefix) for p in range(first, first + len(conts[i]))]
+                )
+            layouts.append((members, tokens, positions, owner, reads))
             width = max(width, len(tokens))
         n = len(batch)
         ids = torch.zeros((n, width), dtype=torch.long)  # padding is never read; 0 is always a valid id
         pos = torch.zeros((n, width), dtype=torch.long)
         keep = torch.zeros((n, width, width), dtype=torch.bool)
-        for r, (_, _, tokens, positions, owner, _) in enumerate(layouts):
+        for r, (_, tokens, positions, owner, _) in enumerate(layouts):
             L = len(tokens)
             ids[r, :L] = torch.tensor(tokens)
             pos[r, :L] = torch.tensor(positions)
             own = torch.tensor(owner)
             causal = torch.ones(L, L, dtype=torch.bool).tril()
-            # a continuation token sees the context and the earlier tokens of its own continuation only
+            # a request's tokens see the shared prefix and the earlier tokens of their own branch only
             same = (own[:, None] == own[None, :]) | (own[None, :] == -1)
             keep[r, :L, :L] = causal & same
             keep[r, torch.arange(L, width), torch.arange(L, width)] = True  # padding sees itself: no empty rows
@@ -111,12 +118,30 @@ class PrefixSharingLM(HFLM):
             input_ids=ids.to(self.device), attention_mask=mask.to(self.device), position_ids=pos.to(self.device)
         ).logits
         logprobs = F.log_softmax(logits.float(), dim=-1)
-        for r, (ctx, members, _, _, _, spans) in enumerate(layouts):
-            last_ctx = len(ctx) - 1
-            for i, (start, length) in zip(members, spans):
+        for r, (members, _, _, _, reads) in enumerate(layouts):
+            for i, where in zip(members, reads):
                 cont = torch.tensor(conts[i], device=logprobs.device)
-                # the first continuation token is predicted by the last context position, the rest by their
-                # predecessors inside this continuation's span
-                where = torch.tensor([last_ctx, *range(start, start + length)], device=logprobs.device)
-                lp = logprobs[r, where]
+                lp = logprobs[r, torch.tensor(where, device=logprobs.device)]
                 yield i, (float(lp.gather(1, cont[:, None]).sum()), bool((lp.argmax(-1) == cont).all()))
+
+
+def _shared_prefix_groups(ctxs: list[tuple[int, ...]], min_shared: int = 8) -> list[tuple[tuple[int, ...], list[int]]]:
+    """Group requests whose contexts share a prefix: identical contexts (multiple-choice questions) and contexts
+    that differ only near their end (Winogrande's two fillings of the blank). Sorting puts such contexts next to
+    each other; a run joins while the common prefix stays at least `min_shared` tokens and half the shorter one."""
+    order = sorted(range(len(ctxs)), key=lambda i: ctxs[i])
+    groups: list[tuple[tuple[int, ...], list[int]]] = []
+    for i in order:
+        ctx = ctxs[i]
+        if groups:
+            prefix, members = groups[-1]
+            n = 0
+            limit = min(len(prefix), len(ctx))
+            while n < limit and prefix[n] == ctx[n]:
+                n += 1
+            # the shared part must leave each context at least one token of its own, or be the whole context
+            if n == len(prefix) == len(ctx) or (n >= min_shared and 2 * n >= min(len(prefix), len(ctx))):
+                groups[-1] = (prefix[:n], [*members, i])
+                continue
+        groups.append((ctx, [i]))
+    return groups

@@ -191,7 +191,9 @@ class StackingTrainer(Trainer):
                 f"before the end of training (step {total_steps})"
             )
         if grow_step is not None and grow_step * tps // self._block_size() > n_blocks:
-            raise HfStackError(f"the data holds {n_blocks * self._block_size():,} tokens, fewer than grow_at_tokens; add data")
+            raise HfStackError(
+                f"the data holds {n_blocks * self._block_size():,} tokens, fewer than grow_at_tokens; add data"
+            )
         # All checks above run before anything is written.
         self._check_run_config(out, resume_from_checkpoint, tps, n_blocks)
         saved = {k: getattr(args, k) for k in ("output_dir", "max_steps", "learning_rate", "warmup_steps")}

@@ -126,7 +126,9 @@ def test_eval_cli(scorer_model, tmp_path):
     assert "arc_easy" in r.stdout and "average" in r.stdout
     saved = json.loads((tmp_path / "res.json").read_text())
     assert saved["results"]["arc_easy"]["sample_len"] == 3
-    r = subprocess.run([*cmd[:-2], "--backend", "lm-eval", "-o", str(tmp_path / "ref.json")], capture_output=True, text=True)
+    r = subprocess.run(
+        [*cmd[:-2], "--backend", "lm-eval", "-o", str(tmp_path / "ref.json")], capture_output=True, text=True
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     ref = json.loads((tmp_path / "ref.json").read_text())
     assert ref["hf_stack"]["backend"] == "lm-eval"
