@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from .config import StackedConfig
 from .errors import HfStackError
@@ -360,8 +360,3 @@ def build_plan(
         tensors=tuple(entries),
         target_config=grow_config(config, layer_map),
     )
-
-
-def plan_to_json(plan: GrowthPlan) -> dict:
-    """The plan with every tensor entry, for tests and tools that want the full mapping."""
-    return {**plan.to_dict(), "tensors": [asdict(t) for t in plan.tensors]}
