@@ -16,6 +16,9 @@ GROW_EXAMPLES = """examples:
   hf-stack grow ./small --layers 30 --order interpolate --dry-run  # print the plan, write nothing
   hf-stack grow ./small --layer-map 0-5,0-5,2-3 -o grown --verify  # explicit map, check the result
   hf-stack grow ./small --factor 2 --operator zero -o grown        # function-preserving identity copies
+  hf-stack grow ./small --operator direct --width-factor 2 --dry-run   # function-preserving split, 2x wider
+  hf-stack grow ./small --operator zero --factor 2 --width-factor 2    # deeper and wider in one call
+  hf-stack grow ./small --operator learn --factor 2 --learn-data 'text/*.txt' --learn-steps 100  # LiGO
   hf-stack grow org/small --factor 4 --push                        # to <your namespace>/small-stack-x4
 """
 # CLI spellings that differ from the dataclass field names.
@@ -33,7 +36,7 @@ def add_dataclass_options(parser: argparse.ArgumentParser, cls) -> None:
         if not f.init:
             continue
         flag = FLAG_NAMES.get(f.name, "--" + f.name.replace("_", "-"))
-        kind = int if "int" in str(f.type) else str
+        kind = float if "float" in str(f.type) else int if "int" in str(f.type) else str
         parser.add_argument(
             flag, dest=f.name, type=kind, default=None, choices=f.metadata.get("choices"), help=f.metadata.get("help")
         )
@@ -55,9 +58,13 @@ def add_hub_options(parser: argparse.ArgumentParser) -> None:
 
 def _default_output(source: str, stacked: StackedConfig) -> Path:
     name = Path(source.rstrip("/")).name or "model"
-    if stacked.layer_map is not None or stacked.num_layers is not None:
-        return Path(f"{name}-{stacked.operator}-grown")
-    return Path(f"{name}-{stacked.operator}-x{stacked.factor}")
+    parts = []
+    if "depth" in stacked.directions:
+        custom = stacked.layer_map is not None or stacked.num_layers is not None
+        parts.append("grown" if custom else f"x{stacked.factor}")
+    if "width" in stacked.directions:
+        parts.append(f"w{stacked.width_factor:g}")
+    return Path(f"{name}-{stacked.operator}-{'-'.join(parts)}")
 
 
 def cmd_grow(args) -> int:
@@ -244,7 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     grow.add_argument("source", help="Small model: a local folder or a Hub repo id.")
-    grow.add_argument("-o", "--output", help="Output folder (default: <source>-<operator>-x<factor>).")
+    grow.add_argument(
+        "-o", "--output", help="Output folder (default: <source>-<operator>-x<factor>[-w<width factor>])."
+    )
     add_dataclass_options(grow, StackedConfig)
     add_hub_options(grow)
     grow.add_argument(

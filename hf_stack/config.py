@@ -12,18 +12,29 @@ from .errors import HfStackError
 
 GROWTH_CONFIG_NAME = "growth_config.json"
 ORDERS = ("stack", "interpolate", "middle")
+DIRECTION_CHOICES = ("depth", "width", "both")
 
 
 @dataclass
 class StackedConfig:
-    """How to grow a small checkpoint into a deeper one.
+    """How to grow a small checkpoint into a deeper and / or wider one.
 
-    Give one of `factor`, `num_layers` or `layer_map`. The default, `StackedConfig(factor=4)`, is the paper's
-    G_stack: the whole layer stack repeated four times (target layer i <- source layer i mod L).
+    Depth: give one of `factor`, `num_layers` or `layer_map`. Width: give `width_factor`. The default,
+    `StackedConfig(factor=4)`, is the paper's G_stack: the whole layer stack repeated four times (target layer
+    i <- source layer i mod L).
 
     Args:
         operator (`str`, defaults to `"stack"`):
-            Registered growth operator (`hf_stack.operators.OPERATORS`).
+            Registered growth operator: `direct` (alias `stack` in depth), `zero`, `random` or `learn`
+            (`hf_stack.operators.OPERATORS`).
+        direction (`str`, *optional*):
+            `depth`, `width` or `both`; by default inferred from which of the depth and width settings are given.
+        width_factor (`float`, *optional*):
+            Width growth: hidden size, FFN size and (key/value) head counts are multiplied by it; head_dim is kept.
+            Every grown size must be whole. Defaults to 2 when `direction` asks for width.
+        width_noise (`float`, defaults to 0.01):
+            `direct` width only: noise (times each tensor's std) added to the columns that read copied units,
+            summing to zero over a unit's copies: the function is kept and the copies can diverge in training.
         factor (`int`, *optional*):
             Growth factor g: the grown model has g x L layers.
         num_layers (`int`, *optional*):
@@ -35,6 +46,18 @@ class StackedConfig:
             Explicit map as inclusive ranges, e.g. `"0-5,0-5,2-3"`; overrides `order`.
         dtype (`str`, *optional*):
             Convert weights to this dtype (`float32`, `bfloat16`, `float16`); the source dtype is kept otherwise.
+        init_seed (`int`, defaults to 0):
+            Seed of randomly initialised parameters (`random`, `zero` width, `learn` maps).
+        learn_data (`str`, *optional*):
+            `learn` only: training text for the maps (files, globs, or a Hub dataset id; several comma-separated).
+        learn_steps (`int`, defaults to 100):
+            `learn` only: optimiser steps for the maps (LiGO uses about 100).
+        learn_lr (`float`, defaults to 1e-3):
+            `learn` only: AdamW learning rate of the maps.
+        learn_batch_size (`int`, defaults to 8):
+            `learn` only: blocks per step.
+        learn_block_size (`int`, defaults to 256):
+            `learn` only: tokens per block.
 
     Paper: Du et al., "Stacking Your Transformers", NeurIPS 2024, https://arxiv.org/abs/2405.15319
 
@@ -48,7 +71,19 @@ class StackedConfig:
     """
 
     operator: str = field(
-        default="stack", metadata={"help": "Growth operator: stack (G_stack) or zero (identity copies)."}
+        default="stack",
+        metadata={"help": "Growth operator: direct (alias stack in depth: G_stack), zero, random or learn."},
+    )
+    direction: str | None = field(
+        default=None,
+        metadata={
+            "help": "Grow in depth, width or both (default: from the depth and width settings given).",
+            "choices": DIRECTION_CHOICES,
+        },
+    )
+    width_factor: float | None = field(
+        default=None,
+        metadata={"help": "Width growth: multiply hidden size, FFN size and head counts by this (default 2)."},
     )
     factor: int | None = field(default=None, metadata={"help": "Growth factor g: the grown model has g x L layers."})
     num_layers: int | None = field(
@@ -68,6 +103,18 @@ class StackedConfig:
         default=None,
         metadata={"help": "Convert weights to float32, bfloat16 or float16 (default: keep the source dtype)."},
     )
+    width_noise: float = field(
+        default=0.01,
+        metadata={"help": "direct width: zero-sum noise on the readers of copied units, so copies can diverge."},
+    )
+    init_seed: int = field(default=0, metadata={"help": "Seed of randomly initialised parameters."})
+    learn_data: str | None = field(
+        default=None, metadata={"help": "learn: training text for the maps (files, globs or a Hub dataset id)."}
+    )
+    learn_steps: int = field(default=100, metadata={"help": "learn: optimiser steps for the maps."})
+    learn_lr: float = field(default=1e-3, metadata={"help": "learn: learning rate of the maps."})
+    learn_batch_size: int = field(default=8, metadata={"help": "learn: blocks per step."})
+    learn_block_size: int = field(default=256, metadata={"help": "learn: tokens per block."})
     # Filled by `from_pretrained` with the whole growth_config.json; not a setting (init=False keeps it off CLIs).
     provenance: dict | None = field(default=None, init=False, repr=False, compare=False)
 
@@ -91,8 +138,26 @@ class StackedConfig:
             raise HfStackError(f"factor must be at least 1, got {self.factor}")
         if self.num_layers is not None and self.num_layers < 1:
             raise HfStackError(f"num_layers must be at least 1, got {self.num_layers}")
-        if self.factor is None and self.num_layers is None and self.layer_map is None:
-            self.factor = 4
+        depth_given = not (self.factor is None and self.num_layers is None and self.layer_map is None)
+        if self.direction is None:
+            width = self.width_factor is not None
+            self.direction = "both" if width and depth_given else "width" if width else "depth"
+        if self.direction not in DIRECTION_CHOICES:
+            raise HfStackError(f"unknown direction {self.direction!r}; choose one of: {', '.join(DIRECTION_CHOICES)}")
+        if self.direction == "width" and depth_given and self.factor != 1:
+            raise HfStackError("direction 'width' keeps the depth: drop --factor/--layers/--layer-map or use 'both'")
+        if self.direction == "depth" and self.width_factor is not None:
+            raise HfStackError("direction 'depth' keeps the width: drop --width-factor or use direction 'both'")
+        if self.direction != "depth" and self.width_factor is None:
+            self.width_factor = 2.0
+        if self.width_factor is not None:
+            if isinstance(self.width_factor, bool) or not isinstance(self.width_factor, (int, float)):
+                raise HfStackError(f"width_factor must be a number, got {self.width_factor!r}")
+            if not self.width_factor > 1:
+                raise HfStackError(f"width_factor must be above 1, got {self.width_factor}")
+            self.width_factor = float(self.width_factor)
+        if not depth_given:
+            self.factor = 1 if self.direction == "width" else 4
         if self.factor is not None and self.num_layers is not None:
             raise HfStackError("give either factor or num_layers, not both")
         if self.order not in ORDERS:
@@ -101,7 +166,25 @@ class StackedConfig:
             raise HfStackError(f"unknown dtype {self.dtype!r}; choose one of: {', '.join(DTYPES)}")
         from .operators import get_operator
 
-        get_operator(self.operator)
+        operator = get_operator(self.operator, self.directions)
+        if operator.needs_data and not self.learn_data:
+            raise HfStackError(
+                f"operator {self.operator!r} trains its maps on data: pass --learn-data with text files or a dataset"
+            )
+        if not operator.needs_data and self.learn_data:
+            raise HfStackError(f"--learn-data is for operator 'learn'; {self.operator!r} uses no data")
+        for name in ("learn_steps", "learn_batch_size", "learn_block_size"):
+            if getattr(self, name) < 1 or (name == "learn_block_size" and self.learn_block_size < 2):
+                raise HfStackError(f"{name} must be a positive whole number, got {getattr(self, name)}")
+        if not 0 <= self.width_noise < 1:
+            raise HfStackError(f"width_noise must be in [0, 1), got {self.width_noise}")
+        if not self.learn_lr > 0:
+            raise HfStackError(f"learn_lr must be positive, got {self.learn_lr}")
+
+    @property
+    def directions(self) -> tuple[str, ...]:
+        """The directions grown: ("depth",), ("width",) or ("depth", "width")."""
+        return ("depth", "width") if self.direction == "both" else (self.direction,)
 
     def target_num_layers(self, source_num_layers: int) -> int:
         """Number of layers of the grown model for a source with `source_num_layers` layers."""
@@ -114,7 +197,10 @@ class StackedConfig:
         return self.factor * source_num_layers
 
     def to_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.init}
+        from .operators import get_operator
+
+        learn = get_operator(self.operator).needs_data  # the learn_* settings mean nothing to other operators
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.init and (learn or f.name[:6] != "learn_")}
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **hub_kwargs) -> StackedConfig:

@@ -26,6 +26,7 @@ from .io import (
     parse_size,
     refuse_nonfinite,
     resolve_source,
+    source_tokenizer,
 )
 from .operators import get_operator
 from .plan import GrowthPlan, build_plan
@@ -126,19 +127,18 @@ def source_info(source: SourceCheckpoint, num_layers: int) -> dict:
     }
 
 
-def growth_record(plan: GrowthPlan, stacked: StackedConfig, source: dict) -> dict:
+def growth_record(plan: GrowthPlan, stacked: StackedConfig, source: dict, learned: dict | None = None) -> dict:
     """The contents of `growth_config.json`: the settings, the plan and where the source came from."""
-    op = get_operator(plan.operator)
-    return {
+    record = {
         "hf_stack_version": __version__,
         "settings": stacked.to_dict(),
-        "operator": op.name,
-        "direction": op.direction,
-        "function_preserving": op.function_preserving,
-        "paper": op.paper,
+        "paper": get_operator(plan.operator).paper,
         "source": source,
         **plan.to_dict(),
     }
+    if learned is not None:
+        record["learn"] = learned
+    return record
 
 
 def write_growth_record(folder: Path, record: dict) -> None:
@@ -154,7 +154,10 @@ def _target_config(plan: GrowthPlan, dtype: str | None) -> dict:
     return config
 
 
-def _output_tensors(plan: GrowthPlan, source: SourceCheckpoint, dtype: str | None, fds: dict) -> list[OutputTensor]:
+def _output_tensors(
+    plan: GrowthPlan, source: SourceCheckpoint, dtype: str | None, fds: dict, computed: dict | None = None
+) -> list[OutputTensor]:
+    """One writer per target tensor; `computed` holds tensors already built in memory (trained operators)."""
     out_dtype = SAFE_DTYPE_OF[dtype] if dtype else None
     reader = None
     result = []
@@ -165,7 +168,12 @@ def _output_tensors(plan: GrowthPlan, source: SourceCheckpoint, dtype: str | Non
         for s in entry.shape:
             numel *= s
         nbytes = numel * DTYPE_SIZES[target_dtype]
-        if target_dtype == entry.dtype and not source.pickle and entry.op == "copy":
+        if computed is not None:
+            from .tensors import tensor_bytes
+
+            def write(f, t=computed[entry.target]):
+                f.write(tensor_bytes(t))
+        elif target_dtype == entry.dtype and not source.pickle and entry.op == "copy" and not entry.widened:
             if loc.file not in fds:
                 fds[loc.file] = os.open(loc.file, os.O_RDONLY)
             fd = fds[loc.file]
@@ -177,13 +185,13 @@ def _output_tensors(plan: GrowthPlan, source: SourceCheckpoint, dtype: str | Non
             def write(f, n=nbytes):
                 _write_zeros(n, f)
         else:
-            # Decoding needed (dtype cast or pickle source): torch is imported only on this path.
+            # Decoding needed (width growth, random init, dtype cast or pickle source): torch is imported only here.
             from .tensors import TORCH_DTYPES, TensorReader, materialize, tensor_bytes
 
             reader = reader or TensorReader(source)
 
             def write(f, entry=entry, reader=reader):
-                f.write(tensor_bytes(materialize(entry, reader, TORCH_DTYPES.get(dtype))))
+                f.write(tensor_bytes(materialize(entry, reader, plan, TORCH_DTYPES.get(dtype))))
 
         result.append(OutputTensor(entry.target, target_dtype, entry.shape, nbytes, write))
     return result
@@ -244,9 +252,15 @@ def grow(
     plan = build_plan(source.config, source.tensor_infos, stacked)
     if not allow_nonfinite:
         refuse_nonfinite(source, (t.source for t in plan.tensors))
+    computed, learned = None, None
+    if any(entry.op == "learn" for entry in plan.tensors):
+        # Trained operators need every tensor at once; the streaming writer then only serialises them.
+        from .tensors import TensorReader, grown_tensors
+
+        computed, learned = grown_tensors(plan, TensorReader(source), stacked, source_tokenizer(source))
     fds: dict = {}
     try:
-        tensors = _output_tensors(plan, source, stacked.dtype, fds)
+        tensors = _output_tensors(plan, source, stacked.dtype, fds, computed)
         total = sum(t.nbytes for t in tensors)
         check_free_space(out.parent if str(out.parent) else Path("."), total + 16 * 1024 * 1024)
         from tqdm.auto import tqdm
@@ -258,14 +272,15 @@ def grow(
                 write_shards(tmp, tensors, shard_limit, progress=bar)
             (tmp / "config.json").write_text(json.dumps(_target_config(plan, stacked.dtype), indent=2) + "\n")
             copy_aux_files(source.folder, tmp)
-            write_growth_record(tmp, growth_record(plan, stacked, source_info(source, plan.source_num_layers)))
+            record = growth_record(plan, stacked, source_info(source, plan.source_num_layers), learned)
+            write_growth_record(tmp, record)
             from .card import update_card
 
             update_card(tmp, repo_id=out.name, source_card=source.folder / "README.md")
             if verify:
                 from .verify import verify_checkpoint
 
-                verify_checkpoint(tmp, plan, source, stacked.dtype)
+                verify_checkpoint(tmp, plan, source, stacked.dtype, computed)
     finally:
         for fd in fds.values():
             os.close(fd)

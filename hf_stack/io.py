@@ -440,3 +440,13 @@ def resolve_source_metadata(
         for key, info in fmeta.tensors.items()
     }
     return SourceCheckpoint(name, folder, revision, folder.name, config, tensors)
+
+
+def source_tokenizer(source: SourceCheckpoint):
+    """The source's tokenizer when it ships one (the `learn` operator reads its data with it), else None."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source.folder, trust_remote_code=False)
+    except (OSError, ValueError):
+        return None

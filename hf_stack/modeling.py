@@ -9,7 +9,7 @@ from pathlib import Path
 from .config import StackedConfig
 from .convert import growth_record, source_info, write_growth_record
 from .errors import HfStackError
-from .io import copy_aux_files, refuse_nonfinite, resolve_source
+from .io import copy_aux_files, refuse_nonfinite, resolve_source, source_tokenizer
 from .plan import build_plan
 
 
@@ -61,7 +61,7 @@ class StackedModelForCausalLM:
         """
         from transformers import GenerationConfig
 
-        from .tensors import TensorReader, apply_plan
+        from .tensors import TensorReader, grown_tensors
 
         stacked = stacked_config or StackedConfig()
         if dtype is not None:
@@ -76,31 +76,38 @@ class StackedModelForCausalLM:
         plan = build_plan(source.config, source.tensor_infos, stacked)
         if not allow_nonfinite:
             refuse_nonfinite(source, (t.source for t in plan.tensors))
-        model = instantiate(plan, apply_plan(plan, TensorReader(source), stacked.dtype))
+        tensors, learned = grown_tensors(plan, TensorReader(source), stacked, source_tokenizer(source))
+        model = instantiate(plan, tensors)
         if (source.folder / "generation_config.json").is_file():
             model.generation_config = GenerationConfig.from_pretrained(source.folder)
-        record = growth_record(plan, stacked, source_info(source, plan.source_num_layers))
+        record = growth_record(plan, stacked, source_info(source, plan.source_num_layers), learned)
         _attach_provenance(model, record, source.folder)
         return model
 
 
-def instantiate(plan, state: dict):
-    """Build the target architecture's own transformers class from the plan's config and the grown tensors."""
+def build_model(config_dict: dict, dtype, init: bool = True):
+    """The transformers class of `config_dict["model_type"]`, built from the config (no remote code)."""
     from transformers import CONFIG_MAPPING, AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
-    config_dict = dict(plan.target_config)
     model_type = config_dict.get("model_type")
     if model_type not in CONFIG_MAPPING:
         raise HfStackError(
             f"transformers does not know model_type {model_type!r}; upgrade transformers or check config.json"
         )
-    config = CONFIG_MAPPING[model_type].from_dict(config_dict)
-    torch_dtype = next(iter(state.values())).dtype
-    config.dtype = torch_dtype
-    # No random init: every parameter is overwritten by the grown tensors right after.
+    config = CONFIG_MAPPING[model_type].from_dict(dict(config_dict))
+    config.dtype = dtype
+    if init:
+        return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
     with no_init_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, trust_remote_code=False)
+        return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
+
+
+def instantiate(plan, state: dict):
+    """Build the target architecture's own transformers class from the plan's config and the grown tensors."""
+    # No random init: every parameter is overwritten by the grown tensors right after.
+    model = build_model(plan.target_config, next(iter(state.values())).dtype, init=False)
+    config = model.config
     result = model.load_state_dict(state, strict=False)
     tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
     if result.unexpected_keys or set(result.missing_keys) - tied:
@@ -112,28 +119,37 @@ def instantiate(plan, state: dict):
     return model.eval()
 
 
-def grow_model(model, stacked_config: StackedConfig):
+def grow_model(model, stacked_config: StackedConfig, tokenizer=None):
     """Grow a live transformers model (e.g. in the middle of a training run).
 
     Args:
         model: a causal LM `PreTrainedModel` (unwrapped: no DDP or PEFT wrapper).
         stacked_config: growth settings.
+        tokenizer: reads `stacked_config.learn_data` for the `learn` operator.
 
     Returns:
-        `(grown_model, plan)`: the grown model on the CPU in train mode, and the [`GrowthPlan`] applied.
+        `(grown_model, plan, learned)`: the grown model on the CPU in train mode, the [`GrowthPlan`] applied, and
+        the `learn` operator's training record (None for other operators).
     """
-    from .tensors import apply_plan, safe_dtype_name
+    from .tensors import grown_tensors
+
+    state = model.state_dict()
+    plan = plan_for_model(model, stacked_config)
+    tensors, learned = grown_tensors(plan, lambda k: state[k].detach().cpu(), stacked_config, tokenizer)
+    grown = instantiate(plan, tensors)
+    grown.generation_config = model.generation_config
+    return grown.train(model.training), plan, learned
+
+
+def plan_for_model(model, stacked_config: StackedConfig):
+    """The [`GrowthPlan`] that `stacked_config` gives for a live model."""
+    from .tensors import safe_dtype_name
 
     config = model.config.to_dict()
     if not config.get("architectures"):
         config["architectures"] = [type(model).__name__]
-    state = model.state_dict()
-    infos = {k: (safe_dtype_name(v.dtype), tuple(v.shape)) for k, v in state.items()}
-    plan = build_plan(config, infos, stacked_config)
-    tensors = {k: v.detach().cpu() for k, v in apply_plan(plan, state.__getitem__, stacked_config.dtype).items()}
-    grown = instantiate(plan, tensors)
-    grown.generation_config = model.generation_config
-    return grown.train(model.training), plan
+    infos = {k: (safe_dtype_name(v.dtype), tuple(v.shape)) for k, v in model.state_dict().items()}
+    return build_plan(config, infos, stacked_config)
 
 
 def _attach_provenance(model, record: dict, source_folder: Path) -> None:

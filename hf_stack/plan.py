@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from .config import StackedConfig
 from .errors import HfStackError
 from .operators import get_operator
+from .width import Axis, grow_width_config, tensor_axes, width_dims
 
 # Architectures tested end to end; any other causal LM whose decoder layers live at `model.layers.{i}.` is
 # accepted too, since growth only renames and copies tensors.
@@ -62,9 +63,11 @@ class TensorSource:
     Attributes:
         target: the tensor's name in the grown checkpoint.
         source: the tensor's name in the source checkpoint.
-        op: "copy" (bytes unchanged) or "zero" (same shape and dtype, all zeros).
+        op: "copy" (bytes unchanged, or grown through `axes`), "zero" (all zeros), "random" (the target
+            architecture's init) or "learn" (trained from `source` and its layer type, see the `learn` operator).
         dtype: safetensors dtype string of the source tensor ("BF16", "F32", ...).
-        shape: the tensor's shape (growth in depth keeps shapes).
+        shape: the target tensor's shape.
+        axes: for width growth, the plan's axis name of every dimension (None: the dimension keeps its size).
     """
 
     target: str
@@ -72,6 +75,11 @@ class TensorSource:
     op: str
     dtype: str
     shape: tuple[int, ...]
+    axes: tuple[str | None, ...] | None = None
+
+    @property
+    def widened(self) -> bool:
+        return self.axes is not None and any(a is not None for a in self.axes)
 
 
 @dataclass(frozen=True)
@@ -84,6 +92,11 @@ class GrowthPlan:
         source_num_layers: number of decoder layers in the source.
         tensors: one entry per target tensor, in the order they are written.
         target_config: the grown `config.json` contents.
+        directions: the directions grown, "depth" and / or "width".
+        function_preserving: whether the grown model computes the source's logits (the operator's claim).
+        width: for width growth, the axes by name (see [`~hf_stack.width.Axis`]).
+        init_std: standard deviation of randomly initialised weights (the config's `initializer_range`).
+        seed: seeds random initialisation; each tensor draws from its own stream, so any path gives equal values.
     """
 
     operator: str
@@ -91,6 +104,11 @@ class GrowthPlan:
     source_num_layers: int
     tensors: tuple[TensorSource, ...]
     target_config: dict
+    directions: tuple[str, ...] = ("depth",)
+    function_preserving: bool = False
+    width: dict[str, Axis] | None = None
+    init_std: float = 0.02
+    seed: int = 0
 
     @property
     def num_layers(self) -> int:
@@ -102,13 +120,18 @@ class GrowthPlan:
         return layer_map_to_slices(self.layer_map)
 
     def to_dict(self) -> dict:
-        return {
+        out = {
             "operator": self.operator,
+            "directions": list(self.directions),
+            "function_preserving": self.function_preserving,
             "layer_map": list(self.layer_map),
             "layer_slices": self.slices(),
             "source_num_layers": self.source_num_layers,
             "target_num_layers": self.num_layers,
         }
+        if self.width:
+            out["width"] = {name: axis.describe() for name, axis in self.width.items()}
+        return out
 
     def picture(self) -> str:
         """The layer map as text: one row per source layer, a mark under each target layer it fills."""
@@ -120,19 +143,29 @@ class GrowthPlan:
     def describe(self) -> str:
         """Human-readable plan: the layer map, config changes and one line per target tensor."""
         op = get_operator(self.operator)
-        lines = [
-            f"operator: {self.operator} ({op.summary})",
+        lines = [f"operator: {self.operator}, {' + '.join(self.directions)}"]
+        for d in self.directions:
+            g = op.growth(d)
+            lines.append(f"{d}: {g.paper_name}: {g.summary}")
+        lines += [
             f"layers: {self.source_num_layers} -> {self.num_layers}",
             "layer map (target <- source, [start, end) slices): "
             + " + ".join(f"[{a}, {b})" for a, b in self.slices()),
             self.picture(),
-            f"function preserving: {'yes' if op.function_preserving else 'no'}",
+        ]
+        if self.width:
+            lines.append("width axes:")
+            lines += [f"  {axis.describe()}" for axis in self.width.values()]
+        lines += [
+            f"function preserving: {'yes' if self.function_preserving else 'no'}",
             f"tensors: {len(self.tensors)} ({sum(_numel(t.shape) for t in self.tensors):,} parameters)",
         ]
         width = max(len(t.target) for t in self.tensors)
         for t in self.tensors:
-            suffix = "" if t.op == "copy" else f"  [{t.op}]"
-            lines.append(f"  {t.target:<{width}} <- {t.source}  {t.dtype}{list(t.shape)}{suffix}")
+            note = "" if t.op == "copy" else f"  [{t.op}]"
+            if t.widened:
+                note += "  grown along " + " x ".join(a or "same" for a in t.axes)
+            lines.append(f"  {t.target:<{width}} <- {t.source}  {t.dtype}{list(t.shape)}{note}")
         return "\n".join(lines)
 
 
@@ -298,9 +331,12 @@ def build_plan(
     """
     check_source_config(config)
     L = config["num_hidden_layers"]
-    operator = get_operator(stacked.operator)
-    if operator.direction != "depth":
-        raise HfStackError(f"operator {operator.name!r} grows {operator.direction}; only depth growth is available")
+    directions = stacked.directions
+    operator = get_operator(stacked.operator, directions)
+    axes = None
+    if "width" in directions:
+        dims = width_dims(config, stacked.width_factor)
+        axes = operator.width_axes(dims, stacked.width_noise)
 
     layers: dict[int, list[str]] = {}
     others: list[str] = []
@@ -340,23 +376,39 @@ def build_plan(
     layer_map = resolve_layer_map(stacked, L)
     entries: list[TensorSource] = []
 
-    def add(target: str, source: str, op: str = "copy") -> None:
+    def add(target: str, source: str, op: str = "copy", suffix: str | None = None) -> None:
         dtype, shape = tensor_infos[source]
-        entries.append(TensorSource(target, source, op, dtype, tuple(shape)))
+        names = None
+        if axes is not None:
+            names = tensor_axes(source, suffix)
+            if len(names) != len(shape):
+                raise HfStackError(f"tensor {source!r} has shape {list(shape)}, not the {len(names)}-d width expects")
+            shape = tuple(n if a is None else axes[a].target_size for n, a in zip(shape, names))
+        op = "learn" if operator.needs_data and op == "copy" else op
+        entries.append(TensorSource(target, source, op, dtype, tuple(shape), names))
 
     # Written in transformers' own order: embeddings, layers, then the rest (final norm, head).
     add(EMBED_KEY, EMBED_KEY)
     for i, j in enumerate(layer_map):
-        overrides = operator.layer_ops(i, layer_map)
+        overrides = operator.layer_ops(i, layer_map) if "depth" in directions else {}
         for suffix in suffixes:
-            add(f"model.layers.{i}.{suffix}", f"model.layers.{j}.{suffix}", overrides.get(suffix, "copy"))
+            op = overrides.get(suffix, overrides.get("*", "copy"))
+            add(f"model.layers.{i}.{suffix}", f"model.layers.{j}.{suffix}", op, suffix)
     for key in sorted(k for k in others if k != EMBED_KEY):
         add(key, key)
 
+    target_config = grow_config(config, layer_map)
+    if axes is not None:
+        target_config = grow_width_config(target_config, dims, operator.width_eps(dims))
     return GrowthPlan(
-        operator=operator.name,
+        operator=stacked.operator,
         layer_map=layer_map,
         source_num_layers=L,
         tensors=tuple(entries),
-        target_config=grow_config(config, layer_map),
+        target_config=target_config,
+        directions=directions,
+        function_preserving=operator.function_preserving(directions),
+        width=axes,
+        init_std=float(config.get("initializer_range") or 0.02),
+        seed=stacked.init_seed,
     )

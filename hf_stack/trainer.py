@@ -31,6 +31,7 @@ from transformers.trainer_callback import ProgressCallback
 
 from .config import StackedConfig
 from .errors import HfStackError
+from .masks import GrowthMasks
 from .timing import training_flops
 
 RUN_CONFIG = "run_config.json"
@@ -61,6 +62,13 @@ class StackingTrainingArguments(TrainingArguments):
     grown_warmup_steps: float | None = field(
         default=None, metadata={"help": "Warmup of the re-started schedule after growth (default: warmup_steps)."}
     )
+    mask_steps: int = field(
+        default=0,
+        metadata={
+            "help": "random operator: ramp the new layers and units in from 0 to 1 over this many steps after "
+            "growth (MSG masks; 0: no masks)."
+        },
+    )
     carry_optimizer_state: bool = field(
         default=False,
         metadata={
@@ -85,6 +93,20 @@ class StackingTrainingArguments(TrainingArguments):
                 if not math.isfinite(value) or value <= 0:
                     raise HfStackError(f"{name} must be a positive number of tokens, got {value!r}")
                 setattr(self, name, int(value))
+        if self.carry_optimizer_state and (
+            "width" in self.stacked_config.directions or self.stacked_config.operator in ("random", "learn")
+        ):
+            raise HfStackError(
+                "carry_optimizer_state moves AdamW moments of copied tensors; it supports depth growth with the "
+                "direct (stack) and zero operators only"
+            )
+        if self.mask_steps < 0:
+            raise HfStackError(f"mask_steps must be 0 or more, got {self.mask_steps}")
+        if self.mask_steps and (self.grow_at_tokens is None or self.stacked_config.operator != "random"):
+            raise HfStackError(
+                "mask_steps ramps in the new parts of growth inside the run: it needs grow_at_tokens and the "
+                "random operator"
+            )
         if self.grow_at_tokens is not None and self.max_tokens is not None and self.grow_at_tokens >= self.max_tokens:
             raise HfStackError(
                 f"grow_at_tokens ({self.grow_at_tokens:.3g}) is beyond the budget max_tokens ({self.max_tokens:.3g}); "
@@ -139,6 +161,7 @@ class StackingTrainer(Trainer):
         self.phase = 1
         self.phase_start = {"tokens": 0, "flops": 0.0}
         self._last_log = None
+        self.masks = None  # MSG masks on the grown model while they ramp in (mask_steps)
 
     # -- data: sequential over the pre-shuffled packed blocks, so "the data that follows" is well defined.
     def _get_train_sampler(self, train_dataset=None):
@@ -167,6 +190,8 @@ class StackingTrainer(Trainer):
         flops = self.phase_start["flops"] + training_flops(params, tokens - self.phase_start["tokens"])
         now = time.perf_counter()
         extra = {"tokens": tokens, "flops": flops, "phase": self.phase, "num_parameters": params}
+        if self.phase == 2 and self.args.mask_steps:
+            extra["growth_mask"] = self.masks.value if self.masks is not None else 1.0
         if self._last_log is not None and now > self._last_log[1] and tokens > self._last_log[0]:
             extra["tokens_per_second"] = round((tokens - self._last_log[0]) / (now - self._last_log[1]), 1)
         self._last_log = (tokens, now)
@@ -175,6 +200,17 @@ class StackingTrainer(Trainer):
             if isinstance(cb, ProgressCallback) and cb.training_bar is not None and "loss" in logs:
                 cb.training_bar.set_postfix(loss=f"{logs['loss']:.3f}", tok_s=extra.get("tokens_per_second", "-"))
         super().log(logs, start_time)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        # MSG: the mask follows the optimizer step, so a resumed run continues the ramp where it stopped.
+        if self.masks is not None:
+            value = self.state.global_step / self.args.mask_steps
+            if value >= 1:
+                self.masks.remove()  # fully in: the plain model from here on
+                self.masks = None
+            else:
+                self.masks.set(value)
+        return super().training_step(model, inputs, num_items_in_batch)
 
     # -- the two phases
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
@@ -189,6 +225,11 @@ class StackingTrainer(Trainer):
             raise HfStackError(
                 f"growth at step {grow_step} ({args.grow_at_tokens:.3g} tokens at {tps} tokens/step) is not "
                 f"before the end of training (step {total_steps})"
+            )
+        if grow_step is not None and args.mask_steps > total_steps - grow_step:
+            raise HfStackError(
+                f"mask_steps ({args.mask_steps}) is longer than the {total_steps - grow_step} steps after growth; "
+                "the masks must reach 1 before training ends"
             )
         if grow_step is not None and grow_step * tps // self._block_size() > n_blocks:
             raise HfStackError(
@@ -293,15 +334,18 @@ class StackingTrainer(Trainer):
 
         small = self.accelerator.unwrap_model(self.model)
         small_params = count_parameters(small)
-        grown, plan = grow_model(small, self.args.stacked_config)
+        grown, plan, learned = grow_model(small, self.args.stacked_config, self.processing_class)
         grown.to(self.args.device)
         phase1 = {"phase": 1, "num_parameters": small_params, "steps": grow_step, "tokens": grow_step * tps,
                   "flops": training_flops(small_params, grow_step * tps), "num_layers": plan.source_num_layers}  # fmt: skip
         new_optimizer = self._grown_optimizer(small, grown, plan) if self.args.carry_optimizer_state else None
+        if self.args.mask_steps:
+            self.masks = GrowthMasks(grown, plan)
         self._install_model(grown, phase1)
         self.optimizer, self.lr_scheduler = new_optimizer, None
         if self.is_world_process_zero():
-            record = growth_record(plan, self.args.stacked_config, {"name_or_path": "in-run growth", "phase1": phase1})
+            source = {"name_or_path": "in-run growth", "phase1": phase1}
+            record = growth_record(plan, self.args.stacked_config, source, learned)
             tmp = grown_init.with_name(grown_init.name + ".tmp")
             self.accelerator.unwrap_model(self.model).save_pretrained(tmp)
             if self.processing_class is not None:
@@ -317,8 +361,13 @@ class StackingTrainer(Trainer):
     def _load_grown(self, out: Path, grown_init: Path) -> None:
         from transformers import AutoModelForCausalLM
 
+        from .modeling import plan_for_model
+
         state = json.loads((out / GROWTH_STATE).read_text())
         grown = AutoModelForCausalLM.from_pretrained(grown_init, dtype=self.model.dtype, trust_remote_code=False)
+        if self.args.mask_steps:
+            small = self.accelerator.unwrap_model(self.model)
+            self.masks = GrowthMasks(grown, plan_for_model(small, self.args.stacked_config))
         self._install_model(grown.to(self.args.device).train(), state["phase1"])
         self.optimizer, self.lr_scheduler = None, None
 

@@ -10,8 +10,9 @@ from .errors import HfStackError
 from .tensors import TORCH_DTYPES, TensorReader, materialize
 
 
-def verify_checkpoint(folder: Path, plan, source, dtype: str | None = None) -> None:
-    """Reload `folder` with `AutoModelForCausalLM` (no remote code) and compare every tensor with the plan.
+def verify_checkpoint(folder: Path, plan, source, dtype: str | None = None, computed: dict | None = None) -> None:
+    """Reload `folder` with `AutoModelForCausalLM` (no remote code) and compare every tensor with the plan
+    (or with `computed`, the tensors a trained operator produced).
 
     Raises:
         HfStackError: if the folder does not load, a tensor is missing or extra, or any value differs.
@@ -38,7 +39,7 @@ def verify_checkpoint(folder: Path, plan, source, dtype: str | None = None) -> N
     reader = TensorReader(source)
     torch_dtype = TORCH_DTYPES.get(dtype) if dtype else None
     for entry in plan.tensors:
-        want = materialize(entry, reader, torch_dtype)
+        want = computed[entry.target] if computed is not None else materialize(entry, reader, plan, torch_dtype)
         got = state[entry.target]
         if got.dtype != want.dtype or got.shape != want.shape or not torch.equal(got, want):
             raise HfStackError(f"verification failed: {entry.target} differs from {entry.source} ({entry.op})")

@@ -37,8 +37,25 @@ def test_dry_run_prints_every_tensor_and_writes_nothing(llama_small, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "layers: 3 -> 7" in r.stdout and "num_hidden_layers: 3 -> 7" in r.stdout
     assert "model.layers.6.mlp.up_proj.weight" in r.stdout and "<- model.layers.2.mlp.up_proj.weight" in r.stdout
-    tensor_lines = [line for line in r.stdout.splitlines() if line.startswith("  ")]
+    tensor_lines = [line for line in r.stdout.splitlines() if line.startswith("  ") and " <- " in line]
     assert len(tensor_lines) == 1 + 7 * 9 + 2  # embeddings, 7 layers x 9 tensors, final norm, untied lm_head
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_width_dry_run_prints_axes_and_every_tensor(llama_small, tmp_path):
+    r = run(
+        "grow", llama_small, "--operator", "zero", "--factor", "2", "--width-factor", "2", "--dry-run", cwd=tmp_path
+    )
+    assert r.returncode == 0, r.stderr
+    assert "operator: zero, depth + width" in r.stdout and "function preserving: yes" in r.stdout
+    assert "hidden_size: 32 -> 64" in r.stdout and "num_key_value_heads: 2 -> 4" in r.stdout
+    assert (
+        "v_out: 16 -> 32; 16 new units (zero)" in r.stdout and "ffn_in: 64 -> 128; 64 new units (random)" in r.stdout
+    )
+    lines = [line for line in r.stdout.splitlines() if line.startswith("  ") and " <- " in line]
+    assert len(lines) == 1 + 6 * 9 + 2
+    assert all("grown along" in line for line in lines)
+    assert any("model.layers.4.mlp.down_proj.weight" in line and "[zero]" in line for line in lines)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -139,6 +156,16 @@ def test_bad_source_gives_one_line_error(llama_small, tmp_path, kind, capsys):
         (["--operator", "magic"], "unknown operator"),
         (["--max-shard-size", "lots"], "cannot read size"),
         (["--factor", "2", "--layers", "4"], "not both"),
+        (["--operator", "direct", "--width-factor", "1.25"], "cannot keep heads whole"),
+        (["--operator", "direct", "--width-factor", "0.5"], "above 1"),
+        (["--width-factor", "2"], "grows depth only"),  # stack is G_stack: depth
+        (["--operator", "zero", "--direction", "depth", "--width-factor", "2"], "keeps the width"),
+        (["--operator", "zero", "--direction", "width", "--factor", "2"], "keeps the depth"),
+        (["--operator", "learn", "--factor", "2"], "--learn-data"),
+        (["--operator", "learn", "--learn-data", "missing.txt"], "does not exist"),
+        (["--operator", "learn", "--learn-data", "a.txt", "--learn-steps", "0"], "learn_steps"),
+        (["--operator", "zero", "--learn-data", "a.txt"], "is for operator 'learn'"),
+        (["--operator", "direct", "--width-factor", "2", "--width-noise", "5"], "width_noise"),
     ],
 )
 def test_bad_arguments_give_one_line_error(llama_small, tmp_path, args, match):

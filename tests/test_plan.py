@@ -203,7 +203,8 @@ def test_plans_do_not_need_torch():
 )
 def test_every_valid_setting_gives_a_complete_plan(L, order, n, operator):
     cfg, infos = fake_source(L)
-    stacked = StackedConfig(num_layers=n, order=order, operator=operator)
+    learn = {"learn_data": "text.txt"} if OPERATORS[operator].needs_data else {}
+    stacked = StackedConfig(num_layers=n, order=order, operator=operator, **learn)
     try:
         plan = build_plan(cfg, infos, stacked)
     except HfStackError:

@@ -224,6 +224,31 @@ def test_adam_moments_can_be_carried_over_the_growth(small2, tmp_path, data_file
     assert getattr(check, "checked", False)
 
 
+def test_width_growth_in_the_run_starts_from_the_small_models_function(small2, tmp_path, data_file):
+    out = tmp_path / "r"
+    make_trainer(small2, out, data_file, grow_at_tokens=128, max_tokens=256,
+                 stacked_config=StackedConfig(operator="zero", factor=2, width_factor=2)).train()  # fmt: skip
+    small = AutoModelForCausalLM.from_pretrained(out / "small" / "checkpoint-2")
+    grown = AutoModelForCausalLM.from_pretrained(out / "grown-init")
+    assert grown.config.hidden_size == 64 and grown.config.num_hidden_layers == 4
+    ids = torch.tensor([[1, 5, 17, 42, 9, 77]])
+    with torch.no_grad():
+        torch.testing.assert_close(grown(ids).logits, small(ids).logits, atol=5e-5, rtol=0)
+    assert AutoModelForCausalLM.from_pretrained(out / "final").config.hidden_size == 64
+
+
+def test_msg_masks_ramp_in_random_growth(small2, tmp_path, data_file):
+    out = tmp_path / "r"
+    trainer = make_trainer(small2, out, data_file, grow_at_tokens=128, max_tokens=64 * 10, mask_steps=4,
+                           logging_steps=1, stacked_config=StackedConfig(operator="random", factor=2, width_factor=2))  # fmt: skip
+    trainer.train()
+    log = json.loads((out / "training_log.json").read_text())["log_history"]
+    masks = [e["growth_mask"] for e in log if e.get("phase") == 2 and "loss" in e]
+    assert masks == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0, 1.0, 1.0]  # logged after each step: the mask that step used
+    assert trainer.masks is None  # removed once fully in: the saved model is the plain one
+    assert AutoModelForCausalLM.from_pretrained(out / "final").config.hidden_size == 64
+
+
 def test_lora_on_a_grown_model(small2, tmp_path, data_file):
     from peft import LoraConfig
 
@@ -256,6 +281,15 @@ def test_lora_on_a_grown_model(small2, tmp_path, data_file):
         (dict(max_tokens=64 * 4, grow_at_tokens=64 * 4 - 10), "not before the end"),
         (dict(grow_at_tokens=64 * 10**4, max_tokens=64 * 10**5), "fewer than grow_at_tokens"),
         (dict(), "set max_tokens"),
+        (
+            dict(
+                grow_at_tokens=64 * 2,
+                max_tokens=64 * 4,
+                mask_steps=5,
+                stacked_config=StackedConfig(operator="random", factor=2),
+            ),
+            "longer than the 2 steps",
+        ),  # fmt: skip
     ],
 )
 def test_bad_training_settings_fail_before_training(small2, tmp_path, data_file, settings, match):

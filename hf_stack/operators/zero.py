@@ -1,30 +1,46 @@
-"""Depthwise G_zero (LLaMA-Pro block expansion): repeated layers start with zeroed output projections.
+"""G_zero: new parameters start at zero wherever they would change the output.
 
-A decoder layer whose `o_proj` and `down_proj` are zero adds nothing to the pre-norm residual stream, so it is an
-identity map and the grown model computes exactly the source model's function. The first occurrence of each
-source layer keeps its weights; every later copy is zeroed (Wu et al., 2024, arXiv 2401.02415).
+Depth (LLaMA-Pro block expansion, Wu et al., 2024, arXiv 2401.02415): a decoder layer whose `o_proj` and
+`down_proj` are zero adds nothing to the pre-norm residual stream, so every repeated copy is an identity block.
+Width: new hidden units are written by zero rows (embedding columns, o_proj and down_proj rows), so they stay
+zero in the residual stream; new heads have zero value rows and new FFN units zero up rows, so they add nothing.
+Queries, keys and gates of new units keep the target's random init, and so do the columns that read new units:
+zeroing both factors of a product (q and k, gate and up) would leave them at a saddle where no gradient flows. RMSNorm now averages over more units, the new ones zero, so the mean square falls by H / H': old norm
+weights are scaled by sqrt(H / H') and `rms_norm_eps` by H / H', which makes the norm's output exactly the
+source's (the paper's code does neither).
 """
 
-from . import Operator, register_operator
+from ..width import new_unit_axes
+from . import Growth, Operator, register_operator, repeats
 
 # Output projections of a Llama-style block: the only writes into the residual stream.
 ZEROED_SUFFIXES = ("self_attn.o_proj.weight", "self_attn.o_proj.bias", "mlp.down_proj.weight", "mlp.down_proj.bias")
 
 
 def _zero_repeats(target_layer: int, layer_map: tuple[int, ...]) -> dict[str, str]:
-    first = layer_map.index(layer_map[target_layer])
-    if first == target_layer:
-        return {}
-    return dict.fromkeys(ZEROED_SUFFIXES, "zero")
+    return dict.fromkeys(ZEROED_SUFFIXES, "zero") if target_layer in repeats(layer_map) else {}
+
+
+def _zero_width(dims, noise=0.0):
+    scale = (dims.hidden[0] / dims.hidden[1]) ** 0.5
+    return new_unit_axes(dims, out_fill="zero", in_fill="random", norm_scale=scale, gate_fill="random")
 
 
 ZERO = register_operator(
     Operator(
         name="zero",
-        direction="depth",
-        function_preserving=True,
         paper="https://arxiv.org/abs/2401.02415",
-        summary="G_zero: repeated layers are copies with o_proj and down_proj zeroed, so each is an identity block",
+        depth=Growth(
+            "G↑zero", True, "repeated layers are copies with o_proj and down_proj zeroed, so each is an identity block"
+        ),
+        width=Growth(
+            "G→zero",
+            True,
+            "new units are written by zero rows (value, up, o_proj, down, embedding) and read by randomly "
+            "initialised columns; RMSNorm weights scaled by sqrt(H/H') and its epsilon by H/H'",
+        ),
         layer_ops=_zero_repeats,
+        width_axes=_zero_width,
+        width_eps=lambda dims: dims.hidden[0] / dims.hidden[1],
     )
 )

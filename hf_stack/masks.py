@@ -1,0 +1,99 @@
+"""MSG-style growth masks for the trainer: the new parts of a `random` growth ramped in from 0 to 1.
+
+Masked Structural Growth (Yao et al., 2023, arXiv 2305.02869): with mask m, a new layer computes
+m * layer(x) + (1 - m) * x, and new units' outputs (embedding columns, value and up rows, o_proj and down_proj
+rows) are multiplied by m, with RMSNorm averaging over the H + m (H' - H) active units. At m = 0 the grown
+model computes the source's function exactly; at m = 1 the masks are the identity and are removed. The masks
+are forward hooks on transformers' own modules: no modeling code, and the weights saved are the plain ones.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import HfStackError
+from .operators import repeats
+
+# Module -> the plan axis whose new units its output carries.
+OUTPUT_AXES = {"self_attn.v_proj": "v_out", "self_attn.o_proj": "hidden_out", "mlp.up_proj": "up_out",
+               "mlp.down_proj": "hidden_out"}  # fmt: skip
+NORMS = ("input_layernorm", "post_attention_layernorm")
+
+
+class GrowthMasks:
+    """Hooks that mask the new layers and units of a grown model (plan of the `random` operator).
+
+    Args:
+        model: the grown transformers model (unwrapped).
+        plan: the [`~hf_stack.plan.GrowthPlan`] that grew it.
+
+    Example:
+
+    ```python
+    >>> masks = GrowthMasks(grown, plan)  # doctest: +SKIP
+    >>> masks.set(0.0)  # the source's function  # doctest: +SKIP
+    >>> masks.remove()  # plain model again  # doctest: +SKIP
+    ```
+    """
+
+    def __init__(self, model, plan):
+        if plan.operator != "random":
+            raise HfStackError(f"growth masks ramp in the new parts of 'random' growth, not of {plan.operator!r}")
+        self.value = 0.0
+        self.handles = []
+        inner = model.get_decoder()
+        new_layers = repeats(plan.layer_map) if "depth" in plan.directions else set()
+        for i in sorted(new_layers):
+            self.handles.append(inner.layers[i].register_forward_hook(self._layer_hook, with_kwargs=True))
+        if plan.width:
+            H, Ht = plan.width["hidden_out"].source_size, plan.width["hidden_out"].target_size
+            self.masks = {name: torch.tensor([j < 0 for j in axis.index]) for name, axis in plan.width.items()}
+            self._hook(inner.embed_tokens, "hidden_out")
+            for layer in inner.layers:
+                for path, axis in OUTPUT_AXES.items():
+                    self._hook(layer.get_submodule(path), axis)
+                for name in NORMS:
+                    self.handles.append(getattr(layer, name).register_forward_hook(self._norm_hook(H, Ht)))
+            self.handles.append(inner.norm.register_forward_hook(self._norm_hook(H, Ht)))
+
+    def set(self, value: float) -> None:
+        """Set the mask of every new part (0: absent, 1: fully in)."""
+        self.value = float(min(max(value, 0.0), 1.0))
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    def _hook(self, module, axis: str) -> None:
+        new = self.masks[axis]
+
+        def hook(mod, args, output):
+            if self.value == 1.0:
+                return output
+            scale = torch.where(new.to(output.device), self.value, 1.0).to(output.dtype)
+            return output * scale
+
+        self.handles.append(module.register_forward_hook(hook))
+
+    def _layer_hook(self, module, args, kwargs, output):
+        if self.value == 1.0:
+            return output
+        x = args[0] if args else kwargs["hidden_states"]
+        out = output[0] if isinstance(output, tuple) else output
+        mixed = self.value * out + (1.0 - self.value) * x
+        return (mixed, *output[1:]) if isinstance(output, tuple) else mixed
+
+    def _norm_hook(self, H: int, Ht: int):
+        def hook(module, args, output):
+            if self.value == 1.0:
+                return output
+            # The norm divided by the RMS over all H' units; the active units number H + m (H' - H).
+            x = args[0].float()
+            eps = getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6))
+            square = x.pow(2).sum(-1, keepdim=True)
+            active = H + self.value * (Ht - H)
+            factor = torch.sqrt((square / Ht + eps) / (square / active + eps))
+            return (output.float() * factor).to(output.dtype)
+
+        return hook

@@ -1,0 +1,209 @@
+"""Every registered operator x direction x architecture: a standard checkpoint whose function matches the claim."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from hf_stack import StackedConfig, StackedModelForCausalLM, StackingTrainingArguments, grow
+from hf_stack.errors import HfStackError
+from hf_stack.masks import GrowthMasks
+from hf_stack.modeling import grow_model
+from hf_stack.operators import OPERATORS, operator_table
+from tests.conftest import TEXT, build_checkpoint
+from tests.test_grow import load_all
+
+DIRECTIONS = {"depth": dict(factor=2), "width": dict(width_factor=2), "both": dict(factor=2, width_factor=1.5)}
+# float32 tolerance; zero-width also halves the epsilon Qwen3's per-head q_norm/k_norm share with the rest.
+ATOL = 5e-5
+
+
+@pytest.fixture(scope="module")
+def learn_data(tmp_path_factory):
+    path = tmp_path_factory.mktemp("learn") / "text.txt"
+    path.write_text((TEXT + "\n") * 40)
+    return str(path)
+
+
+def settings(operator, direction, learn_data):
+    extra = dict(learn_data=learn_data, learn_steps=3, learn_batch_size=2, learn_block_size=16)
+    return StackedConfig(operator=operator, **DIRECTIONS[direction], **(extra if operator == "learn" else {}))
+
+
+@pytest.mark.parametrize("direction", sorted(DIRECTIONS))
+@pytest.mark.parametrize("operator", sorted(OPERATORS))
+def test_operator_writes_a_standard_checkpoint_true_to_its_claim(
+    operator, direction, arch, tmp_path, token_ids, learn_data
+):
+    src = tmp_path / "small"
+    small = build_checkpoint(src, arch)
+    stacked = settings(operator, direction, learn_data)
+    out = tmp_path / "grown"
+    plan = grow(src, out, stacked, verify=True)
+
+    # keys and shapes are exactly those of the target config's own model
+    config = AutoConfig.from_pretrained(out)
+    expected = AutoModelForCausalLM.from_config(config).state_dict()
+    if config.tie_word_embeddings:
+        expected.pop("lm_head.weight")
+    written = load_all(out)
+    assert {k: tuple(v.shape) for k, v in written.items()} == {k: tuple(v.shape) for k, v in expected.items()}
+    if "width" in stacked.directions:
+
+        def head_dim(c):
+            return getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+
+        assert config.hidden_size == int(32 * stacked.width_factor) and head_dim(config) == head_dim(small.config)
+        assert config.num_key_value_heads == int(small.config.num_key_value_heads * stacked.width_factor)
+    if "depth" in stacked.directions:
+        assert config.num_hidden_layers == 6
+
+    model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not any(info.values()), info  # nothing missing, unexpected or mismatched
+    assert "auto_map" not in json.loads((out / "config.json").read_text())
+
+    # the in-memory path gives the same tensors, none sharing storage (tied embeddings apart)
+    memory = StackedModelForCausalLM.from_small_pretrained(src, stacked)
+    state = memory.state_dict()
+    for k, v in written.items():
+        assert torch.equal(state[k], v), k
+    ptrs = [p.data_ptr() for k, p in state.items() if k != "lm_head.weight" or not config.tie_word_embeddings]
+    assert len(ptrs) == len(set(ptrs))
+
+    # the function-preserving claim, as README's table states it, holds, and a "no" really changes the logits
+    claim = all(OPERATORS[operator].growth(d).function_preserving for d in stacked.directions)
+    assert plan.function_preserving == claim
+    record = json.loads((out / "growth_config.json").read_text())
+    assert record["function_preserving"] == claim and record["directions"] == list(stacked.directions)
+    with torch.no_grad():
+        want, got = small(token_ids).logits, model(token_ids).logits
+    if claim:
+        torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+    else:
+        assert (got - want).abs().max() > 1e-3
+
+
+def test_readme_claims_cover_every_operator_and_direction():
+    table = operator_table()
+    for name, op in OPERATORS.items():
+        for direction in ("depth", "width"):
+            fp = "yes" if op.growth(direction).function_preserving else "no"
+            assert f"| `{name}` | {direction} | {op.growth(direction).paper_name} | {fp} |" in table
+
+
+@pytest.mark.parametrize("factor", [1.5, 3])
+def test_direct_width_split_is_exact_for_uneven_copies(factor, tmp_path, token_ids):
+    # 1.5x copies only half the units (and heads): RMSNorm and the readers are corrected per copy count.
+    small = build_checkpoint(tmp_path / "s", "llama", num_key_value_heads=2)
+    model = StackedModelForCausalLM.from_small_pretrained(
+        tmp_path / "s", StackedConfig(operator="direct", width_factor=factor)
+    )
+    assert model.config.num_attention_heads == int(4 * factor)
+    with torch.no_grad():
+        torch.testing.assert_close(model(token_ids).logits, small(token_ids).logits, atol=ATOL, rtol=0)
+        # generation with the grown KV cache follows the small model token for token
+        a = model.generate(token_ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        b = small.generate(token_ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(a, b)
+
+
+def test_zero_width_keeps_new_units_silent_and_trainable(tmp_path, token_ids):
+    build_checkpoint(tmp_path / "s", "qwen2")
+    model = StackedModelForCausalLM.from_small_pretrained(
+        tmp_path / "s", StackedConfig(operator="zero", width_factor=2)
+    )
+    layer = model.model.layers[0]
+    assert torch.all(layer.mlp.up_proj.weight[64:, :32] == 0)  # new FFN units are zero...
+    assert layer.mlp.gate_proj.weight[64:, :32].abs().sum() > 0  # ...through their up rows only (no saddle)
+    assert layer.mlp.down_proj.weight[:, 64:].abs().sum() > 0  # and are read by randomly initialised columns
+    assert torch.all(model.model.embed_tokens.weight[:, 32:] == 0)
+    hidden = model(token_ids, output_hidden_states=True).hidden_states
+    assert all(torch.all(h[..., 32:] == 0) for h in hidden)  # new hidden units stay zero through every layer
+    model.train()
+    model(token_ids, labels=token_ids).loss.backward()
+    # new units get gradients (no zero-times-zero saddle): values, up rows, writes into the stream
+    assert layer.self_attn.v_proj.weight.grad[16:].abs().sum() > 0  # 2 -> 4 key/value heads of 8
+    assert layer.mlp.up_proj.weight.grad[64:].abs().sum() > 0
+    assert layer.mlp.down_proj.weight.grad[32:].abs().sum() > 0
+    assert model.model.embed_tokens.weight.grad[:, 32:].abs().sum() > 0
+
+
+def test_random_operator_initialises_like_the_target_architecture(tmp_path):
+    build_checkpoint(tmp_path / "s", "llama", initializer_range=0.05)
+    grow(tmp_path / "s", tmp_path / "a", StackedConfig(operator="random", factor=2, width_factor=2, init_seed=1))
+    grow(tmp_path / "s", tmp_path / "b", StackedConfig(operator="random", factor=2, width_factor=2, init_seed=1))
+    grow(tmp_path / "s", tmp_path / "c", StackedConfig(operator="random", factor=2, width_factor=2, init_seed=2))
+    a, b, c = (load_all(tmp_path / x) for x in "abc")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # seeded
+    assert not torch.equal(a["model.layers.4.mlp.up_proj.weight"], c["model.layers.4.mlp.up_proj.weight"])
+    new_layer = a["model.layers.4.mlp.up_proj.weight"]  # a layer beyond the source's three: all new
+    assert abs(new_layer.std().item() - 0.05) < 0.005 and abs(new_layer.mean().item()) < 0.005
+    assert torch.all(a["model.layers.4.input_layernorm.weight"] == 1)
+    src = load_all(tmp_path / "s")
+    # old layers keep the source in the top-left block
+    assert torch.equal(a["model.layers.1.mlp.up_proj.weight"][:64, :32], src["model.layers.1.mlp.up_proj.weight"])
+
+
+def test_learn_trains_the_maps_and_records_it(tmp_path, learn_data, token_ids):
+    small = build_checkpoint(tmp_path / "s", "llama")
+    stacked = StackedConfig(operator="learn", factor=2, width_factor=2, learn_data=learn_data, learn_steps=25,
+                            learn_lr=1e-2, learn_batch_size=4, learn_block_size=16)  # fmt: skip
+    grow(tmp_path / "s", tmp_path / "g", stacked)
+    record = json.loads((tmp_path / "g" / "growth_config.json").read_text())["learn"]
+    assert record["steps"] == 25 and record["loss_last"] < record["loss_first"]
+    grown = load_all(tmp_path / "g")
+    src = small.state_dict()
+    # trained away from the init (layer 3 = stacked copy of layer 0, old units = identity)
+    assert not torch.allclose(
+        grown["model.layers.3.self_attn.q_proj.weight"][:32, :32], src["model.layers.0.self_attn.q_proj.weight"]
+    )
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "g")(token_ids).logits.isfinite().all()
+
+
+@pytest.mark.parametrize("noise", [0.0, 0.01])
+def test_direct_width_noise_keeps_the_function_and_breaks_the_copies_symmetry(noise, tmp_path, token_ids):
+    small = build_checkpoint(tmp_path / "s", "llama")
+    model = StackedModelForCausalLM.from_small_pretrained(
+        tmp_path / "s", StackedConfig(operator="direct", width_factor=2, width_noise=noise)
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(model(token_ids).logits, small(token_ids).logits, atol=ATOL, rtol=0)
+    model.train()
+    model(token_ids, labels=token_ids).loss.backward()
+    up = model.model.layers[0].mlp.up_proj.weight.grad  # FFN unit 0 and its copy, unit 64
+    hidden = model.model.layers[0].self_attn.o_proj.weight.grad  # hidden unit 0 and its copy, unit 32
+    same = torch.allclose(up[0], up[64]) and torch.allclose(hidden[0], hidden[32])
+    assert same == (noise == 0.0)  # exact duplicates learn in lockstep forever; noise lets them diverge
+
+
+@pytest.mark.parametrize("kw", [dict(factor=2), dict(width_factor=2), dict(factor=2, width_factor=1.5)])
+def test_growth_masks_start_at_the_source_function_and_end_as_the_plain_model(kw, arch, tmp_path, token_ids):
+    small = build_checkpoint(tmp_path / "s", arch)
+    grown, plan, _ = grow_model(small, StackedConfig(operator="random", **kw))
+    grown.eval()
+    with torch.no_grad():
+        want, plain = small(token_ids).logits, grown(token_ids).logits
+        masks = GrowthMasks(grown, plan)
+        masks.set(0.0)
+        torch.testing.assert_close(grown(token_ids).logits, want, atol=ATOL, rtol=0)
+        masks.set(0.5)
+        half = grown(token_ids).logits
+        masks.set(1.0)
+        assert torch.equal(grown(token_ids).logits, plain)
+        masks.remove()
+        assert torch.equal(grown(token_ids).logits, plain) and not grown.model.layers[0].mlp.up_proj._forward_hooks
+    assert (half - want).abs().max() > 1e-3 and (half - plain).abs().max() > 1e-3
+
+
+def test_growth_masks_are_for_random_growth_only(tmp_path):
+    small = build_checkpoint(tmp_path / "s", "llama")
+    grown, plan, _ = grow_model(small, StackedConfig(operator="zero", factor=2))
+    with pytest.raises(HfStackError, match="random"):
+        GrowthMasks(grown, plan)
+    with pytest.raises(HfStackError, match="random operator"):
+        StackingTrainingArguments("r", grow_at_tokens=10, max_tokens=100, mask_steps=5, report_to=[],
+                                  stacked_config={"operator": "zero", "factor": 2})  # fmt: skip
+    with pytest.raises(HfStackError, match="depth growth with the direct"):
+        StackingTrainingArguments("r", carry_optimizer_state=True, report_to=[],
+                                  stacked_config={"operator": "direct", "width_factor": 2})  # fmt: skip
