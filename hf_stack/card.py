@@ -42,9 +42,17 @@ def growth_section(record: dict) -> str:
         f"Grown from `{src.get('name_or_path')}` ({src.get('num_layers')} layers"
         + (f", commit `{src['commit'][:12]}`" if src.get("commit") else "")
         + f") to {record['target_num_layers']} layers with the `{record['operator']}` operator "
+        + f"({' and '.join(record.get('directions', ['depth']))}) "
         f"([paper]({record['paper']})); function preserving at growth: "
         f"{'yes' if record.get('function_preserving') else 'no'}.",
         "",
+        *(
+            ["Width grown along these axes (target units <- source units):", ""]
+            + [f"- {line}" for line in record["width"].values()]
+            + [""]
+            if record.get("width")
+            else []
+        ),
         "![layer map](layer_map.png)" if record.get("_figure") else "",
         "",
         "| target layers | source layers |",

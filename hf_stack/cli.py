@@ -99,7 +99,15 @@ def cmd_grow(args) -> int:
         verify=args.verify,
     )
     verified = ", verified" if args.verify else ""
-    print(f"grew {args.source} ({plan.source_num_layers} layers) -> {out} ({plan.num_layers} layers{verified})")
+    width = ""
+    if plan.width:
+        hidden = plan.width["hidden_out"]
+        width = f", hidden {hidden.source_size}", f", hidden {hidden.target_size}"
+    src_note, out_note = width or ("", "")
+    print(
+        f"grew {args.source} ({plan.source_num_layers} layers{src_note}) -> {out} "
+        f"({plan.num_layers} layers{out_note}{verified})"
+    )
     if args.push is not None:
         from .hub import push
 

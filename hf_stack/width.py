@@ -132,7 +132,7 @@ def width_dims(config: dict, width_factor: float) -> WidthDims:
         )
     if width_factor < 1:
         raise HfStackError(f"width factor must be at least 1, got {width_factor}")
-    H, I, nh = config["hidden_size"], config["intermediate_size"], config["num_attention_heads"]
+    H, F, nh = config["hidden_size"], config["intermediate_size"], config["num_attention_heads"]
     nkv = config.get("num_key_value_heads") or nh
     head_dim = config.get("head_dim") or H // nh
 
@@ -141,13 +141,13 @@ def width_dims(config: dict, width_factor: float) -> WidthDims:
         if abs(m - round(m)) > 1e-9:
             raise HfStackError(
                 f"width factor {width_factor} gives {m:g} {name} from {n}; it cannot keep heads whole. Choose a "
-                f"factor that makes every size whole, e.g. 2 (sizes: hidden {H}, ffn {I}, heads {nh}, kv heads {nkv})"
+                f"factor that makes every size whole, e.g. 2 (sizes: hidden {H}, ffn {F}, heads {nh}, kv heads {nkv})"
             )
         return round(m)
 
     return WidthDims(
         hidden=(H, grown("hidden units", H)),
-        ffn=(I, grown("FFN units", I)),
+        ffn=(F, grown("FFN units", F)),
         heads=(nh, grown("attention heads", nh)),
         kv_heads=(nkv, grown("key/value heads", nkv)),
         head_dim=head_dim,
@@ -208,14 +208,14 @@ def split_axes(dims: WidthDims, noise: float = 0.0) -> dict[str, Axis]:
     Copies see identical inputs, so `noise` that sums to zero over a unit's copies in the reading columns
     keeps the function and lets the copies' gradients differ (without it they stay duplicates forever).
     """
-    (H, Ht), (I, It) = dims.hidden, dims.ffn
+    (H, Ht), (F, Ft) = dims.hidden, dims.ffn
     hidden = cyclic(H, Ht)
     hc = _counts(hidden)
     t = tuple((Ht / (H * hc[j])) ** 0.5 for j in hidden)
     kv_heads = cyclic(*dims.kv_heads)
     q_heads = q_heads_for(kv_heads, dims.groups)
     qc = _counts(q_heads)  # copies per source query head
-    ffn = cyclic(I, It)
+    ffn = cyclic(F, Ft)
     fc = _counts(ffn)
     q_units = head_units(q_heads, dims.head_dim)
     kv_units = head_units(kv_heads, dims.head_dim)
@@ -230,9 +230,9 @@ def split_axes(dims: WidthDims, noise: float = 0.0) -> dict[str, Axis]:
         "v_out": Axis("v_out", kv_size, kv_units, ones(len(kv_units))),
         # a query head copied c times: each copy's attention output enters o_proj with weight 1/c
         "attn_in": Axis("attn_in", q_size, q_units, tuple(1.0 / qc[u // dims.head_dim] for u in q_units), noise=noise),
-        "gate_out": Axis("gate_out", I, ffn, ones(It)),
-        "up_out": Axis("up_out", I, ffn, ones(It)),
-        "ffn_in": Axis("ffn_in", I, ffn, tuple(1.0 / fc[j] for j in ffn), noise=noise),
+        "gate_out": Axis("gate_out", F, ffn, ones(Ft)),
+        "up_out": Axis("up_out", F, ffn, ones(Ft)),
+        "ffn_in": Axis("ffn_in", F, ffn, tuple(1.0 / fc[j] for j in ffn), noise=noise),
     }
 
 
@@ -243,7 +243,7 @@ def new_unit_axes(
     where one is read, `gate_fill` (default `out_fill`) for the rows of queries, keys and FFN gates; old norm
     weights times `norm_scale`."""
     gate_fill = gate_fill or out_fill
-    (H, Ht), (I, It) = dims.hidden, dims.ffn
+    (H, Ht), (F, Ft) = dims.hidden, dims.ffn
     q_units = head_units(appended(*dims.heads), dims.head_dim)
     kv_units = head_units(appended(*dims.kv_heads), dims.head_dim)
     q_size, kv_size = dims.heads[0] * dims.head_dim, dims.kv_heads[0] * dims.head_dim
@@ -259,9 +259,9 @@ def new_unit_axes(
         "k_out": axis("k_out", kv_size, kv_units, gate_fill),
         "v_out": axis("v_out", kv_size, kv_units, out_fill),
         "attn_in": axis("attn_in", q_size, q_units, in_fill),
-        "gate_out": axis("gate_out", I, appended(I, It), gate_fill),
-        "up_out": axis("up_out", I, appended(I, It), out_fill),
-        "ffn_in": axis("ffn_in", I, appended(I, It), in_fill),
+        "gate_out": axis("gate_out", F, appended(F, Ft), gate_fill),
+        "up_out": axis("up_out", F, appended(F, Ft), out_fill),
+        "ffn_in": axis("ffn_in", F, appended(F, Ft), in_fill),
     }
 
 

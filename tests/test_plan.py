@@ -229,3 +229,99 @@ def test_explicit_maps_round_trip_through_the_spec(layer_map):
     if max(layer_map) >= 8:
         with pytest.raises(HfStackError, match="only 8 layers"):
             resolve_layer_map(StackedConfig(layer_map=spec), 8)
+
+
+# ---------------------------------------------------------------- width plans
+
+LLAMA_SHAPES = {"input_layernorm.weight": ("H",), "post_attention_layernorm.weight": ("H",),
+                "self_attn.q_proj.weight": ("Q", "H"), "self_attn.k_proj.weight": ("K", "H"),
+                "self_attn.v_proj.weight": ("K", "H"), "self_attn.o_proj.weight": ("H", "Q"),
+                "mlp.gate_proj.weight": ("F", "H"), "mlp.up_proj.weight": ("F", "H"), "mlp.down_proj.weight": ("H", "F")}  # fmt: skip
+
+
+def fake_llama(H, F, heads, kv, head_dim, L=2):
+    sizes = {"H": H, "F": F, "Q": heads * head_dim, "K": kv * head_dim}
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_hidden_layers": L, "hidden_size": H,
+           "intermediate_size": F, "num_attention_heads": heads, "num_key_value_heads": kv, "head_dim": head_dim,
+           "tie_word_embeddings": False}  # fmt: skip
+    infos = {"model.embed_tokens.weight": ("F32", (50, H)), "model.norm.weight": ("F32", (H,)),
+             "lm_head.weight": ("F32", (50, H))}  # fmt: skip
+    for i in range(L):
+        for s, dims in LLAMA_SHAPES.items():
+            infos[f"model.layers.{i}.{s}"] = ("F32", tuple(sizes[d] for d in dims))
+    return cfg, infos, sizes
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    heads_kv=st.sampled_from([(4, 1), (4, 2), (4, 4), (8, 2), (6, 3), (2, 2)]),
+    head_dim=st.sampled_from([2, 4, 8]),
+    ffn_mult=st.integers(1, 4),
+    width_factor=st.sampled_from([1.5, 2, 2.5, 3, 4, 1.25]),
+    operator=st.sampled_from(["direct", "zero", "random"]),
+)
+def test_width_plans_keep_heads_whole_and_splits_exact(heads_kv, head_dim, ffn_mult, width_factor, operator):
+    heads, kv = heads_kv
+    H = heads * head_dim
+    cfg, infos, sizes = fake_llama(H, H * ffn_mult, heads, kv, head_dim)
+    stacked = StackedConfig(operator=operator, width_factor=width_factor)
+    whole = all(abs(n * width_factor - round(n * width_factor)) < 1e-9 for n in (H, H * ffn_mult, heads, kv))
+    if not whole:
+        with pytest.raises(HfStackError, match="cannot keep heads whole"):
+            build_plan(cfg, infos, stacked)
+        return
+    plan = build_plan(cfg, infos, stacked)
+    grown = {k: round(v * width_factor) for k, v in sizes.items()}
+    t = plan.target_config
+    assert (t["hidden_size"], t["intermediate_size"]) == (grown["H"], grown["F"])
+    assert (t["num_attention_heads"], t["num_key_value_heads"], t["head_dim"]) == (
+        round(heads * width_factor), round(kv * width_factor), head_dim)  # fmt: skip
+    for entry in plan.tensors:  # every target tensor has the grown shape its role asks for
+        if entry.target.startswith("model.layers."):
+            want = tuple(grown[d] for d in LLAMA_SHAPES[entry.target.split(".", 3)[3]])
+            assert entry.shape == want, entry.target
+    axes, groups = plan.width, heads // kv
+    q, k = axes["q_out"].index, axes["k_out"].index
+    for u in range(len(q)):  # units of a query head come from one source head, in order, within its GQA group
+        if q[u] >= 0:
+            assert q[u] % head_dim == u % head_dim
+            group = (u // head_dim) // groups
+            assert k[group * head_dim] >= 0 and q[u] // head_dim // groups == k[group * head_dim] // head_dim
+    if operator == "direct":
+        assert plan.function_preserving and all(j >= 0 for a in axes.values() for j in a.index)
+        hidden = axes["hidden_in"]
+        for j in range(H):  # the residual stream keeps its RMS: sum of t^2 over copies = H'/H
+            total = sum(s * s for i, s in zip(hidden.index, hidden.scale) if i == j)
+            assert total == pytest.approx(grown["H"] / H)
+        for name in ("attn_in", "ffn_in"):  # a copied unit's readers share its weight
+            a = axes[name]
+            for j in range(a.source_size):
+                assert sum(s for i, s in zip(a.index, a.scale) if i == j) == pytest.approx(1.0)
+    else:
+        for a in axes.values():
+            assert a.index[: a.source_size] == tuple(range(a.source_size))
+            assert all(j == -1 for j in a.index[a.source_size :])
+
+
+def test_width_refuses_architectures_and_tensors_it_does_not_know():
+    cfg, infos, _ = fake_llama(8, 16, 4, 2, 2)
+    gemma = {**cfg, "model_type": "gemma", "architectures": ["GemmaForCausalLM"]}  # norms use (1 + w)
+    with pytest.raises(HfStackError, match="width growth supports model types"):
+        build_plan(gemma, infos, StackedConfig(operator="direct", width_factor=2))
+    build_plan(gemma, infos, StackedConfig(operator="zero", factor=2))  # depth growth only renames tensors
+    extra = {**infos, **{f"model.layers.{i}.mlp.router.weight": ("F32", (4, 8)) for i in range(2)}}
+    with pytest.raises(HfStackError, match="does not know how to grow tensor 'model.layers.0.mlp.router.weight'"):
+        build_plan(cfg, extra, StackedConfig(operator="zero", width_factor=2))
+
+
+def test_width_plan_describes_every_axis_and_records_it():
+    cfg, infos, _ = fake_llama(8, 16, 4, 2, 2)
+    plan = build_plan(cfg, infos, StackedConfig(operator="direct", factor=2, width_factor=1.5))
+    text = plan.describe()
+    assert "hidden_in: 8 -> 12; 4 units copied from [0-3]; scales 0.866025, 1.22474" in text
+    assert "k_out: 4 -> 6; 2 units copied from [0-1]" in text  # one whole key/value head copied
+    line = next(x for x in text.splitlines() if x.strip().startswith("model.layers.3.mlp.down_proj.weight "))
+    assert "<- model.layers.1.mlp.down_proj.weight  F32[12, 24]  grown along hidden_out x ffn_in" in line
+    record = plan.to_dict()
+    assert record["directions"] == ["depth", "width"] and not record["function_preserving"]
+    assert set(record["width"]) == set(plan.width)
