@@ -4,6 +4,10 @@ Usage (from the repository root, after `make install` and the bench environment 
 
     python3 -m venv bench/.venv && bench/.venv/bin/pip install torch==2.13.0 mergekit==0.1.5
     .venv/bin/python bench/grow.py --reps 5
+    .venv/bin/python bench/grow.py --reps 3 --width   # width x2 (direct split) against the floor only
+
+mergekit has no width growth, so `--width` compares `--operator direct --width-factor 2` (which decodes, splits
+and adds zero-sum noise to every tensor in torch, one tensor at a time) with the read/write floor alone.
 
 A synthetic bf16 checkpoint (6 layers, hidden 2048, FFN 5632, vocabulary 32000, untied head: 0.88 GB) is grown
 x4 (24 layers, 2.7 GB) by each contender in turn, interleaved, `sync` before every run; the table reports the
@@ -115,7 +119,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--skip-naive", action="store_true")
+    parser.add_argument("--width", action="store_true", help="Width x2 with the direct split, against the floor.")
     args = parser.parse_args()
+    if args.width:
+        return width_bench(args.reps)
 
     src = WORK / "small"
     if not src.exists():
@@ -167,6 +174,54 @@ def main() -> None:
     print(f"\nhf-stack / mergekit wall: {ours / mk:.2f}x; hf-stack / floor: {ours / floor:.2f}x")
     (WORK.parent / "results").mkdir(exist_ok=True)
     (WORK.parent / "results" / "grow.json").write_text(json.dumps({"runs": results, "medians": med}, indent=2))
+
+
+def width_bench(reps: int) -> None:
+    sys.path.insert(0, str(ROOT))
+    from hf_stack import StackedConfig
+    from hf_stack.io import resolve_source_metadata
+    from hf_stack.plan import build_plan
+
+    src = WORK / "small"
+    if not src.exists():
+        subprocess.run([str(MAIN_PY), "-c", MAKE_SOURCE, str(src)], check=True)
+    meta = resolve_source_metadata(str(src))
+    plan = build_plan(meta.config, meta.tensor_infos, StackedConfig(operator="direct", width_factor=2))
+    out_bytes = sum(2 * _numel(t.shape) for t in plan.tensors)  # bf16
+    rows = {
+        "hf-stack grow --operator direct --width-factor 2": lambda out: [str(HF_STACK), "grow", str(src), "--operator", "direct", "--width-factor", "2", "-o", str(out)],
+        "read-once/write-once floor": lambda out: [sys.executable, "-c", FLOOR, str(src / "model.safetensors"), str(out), str(out_bytes)],
+    }  # fmt: skip
+    results: dict[str, list[tuple[float, float]]] = {k: [] for k in rows}
+    for rep in range(reps):
+        for name, cmd in rows.items():
+            out = WORK / "out"
+            shutil.rmtree(out, ignore_errors=True)
+            results[name].append(run(cmd(out)))
+            if rep == 0 and name != "read-once/write-once floor":
+                written = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+                assert abs(written - out_bytes) < 1 << 20, (written, out_bytes)
+            print(
+                f"rep {rep + 1}/{reps} {name}: {results[name][-1][0]:.2f} s, {results[name][-1][1]:.0f} MB", flush=True
+            )
+        shutil.rmtree(WORK / "out", ignore_errors=True)
+    med = {k: (statistics.median(w for w, _ in v), statistics.median(m for _, m in v)) for k, v in results.items()}
+    ours, floor = (w for w, _ in med.values())
+    print(f"\nsource {(src / 'model.safetensors').stat().st_size / 1e9:.2f} GB -> output {out_bytes / 1e9:.2f} GB, "
+          f"medians of {reps}, {os.cpu_count()} cores\n")  # fmt: skip
+    print("| tool | wall s (median) | peak RSS MB (median) |\n|---|---|---|")
+    for k, (w, m) in med.items():
+        print(f"| {k} | {w:.2f} | {m:.0f} |")
+    print(f"\nhf-stack width / floor: {ours / floor:.2f}x")
+    (WORK.parent / "results").mkdir(exist_ok=True)
+    (WORK.parent / "results" / "grow_width.json").write_text(json.dumps({"runs": results, "medians": med}, indent=2))
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
 
 
 def _offsets(path: Path) -> dict[str, tuple[int, int]]:

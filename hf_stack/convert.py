@@ -186,12 +186,13 @@ def _output_tensors(
                 _write_zeros(n, f)
         else:
             # Decoding needed (width growth, random init, dtype cast or pickle source): torch is imported only here.
-            from .tensors import TORCH_DTYPES, TensorReader, materialize, tensor_bytes
+            from .tensors import TORCH_DTYPES, TensorReader, materialize_blocks, tensor_bytes
 
             reader = reader or TensorReader(source)
 
             def write(f, entry=entry, reader=reader):
-                f.write(tensor_bytes(materialize(entry, reader, plan, TORCH_DTYPES.get(dtype))))
+                for block in materialize_blocks(entry, reader, plan, TORCH_DTYPES.get(dtype)):
+                    f.write(tensor_bytes(block))
 
         result.append(OutputTensor(entry.target, target_dtype, entry.shape, nbytes, write))
     return result

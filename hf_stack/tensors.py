@@ -7,7 +7,6 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from .errors import HfStackError
 from .width import is_norm
@@ -34,93 +33,133 @@ def load_pickle_shard(path: Path) -> dict[str, torch.Tensor]:
 
 
 class TensorReader:
-    """Reads source tensors by name, keeping one safetensors handle per shard open."""
+    """Reads source tensors by name into private memory (plain reads at the header's offsets, no memory map: a
+    map's pages would stay resident and count against the process as a large model streams through)."""
 
     def __init__(self, source):
         self.source = source
-        self._handles: dict[Path, object] = {}
 
     def __call__(self, name: str) -> torch.Tensor:
         loc = self.source.tensors[name]
         if self.source.pickle:
             return load_pickle_shard(loc.file)[name]
-        if loc.file not in self._handles:
-            self._handles[loc.file] = safe_open(loc.file, framework="pt")
-        return self._handles[loc.file].get_tensor(name)
+        buf = bytearray(loc.nbytes)
+        with open(loc.file, "rb") as f:
+            f.seek(loc.offset)
+            if f.readinto(buf) != loc.nbytes:
+                raise HfStackError(f"{loc.file.name} ended early while reading {name} (truncated?)")
+        if not buf:
+            return torch.empty(loc.shape, dtype=SAFE_DTYPES[loc.dtype])
+        return torch.frombuffer(buf, dtype=SAFE_DTYPES[loc.dtype]).reshape(loc.shape)
 
 
-def init_tensor(name: str, shape: tuple[int, ...], plan) -> torch.Tensor:
-    """The target architecture's own init (transformers' `_init_weights` for Llama-style models): normal(0,
-    initializer_range) weights, unit norm weights, zero biases. Drawn from a stream seeded by the plan's seed and
-    the tensor's name, so the streaming and in-memory paths give the same values."""
+# Grown tensors are built in blocks of rows of about this many elements, so memory stays bounded by a block
+# (not a tensor) on the streaming path; every path builds the same blocks, so the bytes agree.
+BLOCK_ELEMENTS = 1 << 22
+
+
+def _generator(plan, *key) -> torch.Generator:
+    return torch.Generator().manual_seed(plan.seed * 1_000_003 + zlib.crc32(":".join(map(str, key)).encode()))
+
+
+def _random(name: str, r0: int, shape: tuple[int, ...], plan) -> torch.Tensor:
+    """The target architecture's own init (transformers' `_init_weights` for Llama-style models) for rows from r0:
+    normal(0, initializer_range) weights, unit norm weights, zero biases; seeded by the plan's seed, the tensor's
+    name and the block."""
     if len(shape) == 1:
         return torch.ones(shape) if is_norm(name) else torch.zeros(shape)
-    gen = torch.Generator().manual_seed(plan.seed * 1_000_003 + zlib.crc32(name.encode()))
-    return torch.randn(shape, generator=gen) * plan.init_std
+    return torch.randn(shape, generator=_generator(plan, name, r0)) * plan.init_std
 
 
-def _fill(name: str, shape: tuple[int, ...], fill: str, plan) -> torch.Tensor:
+def _fill(name: str, r0: int, shape: tuple[int, ...], fill: str, plan) -> torch.Tensor:
     if fill == "random":
-        return init_tensor(name, shape, plan)
+        return _random(name, r0, shape, plan)
     return torch.ones(shape) if fill == "one" else torch.zeros(shape)
 
 
-def _zero_sum_noise(name, shape, dim, index, std, plan) -> torch.Tensor:
-    """Noise along `dim` whose sum over the copies of each source unit is zero (a unit copied once gets none)."""
-    gen = torch.Generator().manual_seed(plan.seed * 1_000_003 + zlib.crc32(("noise:" + name).encode()))
-    noise = torch.randn(shape, generator=gen) * std
-    group = index.clamp(min=0)
-    sums = torch.zeros(shape[:dim] + (int(group.max()) + 1,) + shape[dim + 1 :]).index_add_(dim, group, noise)
-    counts = torch.bincount(group).to(noise.dtype)
-    view = [1] * len(shape)
-    view[dim] = -1
-    return noise - (sums / counts.clamp(min=1).view(view)).index_select(dim, group)
+def _zero_sum_noise(name: str, r0: int, rows: int, axis, std: float, plan) -> torch.Tensor:
+    """Column noise (rows x target units) that sums to zero over the copies of each source unit: every later copy
+    draws its own, the first copy takes minus their sum; a unit copied once gets none."""
+    first: dict[int, int] = {}
+    later = [k for k, j in enumerate(axis.index) if j >= 0 and first.setdefault(j, k) != k]
+    noise = torch.zeros(rows, axis.target_size)
+    if later:
+        eps = torch.randn(rows, len(later), generator=_generator(plan, "noise", name, r0)) * std
+        sums = torch.zeros(rows, axis.source_size).index_add_(1, torch.tensor([axis.index[k] for k in later]), eps)
+        noise[:, later] = eps
+        noise[:, list(first.values())] = -sums[:, list(first)]
+    return noise
 
 
-def widen(entry, src: torch.Tensor, plan) -> torch.Tensor:
-    """Grow `src` along the plan's width axes: gather source units, scale them, fill new units.
+def _widen_block(entry, src: torch.Tensor, plan, r0: int, r1: int, std: float) -> torch.Tensor:
+    """Rows r0:r1 of the widened tensor: gather source units, scale them, add noise, fill new units.
 
     Cells of a new column take the column axis's fill; other cells of a new row the row axis's, so e.g. G_zero
     gets zero rows for new units except where they meet new (randomly initialised) columns.
     """
-    out = src.to(torch.promote_types(src.dtype, torch.float32))
-    new_masks = []
-    for dim, name in enumerate(entry.axes):
-        if name is None:
-            new_masks.append(None)
-            continue
-        axis = plan.width[name]
-        index = torch.tensor(axis.index)
-        view = [1] * out.ndim
-        view[dim] = -1
-        scale = torch.tensor(axis.scale, dtype=torch.float32).view(view)
-        out = out.index_select(dim, index.clamp(min=0)) * scale
-        if axis.noise:
-            out = out + _zero_sum_noise(entry.target, out.shape, dim, index, axis.noise * src.float().std(), plan)
-        new_masks.append(index < 0)
-    for dim, (name, new) in enumerate(zip(entry.axes, new_masks, strict=True)):
-        if new is None or not new.any():
-            continue
-        fill = _fill(entry.target, entry.shape, plan.width[name].fill, plan)
-        view = [1] * out.ndim
-        view[dim] = -1
-        out = torch.where(new.view(view), fill, out)
-    return out
+    work = torch.promote_types(src.dtype, torch.float32)
+    names = list(entry.axes) + [None] * (2 - len(entry.axes))
+    row_axis, col_axis = (plan.width[n] if n else None for n in names[:2])
+    shape = (r1 - r0, *entry.shape[1:])
+    new_rows = new_cols = None
+    if row_axis is not None:
+        index = torch.tensor(row_axis.index[r0:r1])
+        block = src.index_select(0, index.clamp(min=0)).to(work)
+        scale = torch.tensor(row_axis.scale[r0:r1], dtype=work)
+        block *= scale.view(-1, *([1] * (block.ndim - 1)))
+        new_rows = index < 0
+    else:
+        block = src[r0:r1].to(work)
+    if col_axis is not None:
+        index = torch.tensor(col_axis.index)
+        block = block.index_select(1, index.clamp(min=0)) * torch.tensor(col_axis.scale, dtype=work)
+        if col_axis.noise:
+            block += _zero_sum_noise(entry.target, r0, r1 - r0, col_axis, col_axis.noise * std, plan)
+        new_cols = index < 0
+    if new_rows is not None and new_rows.any():
+        block[new_rows] = _fill(entry.target, r0, (int(new_rows.sum()), *shape[1:]), row_axis.fill, plan).to(work)
+    if new_cols is not None and new_cols.any():
+        cells = (shape[0], int(new_cols.sum()))
+        block[:, new_cols] = _fill("cols:" + entry.target, r0, cells, col_axis.fill, plan).to(work)
+    return block
+
+
+def materialize_blocks(entry, reader, plan, dtype: torch.dtype | None = None):
+    """Yield one target tensor of a plan entry as consecutive blocks of rows (row-major: their bytes, one after
+    the other, are the tensor's); always fresh tensors, so no two targets share storage."""
+    src = reader(entry.source)
+    out_dtype = dtype or src.dtype
+    if entry.op == "copy" and not entry.widened:
+        yield src.to(out_dtype, copy=True).contiguous()
+        return
+    if entry.op not in ("copy", "zero", "random"):
+        raise HfStackError(f"tensor op {entry.op!r} is not computed tensor by tensor (see the operator)")
+    shape = entry.shape
+    step = max(1, BLOCK_ELEMENTS // max(1, _numel(shape[1:]))) if len(shape) > 1 else shape[0]
+    # in the source dtype: a float32 copy of the largest tensor would set the peak memory
+    std = float(src.std()) if entry.widened and src.numel() > 1 else 0.0
+    for r0 in range(0, shape[0], step):
+        r1 = min(shape[0], r0 + step)
+        if entry.op == "zero":
+            block = torch.zeros((r1 - r0, *shape[1:]))
+        elif entry.op == "random":
+            block = _random(entry.target, r0, (r1 - r0, *shape[1:]), plan)
+        else:
+            block = _widen_block(entry, src, plan, r0, r1, std)
+        yield block.to(out_dtype).contiguous()
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
 
 
 def materialize(entry, reader, plan, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Build one target tensor of a plan entry; always a fresh tensor, so no two targets share storage."""
-    src = reader(entry.source)
-    out_dtype = dtype or src.dtype
-    if entry.op == "zero":
-        return torch.zeros(entry.shape, dtype=out_dtype)
-    if entry.op == "random":
-        return init_tensor(entry.target, entry.shape, plan).to(out_dtype)
-    if entry.op != "copy":
-        raise HfStackError(f"tensor op {entry.op!r} is not computed tensor by tensor (see the operator)")
-    if entry.widened:
-        return widen(entry, src, plan).to(out_dtype).contiguous()
-    return src.to(out_dtype, copy=True).contiguous()
+    """One target tensor of a plan entry, whole (the in-memory path; see [`materialize_blocks`])."""
+    blocks = list(materialize_blocks(entry, reader, plan, dtype))
+    return blocks[0] if len(blocks) == 1 else torch.cat(blocks)
 
 
 def apply_plan(plan, read, dtype: str | None = None) -> dict[str, torch.Tensor]:
