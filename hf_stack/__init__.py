@@ -1,4 +1,4 @@
-"""hf_stack: grow small transformers checkpoints into deeper ones (G_stack, arXiv 2405.15319).
+"""hf_stack: grow small transformers checkpoints into deeper or wider ones (G_stack, arXiv 2405.15319).
 
 Pipeline: source checkpoint -> growth plan (`plan`) -> grown tensors (`tensors`, `convert`) -> standard checkpoint.
 Heavy modules are imported on first use so `import hf_stack` and `hf-stack --help` stay instant.
@@ -24,6 +24,7 @@ _EXPORTS = {
     "build_dataset": "data",
     "StackingTrainer": "trainer",
     "StackingTrainingArguments": "trainer",
+    "GrowthMasks": "masks",
     "evaluate_model": "evaluate",
     "EvalCallback": "evaluate",
     "push": "hub",

@@ -76,6 +76,7 @@ def test_operator_writes_a_standard_checkpoint_true_to_its_claim(
     assert plan.function_preserving == claim
     record = json.loads((out / "growth_config.json").read_text())
     assert record["function_preserving"] == claim and record["directions"] == list(stacked.directions)
+    assert StackedConfig.from_pretrained(out) == stacked  # the settings read back
     with torch.no_grad():
         want, got = small(token_ids).logits, model(token_ids).logits
     if claim:

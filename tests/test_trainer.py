@@ -237,6 +237,16 @@ def test_width_growth_in_the_run_starts_from_the_small_models_function(small2, t
     assert AutoModelForCausalLM.from_pretrained(out / "final").config.hidden_size == 64
 
 
+def test_learned_growth_in_the_run(small2, tmp_path, data_file):
+    out = tmp_path / "r"
+    stacked = StackedConfig(operator="learn", factor=2, learn_data=str(data_file), learn_steps=3,
+                            learn_batch_size=2, learn_block_size=16)  # fmt: skip
+    make_trainer(small2, out, data_file, grow_at_tokens=128, max_tokens=256, stacked_config=stacked).train()
+    record = json.loads((out / "grown-init" / "growth_config.json").read_text())
+    assert record["operator"] == "learn" and record["learn"]["steps"] == 3
+    assert AutoModelForCausalLM.from_pretrained(out / "final").config.num_hidden_layers == 4
+
+
 def test_msg_masks_ramp_in_random_growth(small2, tmp_path, data_file):
     out = tmp_path / "r"
     trainer = make_trainer(small2, out, data_file, grow_at_tokens=128, max_tokens=64 * 10, mask_steps=4,
