@@ -407,7 +407,8 @@ def build_plan(
         tensors=tuple(entries),
         target_config=target_config,
         directions=directions,
-        function_preserving=operator.function_preserving(directions),
+        function_preserving=operator.function_preserving(directions)
+        and ("depth" not in directions or operator.keeps_function(layer_map, L)),
         width=axes,
         init_std=float(config.get("initializer_range") or 0.02),
         seed=stacked.init_seed,

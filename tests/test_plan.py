@@ -129,6 +129,14 @@ def test_zero_operator_zeroes_output_projections_of_repeats_only():
     }
 
 
+@pytest.mark.parametrize("layer_map, kept", [("0,0,1,1,2", True), ("0-2,1,0", True), ("1,0,2", False), ("0,2", False)])
+def test_zero_claims_the_function_only_for_maps_that_keep_the_source_order(layer_map, kept):
+    cfg, infos = fake_source(3)
+    plan = build_plan(cfg, infos, StackedConfig(layer_map=layer_map, operator="zero"))
+    assert plan.function_preserving == kept
+    assert plan.to_dict()["function_preserving"] == kept
+
+
 def test_per_layer_config_fields_grow_with_the_layers():
     cfg = {"num_hidden_layers": 3, "layer_types": ["full_attention", "full_attention", "sliding_attention"],
            "max_window_layers": 2, "mlp_only_layers": [1], "eos_token_id": [1, 2, 3], "custom_per_layer": [10, 11, 12]}  # fmt: skip

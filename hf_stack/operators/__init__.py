@@ -44,6 +44,7 @@ class Operator:
             the `width_noise` setting, for operators that copy units.
         needs_data: the grown tensors are trained (`learn`), so growth needs data.
         width_eps: [`~hf_stack.width.WidthDims`] -> factor on the config's `rms_norm_eps` after width growth.
+        keeps_function: (layer map, source layers) -> whether a function-preserving depth rule holds for this map.
     """
 
     name: str
@@ -54,6 +55,7 @@ class Operator:
     width_axes: Callable
     needs_data: bool = False
     width_eps: Callable = lambda dims: 1.0
+    keeps_function: Callable[[tuple[int, ...], int], bool] = lambda layer_map, num_source_layers: True
 
     def growth(self, direction: str) -> Growth:
         return getattr(self, direction)

@@ -21,6 +21,12 @@ def _zero_repeats(target_layer: int, layer_map: tuple[int, ...]) -> dict[str, st
     return dict.fromkeys(ZEROED_SUFFIXES, "zero") if target_layer in repeats(layer_map) else {}
 
 
+def _in_source_order(layer_map: tuple[int, ...], num_source_layers: int) -> bool:
+    # The first copies must be the source's layers in order: identity blocks may sit anywhere between them.
+    firsts = [j for i, j in enumerate(layer_map) if i not in repeats(layer_map)]
+    return firsts == list(range(num_source_layers))
+
+
 def _zero_width(dims, noise=0.0):
     scale = (dims.hidden[0] / dims.hidden[1]) ** 0.5
     return new_unit_axes(dims, out_fill="zero", in_fill="random", norm_scale=scale, gate_fill="random")
@@ -42,5 +48,6 @@ ZERO = register_operator(
         layer_ops=_zero_repeats,
         width_axes=_zero_width,
         width_eps=lambda dims: dims.hidden[0] / dims.hidden[1],
+        keeps_function=_in_source_order,
     )
 )
