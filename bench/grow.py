@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import statistics
@@ -187,7 +188,7 @@ def width_bench(reps: int) -> None:
         subprocess.run([str(MAIN_PY), "-c", MAKE_SOURCE, str(src)], check=True)
     meta = resolve_source_metadata(str(src))
     plan = build_plan(meta.config, meta.tensor_infos, StackedConfig(operator="direct", width_factor=2))
-    out_bytes = sum(2 * _numel(t.shape) for t in plan.tensors)  # bf16
+    out_bytes = sum(2 * math.prod(t.shape) for t in plan.tensors)  # bf16
     rows = {
         "hf-stack grow --operator direct --width-factor 2": lambda out: [str(HF_STACK), "grow", str(src), "--operator", "direct", "--width-factor", "2", "-o", str(out)],
         "read-once/write-once floor": lambda out: [sys.executable, "-c", FLOOR, str(src / "model.safetensors"), str(out), str(out_bytes)],
@@ -215,13 +216,6 @@ def width_bench(reps: int) -> None:
     print(f"\nhf-stack width / floor: {ours / floor:.2f}x")
     (WORK.parent / "results").mkdir(exist_ok=True)
     (WORK.parent / "results" / "grow_width.json").write_text(json.dumps({"runs": results, "medians": med}, indent=2))
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def _offsets(path: Path) -> dict[str, tuple[int, int]]:

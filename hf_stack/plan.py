@@ -7,6 +7,7 @@ exhaustively and `growth_config.json` can record it.
 from __future__ import annotations
 
 import copy
+import math
 import re
 from dataclasses import dataclass
 
@@ -158,7 +159,7 @@ class GrowthPlan:
             lines += [f"  {axis.describe()}" for axis in self.width.values()]
         lines += [
             f"function preserving: {'yes' if self.function_preserving else 'no'}",
-            f"tensors: {len(self.tensors)} ({sum(_numel(t.shape) for t in self.tensors):,} parameters)",
+            f"tensors: {len(self.tensors)} ({sum(math.prod(t.shape) for t in self.tensors):,} parameters)",
         ]
         width = max(len(t.target) for t in self.tensors)
         for t in self.tensors:
@@ -167,13 +168,6 @@ class GrowthPlan:
                 note += "  grown along " + " x ".join(a or "same" for a in t.axes)
             lines.append(f"  {t.target:<{width}} <- {t.source}  {t.dtype}{list(t.shape)}{note}")
         return "\n".join(lines)
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def layer_map_to_slices(layer_map: tuple[int, ...] | list[int]) -> list[list[int]]:

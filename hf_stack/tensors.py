@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import zlib
 from functools import lru_cache
 from pathlib import Path
@@ -135,7 +136,7 @@ def materialize_blocks(entry, reader, plan, dtype: torch.dtype | None = None):
     if entry.op not in ("copy", "zero", "random"):
         raise HfStackError(f"tensor op {entry.op!r} is not computed tensor by tensor (see the operator)")
     shape = entry.shape
-    step = max(1, BLOCK_ELEMENTS // max(1, _numel(shape[1:]))) if len(shape) > 1 else shape[0]
+    step = max(1, BLOCK_ELEMENTS // max(1, math.prod(shape[1:]))) if len(shape) > 1 else shape[0]
     # in the source dtype: a float32 copy of the largest tensor would set the peak memory
     std = float(src.std()) if entry.widened and src.numel() > 1 else 0.0
     for r0 in range(0, shape[0], step):
@@ -147,13 +148,6 @@ def materialize_blocks(entry, reader, plan, dtype: torch.dtype | None = None):
         else:
             block = _widen_block(entry, src, plan, r0, r1, std)
         yield block.to(out_dtype).contiguous()
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def materialize(entry, reader, plan, dtype: torch.dtype | None = None) -> torch.Tensor:

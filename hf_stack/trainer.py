@@ -226,10 +226,10 @@ class StackingTrainer(Trainer):
                 f"growth at step {grow_step} ({args.grow_at_tokens:.3g} tokens at {tps} tokens/step) is not "
                 f"before the end of training (step {total_steps})"
             )
-        if grow_step is not None and args.mask_steps > total_steps - grow_step:
+        if grow_step is not None and args.mask_steps >= total_steps - grow_step:
+            # The masks must reach 1 while training, or the saved (plain) model is not the one that was trained.
             raise HfStackError(
-                f"mask_steps ({args.mask_steps}) is longer than the {total_steps - grow_step} steps after growth; "
-                "the masks must reach 1 before training ends"
+                f"mask_steps ({args.mask_steps}) must be fewer than the {total_steps - grow_step} steps after growth"
             )
         if grow_step is not None and grow_step * tps // self._block_size() > n_blocks:
             raise HfStackError(
