@@ -247,14 +247,17 @@ def cmd_eval(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="hf-stack", description="Grow small transformers checkpoints into deeper ones (G_stack).")
+    parser = _Parser(
+        prog="hf-stack",
+        description="Grow small transformers checkpoints into deeper or wider ones (G_stack and the other operators).",
+    )
     parser.add_argument("--version", action="version", version=f"hf-stack {__import__('hf_stack').__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     grow = sub.add_parser(
         "grow",
         help="grow a checkpoint (streaming)",
-        description="Grow a small checkpoint into a deeper one and write a plain transformers checkpoint.",
+        description="Grow a small checkpoint into a deeper and / or wider one and write a plain transformers checkpoint.",
         epilog=GROW_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
