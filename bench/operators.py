@@ -50,6 +50,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--operators", default="direct,zero,random,learn")
     parser.add_argument("--directions", default="depth,width")
+    parser.add_argument("--width-noise", type=float, default=None, help="direct width: override the default noise.")
+    parser.add_argument("--output", default="operators", help="Results name (bench/results/<name>.json).")
     args = parser.parse_args()
 
     from hf_stack import StackedConfig, StackingTrainer, StackingTrainingArguments, build_dataset
@@ -63,7 +65,7 @@ def main() -> None:
         files, tok, s["block"], seed=s["seed"], max_tokens=needed * 1.02, validation_fraction=0.02
     )
     val = val.select(range(min(len(val), 100)))
-    out = WORK / "operators"
+    out = WORK / args.output
     shutil.rmtree(out, ignore_errors=True)
     common = dict(per_device_train_batch_size=s["batch"], per_device_eval_batch_size=50, eval_strategy="steps",
                   eval_steps=s["eval_steps"], logging_steps=s["eval_steps"], save_strategy="no", report_to=[],
@@ -83,6 +85,8 @@ def main() -> None:
             extra = {}
             if name == "learn":
                 extra = dict(learn_data=",".join(files), learn_steps=50, learn_batch_size=8, learn_block_size=128)
+            if args.width_noise is not None and name == "direct" and direction == "width":
+                extra = dict(width_noise=args.width_noise)
             stacked = StackedConfig(operator=name, **GROWTH[direction], **extra)
             run = out / f"{name}-{direction}"
             print(f"{name} {direction}: train {SMALL[direction]}, grow, train on", flush=True)
@@ -109,9 +113,9 @@ def main() -> None:
               f"{bound}{r['speedup']:+.1%} |")  # fmt: skip
     results = Path(__file__).resolve().parent / "results"
     results.mkdir(exist_ok=True)
-    summary = {"settings": SETTINGS, "target": TARGET, "small": SMALL, "rows": rows,
+    summary = {"settings": SETTINGS, "width_noise": args.width_noise, "target": TARGET, "small": SMALL, "rows": rows,
                "scratch": {"final_loss": scratch.loss[-1], "flops": scratch.flops[-1]}}  # fmt: skip
-    (results / "operators.json").write_text(json.dumps(summary, indent=2))
+    (results / f"{args.output}.json").write_text(json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":
