@@ -377,6 +377,9 @@ def build_plan(
             names = tensor_axes(source, suffix)
             if len(names) != len(shape):
                 raise HfStackError(f"tensor {source!r} has shape {list(shape)}, not the {len(names)}-d width expects")
+            if any(a is not None and n != axes[a].source_size for n, a in zip(shape, names)):
+                want = [n if a is None else axes[a].source_size for n, a in zip(shape, names)]
+                raise HfStackError(f"tensor {source!r} has shape {list(shape)} but the config implies {want}")
             shape = tuple(n if a is None else axes[a].target_size for n, a in zip(shape, names))
         op = "learn" if operator.needs_data and op == "copy" else op
         entries.append(TensorSource(target, source, op, dtype, tuple(shape), names))

@@ -130,9 +130,11 @@ def width_dims(config: dict, width_factor: float) -> WidthDims:
             f"width growth supports model types {', '.join(WIDTH_MODEL_TYPES)}; {model_type!r} may name its "
             "tensors or normalise differently, so grow it in depth only"
         )
-    if width_factor < 1:
-        raise HfStackError(f"width factor must be at least 1, got {width_factor}")
-    H, F, nh = config["hidden_size"], config["intermediate_size"], config["num_attention_heads"]
+    sizes = ("hidden_size", "intermediate_size", "num_attention_heads")
+    missing = [k for k in sizes if not isinstance(config.get(k), int) or config[k] < 1]
+    if missing:
+        raise HfStackError(f"width growth needs {', '.join(missing)} in config.json as positive whole numbers")
+    H, F, nh = (config[k] for k in sizes)
     nkv = config.get("num_key_value_heads") or nh
     head_dim = config.get("head_dim") or H // nh
 

@@ -317,6 +317,12 @@ def test_width_refuses_architectures_and_tensors_it_does_not_know():
     with pytest.raises(HfStackError, match="width growth supports model types"):
         build_plan(gemma, infos, StackedConfig(operator="direct", width_factor=2))
     build_plan(gemma, infos, StackedConfig(operator="zero", factor=2))  # depth growth only renames tensors
+    no_ffn = {k: v for k, v in cfg.items() if k != "intermediate_size"}
+    with pytest.raises(HfStackError, match="needs intermediate_size"):
+        build_plan(no_ffn, infos, StackedConfig(operator="direct", width_factor=2))
+    wrong = {**infos, "model.layers.1.self_attn.k_proj.weight": ("F32", (8, 8))}  # 2 kv heads of 2 would be 4 rows
+    with pytest.raises(HfStackError, match=r"k_proj.weight' has shape \[8, 8\] but the config implies \[4, 8\]"):
+        build_plan(cfg, wrong, StackedConfig(operator="zero", width_factor=2))
     extra = {**infos, **{f"model.layers.{i}.mlp.router.weight": ("F32", (4, 8)) for i in range(2)}}
     with pytest.raises(HfStackError, match="does not know how to grow tensor 'model.layers.0.mlp.router.weight'"):
         build_plan(cfg, extra, StackedConfig(operator="zero", width_factor=2))
