@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "bench" / "work"
 HF_STACK = ROOT / ".venv" / "bin" / "hf-stack"
 MAIN_PY = ROOT / ".venv" / "bin" / "python"
+FLOOR_ROW = "read-once/write-once floor"
 MERGEKIT = ROOT / "bench" / ".venv" / "bin" / "mergekit-yaml"
 
 MAKE_SOURCE = textwrap.dedent(
@@ -125,9 +126,7 @@ def main() -> None:
     if args.width:
         return width_bench(args.reps)
 
-    src = WORK / "small"
-    if not src.exists():
-        subprocess.run([str(MAIN_PY), "-c", MAKE_SOURCE, str(src)], check=True)
+    src = ensure_source()
     src_bytes = (src / "model.safetensors").stat().st_size
     out_bytes = src_bytes + 3 * sum(
         b - a for name, (a, b) in _offsets(src / "model.safetensors").items() if name.startswith("model.layers.")
@@ -139,31 +138,21 @@ def main() -> None:
     rows = {
         "hf-stack grow": lambda out: [str(HF_STACK), "grow", str(src), "--factor", "4", "-o", str(out)],
         "mergekit-yaml --clone-tensors": lambda out: [str(MERGEKIT), str(WORK / "mergekit.yml"), str(out), "--clone-tensors"],
-        "read-once/write-once floor": lambda out: [sys.executable, "-c", FLOOR, str(src / "model.safetensors"), str(out), str(out_bytes)],
+        FLOOR_ROW: lambda out: [sys.executable, "-c", FLOOR, str(src / "model.safetensors"), str(out), str(out_bytes)],
     }  # fmt: skip
     if not args.skip_naive:
         rows["naive transformers load/copy/save"] = lambda out: [str(MAIN_PY), "-c", NAIVE, str(src), str(out)]
-    results: dict[str, list[tuple[float, float]]] = {k: [] for k in rows}
-    for rep in range(args.reps):
-        for name, cmd in rows.items():
-            out = WORK / "out"
-            shutil.rmtree(out, ignore_errors=True)
-            results[name].append(run(cmd(out)))
-            if rep == 0 and name != "read-once/write-once floor":
-                # Same work: target layer 13 holds source layer 1's bytes in every real output.
-                key = "model.layers.13.mlp.down_proj.weight"
-                assert tensor_bytes(out, key) == tensor_bytes(src, "model.layers.1.mlp.down_proj.weight"), name
-            print(
-                f"rep {rep + 1}/{args.reps} {name}: {results[name][-1][0]:.2f} s, {results[name][-1][1]:.0f} MB",
-                flush=True,
-            )
-        shutil.rmtree(WORK / "out", ignore_errors=True)
 
-    med = {k: (statistics.median(w for w, _ in v), statistics.median(m for _, m in v)) for k, v in results.items()}
+    def same_work(name: str, out: Path) -> None:
+        # Same work: target layer 13 holds source layer 1's bytes in every real output.
+        key = "model.layers.13.mlp.down_proj.weight"
+        assert tensor_bytes(out, key) == tensor_bytes(src, "model.layers.1.mlp.down_proj.weight"), name
+
+    results, med = measure(rows, args.reps, same_work)
     ours, mk, floor = (
         med["hf-stack grow"][0],
         med["mergekit-yaml --clone-tensors"][0],
-        med["read-once/write-once floor"][0],
+        med[FLOOR_ROW][0],
     )
     print(
         f"\nsource {src_bytes / 1e9:.2f} GB -> output {out_bytes / 1e9:.2f} GB, medians of {args.reps}, {os.cpu_count()} cores\n"
@@ -173,8 +162,37 @@ def main() -> None:
     for k, (w, m) in med.items():
         print(f"| {k} | {w:.2f} | {m:.0f} | {w / ours:.2f}x |")
     print(f"\nhf-stack / mergekit wall: {ours / mk:.2f}x; hf-stack / floor: {ours / floor:.2f}x")
+    save("grow", results, med)
+
+
+def ensure_source() -> Path:
+    src = WORK / "small"
+    if not src.exists():
+        subprocess.run([str(MAIN_PY), "-c", MAKE_SOURCE, str(src)], check=True)
+    return src
+
+
+def measure(rows: dict, reps: int, check) -> tuple[dict, dict]:
+    """Run every row `reps` times, interleaved; `check(name, out)` the first output of each real tool."""
+    results: dict[str, list[tuple[float, float]]] = {k: [] for k in rows}
+    for rep in range(reps):
+        for name, cmd in rows.items():
+            out = WORK / "out"
+            shutil.rmtree(out, ignore_errors=True)
+            results[name].append(run(cmd(out)))
+            if rep == 0 and name != FLOOR_ROW:
+                check(name, out)
+            print(
+                f"rep {rep + 1}/{reps} {name}: {results[name][-1][0]:.2f} s, {results[name][-1][1]:.0f} MB", flush=True
+            )
+        shutil.rmtree(WORK / "out", ignore_errors=True)
+    med = {k: (statistics.median(w for w, _ in v), statistics.median(m for _, m in v)) for k, v in results.items()}
+    return results, med
+
+
+def save(name: str, results: dict, med: dict) -> None:
     (WORK.parent / "results").mkdir(exist_ok=True)
-    (WORK.parent / "results" / "grow.json").write_text(json.dumps({"runs": results, "medians": med}, indent=2))
+    (WORK.parent / "results" / f"{name}.json").write_text(json.dumps({"runs": results, "medians": med}, indent=2))
 
 
 def width_bench(reps: int) -> None:
@@ -183,30 +201,20 @@ def width_bench(reps: int) -> None:
     from hf_stack.io import resolve_source_metadata
     from hf_stack.plan import build_plan
 
-    src = WORK / "small"
-    if not src.exists():
-        subprocess.run([str(MAIN_PY), "-c", MAKE_SOURCE, str(src)], check=True)
+    src = ensure_source()
     meta = resolve_source_metadata(str(src))
     plan = build_plan(meta.config, meta.tensor_infos, StackedConfig(operator="direct", width_factor=2))
     out_bytes = sum(2 * math.prod(t.shape) for t in plan.tensors)  # bf16
     rows = {
         "hf-stack grow --operator direct --width-factor 2": lambda out: [str(HF_STACK), "grow", str(src), "--operator", "direct", "--width-factor", "2", "-o", str(out)],
-        "read-once/write-once floor": lambda out: [sys.executable, "-c", FLOOR, str(src / "model.safetensors"), str(out), str(out_bytes)],
+        FLOOR_ROW: lambda out: [sys.executable, "-c", FLOOR, str(src / "model.safetensors"), str(out), str(out_bytes)],
     }  # fmt: skip
-    results: dict[str, list[tuple[float, float]]] = {k: [] for k in rows}
-    for rep in range(reps):
-        for name, cmd in rows.items():
-            out = WORK / "out"
-            shutil.rmtree(out, ignore_errors=True)
-            results[name].append(run(cmd(out)))
-            if rep == 0 and name != "read-once/write-once floor":
-                written = sum(f.stat().st_size for f in out.glob("*.safetensors"))
-                assert abs(written - out_bytes) < 1 << 20, (written, out_bytes)
-            print(
-                f"rep {rep + 1}/{reps} {name}: {results[name][-1][0]:.2f} s, {results[name][-1][1]:.0f} MB", flush=True
-            )
-        shutil.rmtree(WORK / "out", ignore_errors=True)
-    med = {k: (statistics.median(w for w, _ in v), statistics.median(m for _, m in v)) for k, v in results.items()}
+
+    def same_size(name: str, out: Path) -> None:
+        written = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+        assert abs(written - out_bytes) < 1 << 20, (written, out_bytes)
+
+    results, med = measure(rows, reps, same_size)
     ours, floor = (w for w, _ in med.values())
     print(f"\nsource {(src / 'model.safetensors').stat().st_size / 1e9:.2f} GB -> output {out_bytes / 1e9:.2f} GB, "
           f"medians of {reps}, {os.cpu_count()} cores\n")  # fmt: skip
@@ -214,8 +222,7 @@ def width_bench(reps: int) -> None:
     for k, (w, m) in med.items():
         print(f"| {k} | {w:.2f} | {m:.0f} |")
     print(f"\nhf-stack width / floor: {ours / floor:.2f}x")
-    (WORK.parent / "results").mkdir(exist_ok=True)
-    (WORK.parent / "results" / "grow_width.json").write_text(json.dumps({"runs": results, "medians": med}, indent=2))
+    save("grow_width", results, med)
 
 
 def _offsets(path: Path) -> dict[str, tuple[int, int]]:

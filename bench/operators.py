@@ -1,6 +1,6 @@
 """The paper's operator table at laptop scale: the eight growth operators against one scratch baseline.
 
-    .venv/bin/python bench/operators.py            # about 30 minutes on 2 CPU cores
+    .venv/bin/python bench/operators.py            # about 18 minutes on 2 CPU cores
 
 Every operator grows into the same target, an 8-layer Llama with hidden 128 (2 heads of 64, FFN 336), so one
 from-scratch run of that target is the baseline for all eight, as in the paper's operator comparison. Depthwise

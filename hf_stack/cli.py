@@ -99,11 +99,10 @@ def cmd_grow(args) -> int:
         verify=args.verify,
     )
     verified = ", verified" if args.verify else ""
-    width = ""
+    src_note = out_note = ""
     if plan.width:
         hidden = plan.width["hidden_out"]
-        width = f", hidden {hidden.source_size}", f", hidden {hidden.target_size}"
-    src_note, out_note = width or ("", "")
+        src_note, out_note = f", hidden {hidden.source_size}", f", hidden {hidden.target_size}"
     print(
         f"grew {args.source} ({plan.source_num_layers} layers{src_note}) -> {out} "
         f"({plan.num_layers} layers{out_note}{verified})"

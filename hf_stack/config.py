@@ -173,9 +173,9 @@ class StackedConfig:
             )
         if not operator.needs_data and self.learn_data:
             raise HfStackError(f"--learn-data is for operator 'learn'; {self.operator!r} uses no data")
-        for name in ("learn_steps", "learn_batch_size", "learn_block_size"):
-            if getattr(self, name) < 1 or (name == "learn_block_size" and self.learn_block_size < 2):
-                raise HfStackError(f"{name} must be a positive whole number, got {getattr(self, name)}")
+        for name, least in (("learn_steps", 1), ("learn_batch_size", 1), ("learn_block_size", 2)):
+            if getattr(self, name) < least:
+                raise HfStackError(f"{name} must be a whole number of at least {least}, got {getattr(self, name)}")
         if not 0 <= self.width_noise < 1:
             raise HfStackError(f"width_noise must be in [0, 1), got {self.width_noise}")
         if not self.learn_lr > 0:

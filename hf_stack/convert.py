@@ -7,6 +7,7 @@ Copies that keep the dtype never decode a tensor: bytes go from the source shard
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -164,10 +165,7 @@ def _output_tensors(
     for entry in plan.tensors:
         loc = source.tensors[entry.source]
         target_dtype = out_dtype or entry.dtype
-        numel = 1
-        for s in entry.shape:
-            numel *= s
-        nbytes = numel * DTYPE_SIZES[target_dtype]
+        nbytes = math.prod(entry.shape) * DTYPE_SIZES[target_dtype]
         if computed is not None:
             from .tensors import tensor_bytes
 

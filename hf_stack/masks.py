@@ -47,7 +47,9 @@ class GrowthMasks:
             self.handles.append(inner.layers[i].register_forward_hook(self._layer_hook, with_kwargs=True))
         if plan.width:
             H, Ht = plan.width["hidden_out"].source_size, plan.width["hidden_out"].target_size
-            self.masks = {name: torch.tensor([j < 0 for j in axis.index]) for name, axis in plan.width.items()}
+            self.masks = {
+                a: torch.tensor([float(j < 0) for j in plan.width[a].index]) for a in set(OUTPUT_AXES.values())
+            }
             self._hook(inner.embed_tokens, "hidden_out")
             for layer in inner.layers:
                 for path, axis in OUTPUT_AXES.items():
@@ -66,13 +68,15 @@ class GrowthMasks:
         self.handles = []
 
     def _hook(self, module, axis: str) -> None:
-        new = self.masks[axis]
+        on_device: dict = {}  # the 0/1 new-unit vector, moved once per device and dtype (forward is a hot path)
 
         def hook(mod, args, output):
             if self.value == 1.0:
                 return output
-            scale = torch.where(new.to(output.device), self.value, 1.0).to(output.dtype)
-            return output * scale
+            key = (output.device, output.dtype)
+            if key not in on_device:
+                on_device[key] = self.masks[axis].to(output.device, output.dtype)
+            return output * (1.0 + (self.value - 1.0) * on_device[key])
 
         self.handles.append(module.register_forward_hook(hook))
 

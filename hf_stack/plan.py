@@ -375,10 +375,8 @@ def build_plan(
         names = None
         if axes is not None:
             names = tensor_axes(source, suffix)
-            if len(names) != len(shape):
-                raise HfStackError(f"tensor {source!r} has shape {list(shape)}, not the {len(names)}-d width expects")
-            if any(a is not None and n != axes[a].source_size for n, a in zip(shape, names)):
-                want = [n if a is None else axes[a].source_size for n, a in zip(shape, names)]
+            want = [n if a is None else axes[a].source_size for n, a in zip(shape, names)]
+            if len(names) != len(shape) or list(shape) != want:
                 raise HfStackError(f"tensor {source!r} has shape {list(shape)} but the config implies {want}")
             shape = tuple(n if a is None else axes[a].target_size for n, a in zip(shape, names))
         op = "learn" if operator.needs_data and op == "copy" else op

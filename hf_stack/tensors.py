@@ -128,17 +128,18 @@ def _widen_block(entry, src: torch.Tensor, plan, r0: int, r1: int, std: float) -
 def materialize_blocks(entry, reader, plan, dtype: torch.dtype | None = None):
     """Yield one target tensor of a plan entry as consecutive blocks of rows (row-major: their bytes, one after
     the other, are the tensor's); always fresh tensors, so no two targets share storage."""
-    src = reader(entry.source)
-    out_dtype = dtype or src.dtype
+    if entry.op not in ("copy", "zero", "random"):
+        raise HfStackError(f"tensor op {entry.op!r} is not computed tensor by tensor (see the operator)")
+    out_dtype = dtype or SAFE_DTYPES[entry.dtype]
+    src = reader(entry.source) if entry.op == "copy" else None  # zero and random tensors need no source bytes
     if entry.op == "copy" and not entry.widened:
         yield src.to(out_dtype, copy=True).contiguous()
         return
-    if entry.op not in ("copy", "zero", "random"):
-        raise HfStackError(f"tensor op {entry.op!r} is not computed tensor by tensor (see the operator)")
     shape = entry.shape
     step = max(1, BLOCK_ELEMENTS // max(1, math.prod(shape[1:]))) if len(shape) > 1 else shape[0]
+    noisy = src is not None and any(n and plan.width[n].noise for n in entry.axes)
     # in the source dtype: a float32 copy of the largest tensor would set the peak memory
-    std = float(src.std()) if entry.widened and src.numel() > 1 else 0.0
+    std = float(src.std()) if noisy and src.numel() > 1 else 0.0
     for r0 in range(0, shape[0], step):
         r1 = min(shape[0], r0 + step)
         if entry.op == "zero":

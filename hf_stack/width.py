@@ -14,7 +14,6 @@ from .errors import HfStackError
 
 # Model types whose tensors width growth understands: pre-norm RMSNorm decoders with these module names.
 WIDTH_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-FILLS = ("zero", "random", "one")
 
 # The axis of each dimension of every tensor a Llama-style model holds (None: the dimension does not grow).
 # "hidden" units written into the residual stream and read from it take the same scale; norms take their own.
@@ -88,10 +87,6 @@ class Axis:
         if self.noise:
             parts.append(f"zero-sum noise {self.noise:g} x std over copies")
         return "; ".join(parts)
-
-    def to_dict(self) -> dict:
-        return {"source_size": self.source_size, "target_size": self.target_size, "fill": self.fill,
-                "index": list(self.index), "scale": list(self.scale)}  # fmt: skip
 
 
 def _ranges(indices: list[int]) -> str:
@@ -265,6 +260,11 @@ def new_unit_axes(
         "up_out": axis("up_out", F, appended(F, Ft), out_fill),
         "ffn_in": axis("ffn_in", F, appended(F, Ft), in_fill),
     }
+
+
+def random_new_axes(dims: WidthDims, noise: float = 0.0) -> dict[str, Axis]:
+    """Old units in place, every new unit initialised like the target architecture (G_random's width rule)."""
+    return new_unit_axes(dims, out_fill="random", in_fill="random", norm_scale=1.0)
 
 
 def tensor_axes(name: str, suffix: str | None) -> tuple[str | None, ...]:

@@ -13,17 +13,12 @@ from __future__ import annotations
 
 import math
 
-from ..width import new_unit_axes
+from ..width import random_new_axes
 from . import Growth, Operator, copy_all, register_operator
 
 # Width map of each axis; k_proj and v_proj outputs have a map each (LiGO's B_K, B_V).
 MAP_OF_AXIS = {"hidden_out": "hidden", "hidden_in": "hidden", "norm": "hidden", "q_out": "q", "k_out": "k",
                "v_out": "v", "attn_in": "attn", "gate_out": "ffn", "up_out": "ffn", "ffn_in": "ffn"}  # fmt: skip
-
-
-def _learn_width(dims, noise=0.0):
-    # Shapes and old units for the plan; the values come from the learned maps.
-    return new_unit_axes(dims, out_fill="random", in_fill="random", norm_scale=1.0)
 
 
 LEARN = register_operator(
@@ -35,7 +30,7 @@ LEARN = register_operator(
             "G→learn", False, "LiGO width maps (init: identity on old units) trained with the LM loss, source frozen"
         ),
         layer_ops=copy_all,
-        width_axes=_learn_width,
+        width_axes=random_new_axes,  # shapes and old units for the plan; the learned maps give the values
         needs_data=True,
     )
 )

@@ -6,16 +6,12 @@ during training, which `StackingTrainingArguments(mask_steps=...)` applies; at g
 checkpoint itself is not function preserving.
 """
 
-from ..width import new_unit_axes
+from ..width import random_new_axes
 from . import Growth, Operator, register_operator, repeats
 
 
 def _random_repeats(target_layer: int, layer_map: tuple[int, ...]) -> dict[str, str]:
     return {"*": "random"} if target_layer in repeats(layer_map) else {}
-
-
-def _random_width(dims, noise=0.0):
-    return new_unit_axes(dims, out_fill="random", in_fill="random", norm_scale=1.0)
 
 
 RANDOM = register_operator(
@@ -27,6 +23,6 @@ RANDOM = register_operator(
         ),
         width=Growth("G→random", False, "new units randomly initialised, old ones copied (masked in with mask_steps)"),
         layer_ops=_random_repeats,
-        width_axes=_random_width,
+        width_axes=random_new_axes,
     )
 )

@@ -5,9 +5,10 @@ Depth (LLaMA-Pro block expansion, Wu et al., 2024, arXiv 2401.02415): a decoder 
 Width: new hidden units are written by zero rows (embedding columns, o_proj and down_proj rows), so they stay
 zero in the residual stream; new heads have zero value rows and new FFN units zero up rows, so they add nothing.
 Queries, keys and gates of new units keep the target's random init, and so do the columns that read new units:
-zeroing both factors of a product (q and k, gate and up) would leave them at a saddle where no gradient flows. RMSNorm now averages over more units, the new ones zero, so the mean square falls by H / H': old norm
-weights are scaled by sqrt(H / H') and `rms_norm_eps` by H / H', which makes the norm's output exactly the
-source's (the paper's code does neither).
+zeroing both factors of a product (q and k, gate and up) would leave them at a saddle where no gradient flows.
+RMSNorm now averages over more units, the new ones zero, so the mean square falls by H / H': old norm weights are
+scaled by sqrt(H / H') and `rms_norm_eps` by H / H', which makes the norm's output exactly the source's (the
+paper's code does neither).
 """
 
 from ..width import new_unit_axes
@@ -23,7 +24,8 @@ def _zero_repeats(target_layer: int, layer_map: tuple[int, ...]) -> dict[str, st
 
 def _in_source_order(layer_map: tuple[int, ...], num_source_layers: int) -> bool:
     # The first copies must be the source's layers in order: identity blocks may sit anywhere between them.
-    firsts = [j for i, j in enumerate(layer_map) if i not in repeats(layer_map)]
+    new = repeats(layer_map)
+    firsts = [j for i, j in enumerate(layer_map) if i not in new]
     return firsts == list(range(num_source_layers))
 
 
