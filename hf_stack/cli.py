@@ -213,10 +213,12 @@ def cmd_train(argv: list[str]) -> int:
 
 
 def cmd_compare(args) -> int:
-    from .compare import compare, describe_speedup
+    from .compare import compare, describe_endpoints, describe_health, describe_speedup
 
-    r = compare(args.grown, args.scratch, args.output)
-    print(f"{describe_speedup(r)}\nplot: {r['plot']}")
+    r = compare(args.grown, args.scratch if len(args.scratch) > 1 else args.scratch[0], args.output)
+    print(describe_endpoints(r["currencies"]) if "currencies" in r else describe_speedup(r))
+    print(describe_health(r["health"]))
+    print(f"plot: {r['plot']}")
     return 0
 
 
@@ -315,12 +317,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     compare = sub.add_parser(
         "compare",
-        help="loss vs FLOPs of a grown run against a scratch baseline",
-        epilog="examples:\n  hf-stack compare run/ baseline/ -o compare.png\n",
+        help="loss vs compute of a grown run against scratch baselines, the speed-up, a health check",
+        epilog=(
+            "examples:\n  hf-stack compare run/ baseline/ -o compare.png\n"
+            "  hf-stack compare run/ scratch-1x/ scratch-1.5x/ scratch-2x/   # annealed end points, the paper's "
+            "definition\n\nWith several scratch runs (each a complete schedule at its own budget) the compute "
+            "scratch needs to\nreach the grown run's final loss is interpolated between their end points, in "
+            "FLOPs, non-embedding\nFLOPs and wall-clock seconds. A warning is printed when the small model was no "
+            "better than unigram\nfrequencies at growth.\n"
+        ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     compare.add_argument("grown", help="Run folder of the grown run.")
-    compare.add_argument("scratch", help="Run folder of the from-scratch baseline.")
+    compare.add_argument(
+        "scratch", nargs="+", help="Run folder(s) of the from-scratch baseline; several: one per compute budget."
+    )
     compare.add_argument("-o", "--output", help="PNG to write (default: <grown>/compare.png).")
     compare.set_defaults(func=cmd_compare)
 

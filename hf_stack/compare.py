@@ -1,14 +1,24 @@
-"""Compare a grown run with a from-scratch baseline: loss against FLOPs and tokens, and the paper's speed-up."""
+"""Compare a grown run with from-scratch baselines: loss against compute, the paper's speed-up, a health check."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import HfStackError
 
 TRAINING_LOG = "training_log.json"
+# The currencies a speed-up is counted in: 6ND with every parameter, 6ND without the embedding and head, and
+# measured wall-clock seconds of training (evaluation excluded), as the trainer logs them.
+CURRENCIES = ("flops", "non_embedding_flops", "train_seconds")
+CURRENCY_LABELS = {
+    "flops": "training FLOPs (6ND, all parameters)",
+    "non_embedding_flops": "non-embedding FLOPs",
+    "train_seconds": "training wall-clock s",
+    "tokens": "training tokens",
+}
 
 
 @dataclass(frozen=True)
@@ -19,6 +29,23 @@ class Curve:
     loss: list[float]
     metric: str  # "eval_loss" or "loss"
     growth_flops: float | None  # where the run grew, if it did
+    cost: dict = field(default_factory=dict)  # currency -> values at each point, where the log has them
+    phase: list[int] = field(default_factory=list)  # 1 before growth, 2 after
+    growth_tokens: float | None = None
+    unigram_loss: float | None = None  # validation loss of unigram frequencies (the trainer's baseline)
+    final: dict = field(default_factory=dict)  # currency -> the run's total, from its training summary
+
+    def at_end(self, currency: str) -> float | None:
+        """The run's total cost in `currency` (its summary when there is one, else the last logged point)."""
+        if currency in self.final:
+            return self.final[currency]
+        values = self.flops if currency == "flops" else self.cost.get(currency)
+        return values[-1] if values else None
+
+    def small_loss(self) -> float | None:
+        """The small model's last logged loss before growth: its health at d."""
+        before = [v for v, p in zip(self.loss, self.phase) if p == 1]
+        return before[-1] if before else None
 
 
 def read_curve(run_dir: str | Path, metric: str | None = None) -> Curve:
@@ -27,15 +54,32 @@ def read_curve(run_dir: str | Path, metric: str | None = None) -> Curve:
     if not path.is_file():
         raise HfStackError(f"{run_dir} has no {TRAINING_LOG}; pass a folder written by `hf-stack train`")
     data = json.loads(path.read_text())
+    return curve_from_log(data, Path(run_dir).name or str(run_dir), metric, str(path))
+
+
+def curve_from_log(data: dict, name: str, metric: str | None = None, where: str = "the log") -> Curve:
+    """A [`Curve`] from the contents of a `training_log.json`."""
     entries = data.get("log_history", [])
     if metric is None:
         metric = "eval_loss" if any("eval_loss" in e for e in entries) else "loss"
-    points = sorted((e["flops"], e["tokens"], e[metric]) for e in entries if metric in e and "flops" in e)
-    if not points:
-        raise HfStackError(f"{path} has no {metric!r} entries to compare")
-    phases = data.get("training", {}).get("phases", [])
+    rows = sorted((e for e in entries if metric in e and "flops" in e), key=lambda e: (e["flops"], e["tokens"]))
+    if not rows:
+        raise HfStackError(f"{where} has no {metric!r} entries to compare")
+    training = data.get("training", {})
+    phases = training.get("phases", [])
     growth = phases[0]["flops"] if len(phases) > 1 else None
-    return Curve(Path(run_dir).name or str(run_dir), *map(list, zip(*points)), metric=metric, growth_flops=growth)
+    cost = {c: [e[c] for e in rows] for c in CURRENCIES[1:] if all(c in e for e in rows)}
+    final = {}
+    for currency, key in (("flops", "total_flops"), ("non_embedding_flops", "total_non_embedding_flops"),
+                          ("train_seconds", "total_train_seconds"), ("tokens", "total_tokens")):  # fmt: skip
+        if key in training:
+            final[currency] = training[key]
+    return Curve(
+        name, [e["flops"] for e in rows], [e["tokens"] for e in rows], [e[metric] for e in rows], metric=metric,
+        growth_flops=growth, cost=cost, phase=[e.get("phase", 1) for e in rows],
+        growth_tokens=phases[0]["tokens"] if len(phases) > 1 else None,
+        unigram_loss=data.get("baselines", {}).get("unigram_eval_loss"), final=final,
+    )  # fmt: skip
 
 
 def flops_to_reach(curve: Curve, loss: float) -> float | None:
@@ -64,30 +108,121 @@ def speedup(grown: Curve, scratch: Curve) -> dict:
         "scratch_flops_to_match": scratch_flops,
         "speedup": scratch_flops / grown.flops[-1] - 1,
         "lower_bound": bound,
+        # scratch's first logged point already beats the target: it got there somewhere before, not exactly there
+        "upper_bound": scratch.loss[0] <= target,
         "metric": grown.metric,
     }
 
 
+def _interpolate_log(points: list[tuple[float, float]], x: float) -> float | None:
+    """y at x on the polyline through (x, y) points, linear in log x; None outside their range."""
+    points = sorted(points)
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x0 <= x <= x1:
+            if x1 == x0:
+                return y0
+            t = (math.log(x) - math.log(x0)) / (math.log(x1) - math.log(x0))
+            return y0 + t * (y1 - y0)
+    if len(points) == 1 and points[0][0] == x:
+        return points[0][1]
+    return None
+
+
+def endpoint_speedup(grown: dict, scratch: list[dict], currencies=CURRENCIES) -> dict:
+    """The paper's speed-up against scratch runs read at the end of their own complete schedules.
+
+    Each scratch run is one annealed end point (its final loss and total cost). The cost scratch needs to reach the
+    grown run's final loss is interpolated between the two end points that bracket that loss, linearly in log cost;
+    speed-up = that cost / the grown run's cost - 1, in each currency. Outside the end points the figure is a bound:
+    `"lower"` (every scratch budget ends above the grown loss: speed-up > the largest budget's) or `"upper"` (even
+    the smallest budget ends below it: speed-up < the smallest budget's). Also the loss gap at equal cost: the grown
+    run's final loss minus scratch's loss interpolated at the grown run's cost (negative: growth is ahead).
+
+    Args:
+        grown: `{"loss": final loss, "<currency>": total cost, ...}` of the grown run.
+        scratch: the same for each scratch run (one schedule and budget each).
+        currencies: the cost keys to report.
+
+    Returns:
+        `{currency: {"speedup", "bound", "scratch_cost_to_match", "grown_cost", "scratch_loss_at_equal_cost",
+        "loss_gap"}}` for each currency both sides have.
+    """
+    out = {}
+    target = grown["loss"]
+    for c in currencies:
+        if grown.get(c) is None or any(r.get(c) is None for r in scratch) or not scratch:
+            continue
+        ends = sorted((r[c], r["loss"]) for r in scratch)
+        cost, bound = None, None
+        for (c0, l0), (c1, l1) in zip(ends, ends[1:]):
+            if min(l0, l1) <= target <= max(l0, l1) and l0 != l1:
+                t = (l0 - target) / (l0 - l1)
+                cost = math.exp(math.log(c0) + t * (math.log(c1) - math.log(c0)))
+                break
+        if cost is None:
+            if target < min(loss for _, loss in ends):
+                cost, bound = ends[-1][0], "lower"
+            else:
+                cost, bound = ends[0][0], "upper"
+        at_equal = _interpolate_log([(x, y) for x, y in ends], grown[c])
+        out[c] = {
+            "speedup": cost / grown[c] - 1,
+            "bound": bound,
+            "scratch_cost_to_match": cost,
+            "grown_cost": grown[c],
+            "scratch_loss_at_equal_cost": at_equal,
+            "loss_gap": None if at_equal is None else target - at_equal,
+        }
+    return out
+
+
+def health(grown: Curve, scratch: list[Curve] = ()) -> dict:
+    """The small model's loss at growth beside the target trained from scratch to the same tokens and the
+    unigram baseline, with a warning when the small model has learnt no more than token frequencies."""
+    small = grown.small_loss()
+    at_d = None
+    if grown.growth_tokens is not None:
+        for c in sorted(scratch, key=lambda c: -c.tokens[-1]):
+            points = list(zip(c.tokens, c.loss))
+            if points and points[0][0] <= grown.growth_tokens <= points[-1][0]:
+                at_d = _interpolate_log(points, grown.growth_tokens)
+                break
+    unigram = grown.unigram_loss
+    warning = None
+    if small is not None and unigram is not None and small >= unigram:
+        warning = (f"the small model is no better than unigram frequencies at growth ({grown.metric} {small:.4f} "
+                   f">= {unigram:.4f}): it had not learnt to use context; train it longer or tune its learning rate "
+                   "before reading the speed-up")  # fmt: skip
+    return {"growth_tokens": grown.growth_tokens, "small_loss_at_growth": small,
+            "scratch_loss_at_growth_tokens": at_d, "unigram_loss": unigram, "warning": warning}  # fmt: skip
+
+
 def plot(curves: list[Curve], path: str | Path, title: str = "") -> Path:
-    """Loss against FLOPs and against tokens, growth points marked, as one PNG."""
+    """Loss against every logged currency (FLOPs, non-embedding FLOPs, seconds) and tokens, growth marked, one PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    axes_for = ["flops"] + [c for c in CURRENCIES[1:] if all(c in k.cost for k in curves)] + ["tokens"]
+    fig, axes = plt.subplots(1, len(axes_for), figsize=(5.2 * len(axes_for), 4))
     for c in curves:
-        for ax, xs in zip(axes, (c.flops, c.tokens)):
+        for ax, currency in zip(axes, axes_for):
+            xs = c.flops if currency == "flops" else c.tokens if currency == "tokens" else c.cost[currency]
             (line,) = ax.plot(xs, c.loss, label=c.name)
             if c.growth_flops is not None:
                 i = min(range(len(c.flops)), key=lambda k: abs(c.flops[k] - c.growth_flops))
                 ax.axvline(xs[i], color=line.get_color(), linestyle=":", alpha=0.7)
-    for ax, label in zip(axes, ("training FLOPs (6ND)", "training tokens")):
-        ax.set_xlabel(label)
+    for ax, currency in zip(axes, axes_for):
+        ax.set_xlabel(CURRENCY_LABELS[currency])
         ax.set_ylabel(curves[0].metric)
         ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(title or "loss (dotted: growth)")
+        ax.legend(fontsize=8)
+    unigram = next((c.unigram_loss for c in curves if c.unigram_loss is not None), None)
+    if unigram is not None:
+        for ax in axes:
+            ax.axhline(unigram, color="grey", linestyle="--", alpha=0.6, linewidth=1)
+    fig.suptitle(title or "loss (dotted: growth; dashed: unigram baseline)")
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)
@@ -97,6 +232,9 @@ def plot(curves: list[Curve], path: str | Path, title: str = "") -> Path:
 
 def describe_speedup(r: dict) -> str:
     """One line: the speed-up, or its lower bound when scratch never reached the grown run's loss."""
+    if r.get("upper_bound"):
+        return (f"speed-up < {r['speedup']:.1%}: scratch's first logged point ({r['scratch_flops_to_match']:.3g} "
+                f"FLOPs) is already below the grown run's final {r['metric']} {r['grown_final_loss']:.4f}")  # fmt: skip
     if r["lower_bound"]:
         return (f"speed-up > {r['speedup']:.1%}: scratch never reached the grown run's final {r['metric']} "
                 f"{r['grown_final_loss']:.4f} within its {r['scratch_flops_to_match']:.3g} FLOPs")  # fmt: skip
@@ -104,21 +242,64 @@ def describe_speedup(r: dict) -> str:
             f"run's final {r['metric']} {r['grown_final_loss']:.4f}, the grown run used {r['grown_flops']:.3g}")  # fmt: skip
 
 
-def compare(grown_run: str | Path, scratch_run: str | Path, output: str | Path | None = None) -> dict:
-    """Read two run folders, write the loss-vs-FLOPs plot and return the speed-up figures.
+def describe_endpoints(figures: dict) -> str:
+    """One line per currency for the result of [`endpoint_speedup`]."""
+    lines = []
+    for c, r in figures.items():
+        sign = {"lower": ">", "upper": "<", None: "="}[r["bound"]]
+        gap = "" if r["loss_gap"] is None else f"; loss gap at equal cost {r['loss_gap']:+.4f}"
+        lines.append(f"{CURRENCY_LABELS[c]}: speed-up {sign} {r['speedup']:+.1%}{gap}")
+    return "\n".join(lines)
+
+
+def describe_health(h: dict) -> str:
+    parts = [f"small model at growth: {h['small_loss_at_growth']:.4f}" if h["small_loss_at_growth"] is not None
+             else "no loss logged before growth"]  # fmt: skip
+    if h["scratch_loss_at_growth_tokens"] is not None:
+        parts.append(f"target from scratch after the same tokens: {h['scratch_loss_at_growth_tokens']:.4f}")
+    if h["unigram_loss"] is not None:
+        parts.append(f"unigram baseline: {h['unigram_loss']:.4f}")
+    text = "health: " + "; ".join(parts)
+    return text + (f"\nwarning: {h['warning']}" if h["warning"] else "")
+
+
+def compare(grown_run: str | Path, scratch_run, output: str | Path | None = None) -> dict:
+    """Read a grown run and its from-scratch baselines, write the loss-vs-compute plot, return the figures.
+
+    With one scratch run, the speed-up reads its curve (the FLOPs at which it first reaches the grown run's final
+    loss). With several, each a complete schedule at its own budget, their end points are the baseline the paper's
+    definition asks for ([`endpoint_speedup`]), in every currency the logs carry.
 
     Args:
         grown_run: a run that grew (its `training_log.json`).
-        scratch_run: the from-scratch baseline with the same target.
+        scratch_run: one from-scratch run folder with the same target, or a list of them at several budgets.
         output: the PNG to write (default `<grown_run>/compare.png`).
+
+    Returns:
+        The speed-up figures, `"health"` (the small model's loss at growth, scratch's at the same tokens, the
+        unigram baseline, a warning if the small model is no better than unigram) and `"plot"`.
     """
-    grown, scratch = read_curve(grown_run), read_curve(scratch_run)
-    if grown.metric != scratch.metric:
-        grown, scratch = read_curve(grown_run, "loss"), read_curve(scratch_run, "loss")
-    result = speedup(grown, scratch)
+    runs = [scratch_run] if isinstance(scratch_run, (str, Path)) else list(scratch_run)
+    grown, scratch = read_curve(grown_run), [read_curve(r) for r in runs]
+    if any(s.metric != grown.metric for s in scratch):
+        grown, scratch = read_curve(grown_run, "loss"), [read_curve(r, "loss") for r in runs]
+    names = [s.name for s in scratch]
+    if len(set(names)) < len(names):
+        scratch = [Curve(**{**s.__dict__, "name": str(r)}) for s, r in zip(scratch, runs)]
+    if len(scratch) == 1:
+        result = speedup(grown, scratch[0])
+    else:
+        ends = [{"loss": s.loss[-1], **{c: s.at_end(c) for c in CURRENCIES}} for s in scratch]
+        figures = endpoint_speedup({"loss": grown.loss[-1], **{c: grown.at_end(c) for c in CURRENCIES}}, ends)
+        f = figures["flops"]
+        result = {"grown_final_loss": grown.loss[-1], "grown_flops": grown.at_end("flops"),
+                  "scratch_flops_to_match": f["scratch_cost_to_match"], "speedup": f["speedup"],
+                  "lower_bound": f["bound"] == "lower", "upper_bound": f["bound"] == "upper",
+                  "metric": grown.metric, "currencies": figures, "scratch_end_points": ends}  # fmt: skip
+    result["health"] = health(grown, scratch)
     out = Path(output) if output else Path(grown_run) / "compare.png"
-    bound = ">" if result["lower_bound"] else "="
+    bound = ">" if result["lower_bound"] else "<" if result.get("upper_bound") else "="
     title = f"speed-up {bound} {result['speedup']:.1%} (FLOPs scratch needs to reach the grown run's final loss)"
-    plot([grown, scratch], out, title=title)
+    plot([grown, *scratch], out, title=title)
     result["plot"] = str(out)
     return result

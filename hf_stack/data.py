@@ -178,3 +178,24 @@ def build_dataset(
     train = pack(train_tokens, block_size, seed)
     validation = pack(val_tokens, block_size, seed, shuffle=False) if n_val else None
     return train, validation
+
+
+def unigram_loss(train, validation, vocab_size: int | None = None, max_blocks: int = 50_000) -> float:
+    """Validation cross-entropy (nats per predicted token) of the training data's token frequencies.
+
+    The floor any trained model must beat: a model no better than this has learnt only which tokens are common.
+    Counts come from the first `max_blocks` training blocks (add-one smoothing, so unseen tokens cost a finite
+    amount); the positions scored are the ones a causal LM's loss scores (every token of a block but the first).
+
+    Args:
+        train: packed training blocks (`input_ids`), as `pack` / `build_dataset` return them.
+        validation: packed validation blocks.
+        vocab_size: the model's vocabulary, the support of the smoothing (default: the largest id seen, plus one).
+        max_blocks: bound on the blocks counted (memory and time stay small on large datasets).
+    """
+    counted = np.asarray(train.with_format("numpy")[: min(len(train), max_blocks)]["input_ids"]).reshape(-1)
+    scored = np.asarray(validation.with_format("numpy")[:]["input_ids"])[:, 1:].reshape(-1)
+    size = max(vocab_size or 0, int(max(counted.max(initial=0), scored.max(initial=0))) + 1)
+    counts = np.bincount(counted, minlength=size).astype(np.float64) + 1.0
+    log_p = np.log(counts) - np.log(counts.sum())
+    return float(-log_p[scored].mean())

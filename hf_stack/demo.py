@@ -10,7 +10,6 @@ its card, scored on the benchmark smoke samples.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -106,64 +105,6 @@ def small_llama(tokenizer, recipe: dict, num_layers: int, seed: int):
     return LlamaForCausalLM(config)
 
 
-def run_experiment(recipe: dict, output: Path, data=None, progress: bool = True) -> dict:
-    """Grown run against scratch at matched FLOPs; returns the speed-up figures and where everything went."""
-    from .compare import compare, read_curve
-    from .config import StackedConfig
-    from .data import build_dataset
-    from .trainer import StackingTrainer, StackingTrainingArguments, count_parameters
-
-    data = data or recipe["data"]
-    files = shakespeare_files() if data == "shakespeare" else data
-    print(
-        f"[1/5] data: {len(files) if isinstance(files, list) else files} {'files' if isinstance(files, list) else ''}",
-        flush=True,
-    )
-    tok = train_tokenizer(files, recipe["vocab_size"], output / "tokenizer")
-    block, batch = recipe["block_size"], recipe["batch_size"]
-    tps = block * batch
-    factor = recipe["factor"]
-    small = small_llama(tok, recipe, recipe["small_layers"], recipe["seed"])
-    scratch_model = small_llama(tok, recipe, recipe["small_layers"] * factor, recipe["seed"] + 1)
-    n_small, n_big = count_parameters(small), count_parameters(scratch_model)
-    d = int(recipe["grow_at_tokens"]) // tps * tps
-    grown_flops = 6 * n_small * d + 6 * n_big * recipe["grown_tokens"]
-    scratch_tokens = int(recipe["scratch_compute"] * grown_flops / (6 * n_big)) // tps * tps
-    needed = max(d + recipe["grown_tokens"], scratch_tokens)
-    frac = recipe["validation_fraction"]
-    train, val = build_dataset(
-        files, tok, block, seed=recipe["seed"], max_tokens=needed * 1.02, validation_fraction=frac
-    )
-    val = val.select(range(min(len(val), 100)))
-    print(f"[2/5] tokenizer ({len(tok)} tokens) and {len(train):,} training blocks of {block}; small model {n_small:,} "
-          f"parameters, grown {n_big:,}; grow after {d:,} tokens", flush=True)  # fmt: skip
-    common = dict(per_device_train_batch_size=batch, per_device_eval_batch_size=50, eval_strategy="steps",
-                  eval_steps=recipe["eval_steps"], logging_steps=recipe["eval_steps"], save_strategy="no", report_to=[],
-                  use_cpu=True, seed=recipe["seed"], lr_scheduler_type="cosine", weight_decay=0.1, adam_beta2=0.95,
-                  max_grad_norm=1.0, warmup_steps=0.05, disable_tqdm=not progress)  # fmt: skip
-    runs = output / "runs"
-    stacked = StackedConfig(factor=factor, operator=recipe["operator"], order=recipe["order"])
-    print("[3/5] training the small model, growing it, training the grown model", flush=True)
-    args = StackingTrainingArguments(str(runs / "grown"), grow_at_tokens=d, max_tokens=d + int(recipe["grown_tokens"]),
-                                     learning_rate=recipe["learning_rate"], grown_learning_rate=recipe["grown_learning_rate"],
-                                     stacked_config=stacked, **common)  # fmt: skip
-    StackingTrainer(model=small, args=args, train_dataset=train, eval_dataset=val, processing_class=tok).train()
-    print("[4/5] training the same architecture from scratch", flush=True)
-    args = StackingTrainingArguments(str(runs / "scratch"), max_tokens=scratch_tokens,
-                                     learning_rate=recipe["grown_learning_rate"], **common)  # fmt: skip
-    StackingTrainer(
-        model=scratch_model, args=args, train_dataset=train, eval_dataset=val, processing_class=tok
-    ).train()
-    result = compare(runs / "grown", runs / "scratch", output / "loss_vs_flops.png")
-    scratch = read_curve(runs / "scratch")
-    result["scratch_loss_at_equal_flops"] = next(
-        (v for f, v in zip(scratch.flops, scratch.loss) if f >= grown_flops), scratch.loss[-1]
-    )
-    result.update(small_params=n_small, grown_params=n_big, d=d, scratch_tokens=scratch_tokens, recipe=recipe)
-    (output / "speedup.json").write_text(json.dumps(result, indent=2, default=str))
-    return result
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default=str(RECIPE), help="Recipe YAML (default: the embedded demo recipe).")
@@ -171,17 +112,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", default="demo-output", help="Folder for the demo's outputs.")
     args = parser.parse_args(argv)
     try:
-        recipe = yaml.safe_load(Path(args.recipe).read_text())
+        from .study import describe_study, load_recipe, plot_study, run_study, summary_lines
+
+        recipe = load_recipe(yaml.safe_load(Path(args.recipe).read_text()))
         out = Path(args.output)
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
-        result = run_experiment(recipe, out, args.data)
+        data = args.data or recipe["data"]
+        files = shakespeare_files() if data == "shakespeare" else data
+        print(f"[1/5] data: {len(files) if isinstance(files, list) else files} files; tokenizer, fixed validation "
+              "blocks", flush=True)  # fmt: skip
+        print("[2-4/5] the study: learning-rate sweep per role, then every seed's grown run and scratch at each "
+              "budget", flush=True)  # fmt: skip
+        study = run_study({**recipe, "data": "given"}, out, files)
+        plot_study(study, out / "study.png")
 
         from .evaluate import SAMPLES_DIR, evaluate_model, print_table, results_table
 
-        print("[5/5] the grown model, its card, and a smoke-sample evaluation", flush=True)
+        print("[5/5] the grown model (seed 0), its card, and a smoke-sample evaluation", flush=True)
+        grown = next(a for a in study["arms"] if a["name"] == "main/grown" and a["seed"] == recipe["seeds"][0]
+                     and a["grown_lr"] == study["sweep"]["chosen"]["grown"])  # fmt: skip
         model_dir = out / "grown-model"
-        shutil.copytree(out / "runs" / "grown" / "final", model_dir)
+        shutil.copytree(Path(grown["run_dir"]) / "final", model_dir)
         results = evaluate_model(model_dir, data_dir=SAMPLES_DIR, output=out / "smoke_eval.json", bootstrap_iters=0)
         from .card import update_card
 
@@ -193,13 +145,11 @@ def main(argv: list[str] | None = None) -> int:
     except HfStackError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from .compare import describe_speedup
-
-    print(f"\ngrown: validation loss {result['grown_final_loss']:.4f} after {result['grown_flops']:.3g} FLOPs; "
-          f"scratch at the same FLOPs: {result['scratch_loss_at_equal_flops']:.4f}\n{describe_speedup(result)}")  # fmt: skip
+    print("\n" + describe_study(study) + "\n")
+    print("\n".join(summary_lines(study)))
     print(
-        f"\noutputs in {out.resolve()}:\n  loss_vs_flops.png  speedup.json  grown-model/ (with README.md card)  "
-        "smoke_eval.json  smoke_eval.png  runs/"
+        f"\noutputs in {out.resolve()}:\n  study.png  study.json (every arm's per-step log)  grown-model/ (with "
+        "README.md card)  smoke_eval.json  runs/"
     )
     return 0
 

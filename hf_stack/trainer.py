@@ -62,6 +62,20 @@ class StackingTrainingArguments(TrainingArguments):
     grown_warmup_steps: float | None = field(
         default=None, metadata={"help": "Warmup of the re-started schedule after growth (default: warmup_steps)."}
     )
+    grown_lr_scheduler_type: str | None = field(
+        default=None,
+        metadata={
+            "help": "Learning-rate schedule after growth, a transformers SchedulerType (default: lr_scheduler_type). "
+            "E.g. a constant small phase (taken mid-schedule, as the paper's 10B-token checkpoint) and a "
+            "cosine grown phase."
+        },
+    )
+    grown_lr_scheduler_kwargs: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "Keyword arguments of the schedule after growth, a dict or JSON (default: lr_scheduler_kwargs)."
+        },
+    )
     mask_steps: int = field(
         default=0,
         metadata={
@@ -78,6 +92,23 @@ class StackingTrainingArguments(TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
+        if isinstance(self.grown_lr_scheduler_kwargs, str):
+            try:
+                self.grown_lr_scheduler_kwargs = json.loads(self.grown_lr_scheduler_kwargs)
+            except json.JSONDecodeError:
+                raise HfStackError(
+                    f"grown_lr_scheduler_kwargs is not JSON: {self.grown_lr_scheduler_kwargs!r}"
+                ) from None
+        if self.grown_lr_scheduler_type is not None:
+            from transformers.trainer_utils import SchedulerType
+
+            try:
+                SchedulerType(self.grown_lr_scheduler_type)
+            except ValueError:
+                names = ", ".join(t.value for t in SchedulerType)
+                raise HfStackError(
+                    f"unknown grown_lr_scheduler_type {self.grown_lr_scheduler_type!r}; choose one of {names}"
+                ) from None
         if isinstance(self.stacked_config, str):
             try:
                 self.stacked_config = json.loads(self.stacked_config)
@@ -120,9 +151,20 @@ class StackingTrainingArguments(TrainingArguments):
         return d
 
 
-def count_parameters(model) -> int:
-    """Unique parameters (tied weights once), embeddings included: the N of C = 6ND."""
-    seen, n = set(), 0
+def count_parameters(model, embeddings: bool = True) -> int:
+    """Unique parameters (tied weights once): the N of C = 6ND.
+
+    Args:
+        model: a transformers model.
+        embeddings: count the token embedding and the output head (default). False gives the non-embedding count
+            (Kaplan et al., 2020): the transformer blocks and final norm, the weights depth growth multiplies.
+    """
+    skip = set()
+    if not embeddings:
+        for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+            if module is not None:
+                skip.update(p.data_ptr() for p in module.parameters())
+    seen, n = set(skip), 0
     for p in model.parameters():
         if p.data_ptr() not in seen:
             seen.add(p.data_ptr())
@@ -159,7 +201,10 @@ class StackingTrainer(Trainer):
         kwargs.setdefault("data_collator", default_data_collator)
         super().__init__(model, args, *pargs, **kwargs)
         self.phase = 1
-        self.phase_start = {"tokens": 0, "flops": 0.0}
+        self.phase_start = {"tokens": 0, "flops": 0.0, "non_embedding_flops": 0.0, "train_seconds": 0.0}
+        self._clock = None  # [start of training, seconds spent evaluating since]: the wall-clock currency
+        self._eval_started = None
+        self._phase_clock_start = 0.0
         self._last_log = None
         self.masks = None  # MSG masks on the grown model while they ramp in (mask_steps)
 
@@ -187,9 +232,14 @@ class StackingTrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         tokens = self.phase_start["tokens"] + self.state.global_step * self.tokens_per_step()
         params = count_parameters(self.model)
-        flops = self.phase_start["flops"] + training_flops(params, tokens - self.phase_start["tokens"])
+        phase_tokens = tokens - self.phase_start["tokens"]
+        flops = self.phase_start["flops"] + training_flops(params, phase_tokens)
+        non_embedding = self.phase_start["non_embedding_flops"] + training_flops(
+            count_parameters(self.model, embeddings=False), phase_tokens
+        )
         now = time.perf_counter()
-        extra = {"tokens": tokens, "flops": flops, "phase": self.phase, "num_parameters": params}
+        extra = {"tokens": tokens, "flops": flops, "non_embedding_flops": non_embedding, "phase": self.phase,
+                 "num_parameters": params, "train_seconds": round(self._phase_seconds(), 3)}  # fmt: skip
         if self.phase == 2 and self.args.mask_steps:
             extra["growth_mask"] = self.masks.value if self.masks is not None else 1.0
         if self._last_log is not None and now > self._last_log[1] and tokens > self._last_log[0]:
@@ -200,6 +250,27 @@ class StackingTrainer(Trainer):
             if isinstance(cb, ProgressCallback) and cb.training_bar is not None and "loss" in logs:
                 cb.training_bar.set_postfix(loss=f"{logs['loss']:.3f}", tok_s=extra.get("tokens_per_second", "-"))
         super().log(logs, start_time)
+
+    def train_seconds(self) -> float:
+        """Wall-clock seconds of training in this process, growth included, evaluation excluded."""
+        if self._clock is None:
+            return 0.0
+        now = self._eval_started or time.perf_counter()
+        return now - self._clock[0] - self._clock[1]
+
+    def _phase_seconds(self) -> float:
+        """Training seconds of the run so far: earlier phases as recorded, this phase as measured."""
+        return self.phase_start["train_seconds"] + self.train_seconds() - self._phase_clock_start
+
+    def evaluate(self, *args, **kwargs):
+        # Evaluation is timed out of the wall-clock currency: arms that evaluate more often must not look slower.
+        self._eval_started = time.perf_counter()
+        try:
+            return super().evaluate(*args, **kwargs)
+        finally:
+            if self._clock is not None:
+                self._clock[1] += time.perf_counter() - self._eval_started
+            self._eval_started = None
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         # MSG: the mask follows the optimizer step, so a resumed run continues the ramp where it stopped.
@@ -237,7 +308,9 @@ class StackingTrainer(Trainer):
             )
         # All checks above run before anything is written.
         self._check_run_config(out, resume_from_checkpoint, tps, n_blocks)
-        saved = {k: getattr(args, k) for k in ("output_dir", "max_steps", "learning_rate", "warmup_steps")}
+        self._clock = [time.perf_counter(), 0.0]
+        saved = {k: getattr(args, k) for k in ("output_dir", "max_steps", "learning_rate", "warmup_steps",
+                                               "lr_scheduler_type", "lr_scheduler_kwargs")}  # fmt: skip
         full_dataset = self.train_dataset
         try:
             if grow_step is None:
@@ -264,6 +337,11 @@ class StackingTrainer(Trainer):
                 args.learning_rate = args.grown_learning_rate or saved["learning_rate"]
                 if args.grown_warmup_steps is not None:
                     args.warmup_steps = args.grown_warmup_steps
+                if args.grown_lr_scheduler_type is not None:
+                    args.lr_scheduler_type = args.grown_lr_scheduler_type
+                    args.lr_scheduler_kwargs = {}
+                if args.grown_lr_scheduler_kwargs is not None:
+                    args.lr_scheduler_kwargs = args.grown_lr_scheduler_kwargs
                 resume = _last_checkpoint(out, resume_from_checkpoint)
                 result = Trainer.train(self, resume_from_checkpoint=resume, **kwargs)
         finally:
@@ -333,11 +411,10 @@ class StackingTrainer(Trainer):
         from .modeling import grow_model
 
         small = self.accelerator.unwrap_model(self.model)
-        small_params = count_parameters(small)
         grown, plan, learned = grow_model(small, self.args.stacked_config, self.processing_class)
         grown.to(self.args.device)
-        phase1 = {"phase": 1, "num_parameters": small_params, "steps": grow_step, "tokens": grow_step * tps,
-                  "flops": training_flops(small_params, grow_step * tps), "num_layers": plan.source_num_layers}  # fmt: skip
+        phase1 = _phase_record(1, small, grow_step, tps, self.train_seconds())
+        phase1["num_layers"] = plan.source_num_layers
         new_optimizer = self._grown_optimizer(small, grown, plan) if self.args.carry_optimizer_state else None
         if self.args.mask_steps:
             self.masks = GrowthMasks(grown, plan)
@@ -376,7 +453,9 @@ class StackingTrainer(Trainer):
             grown = _apply_peft(grown, self.peft_config)
         self.model = self.model_wrapped = grown
         self.phase = 2
-        self.phase_start = {"tokens": phase1["tokens"], "flops": phase1["flops"]}
+        self.phase_start = {k: phase1.get(k, 0.0) for k in ("tokens", "flops", "non_embedding_flops")}
+        self.phase_start["train_seconds"] = phase1.get("train_seconds", 0.0)
+        self._phase_clock_start = self.train_seconds()
         self.phase1 = phase1
 
     def _grown_optimizer(self, small, grown, plan):
@@ -399,6 +478,18 @@ class StackingTrainer(Trainer):
             }
         return optimizer
 
+    def _unigram_baseline(self) -> float | None:
+        """The validation loss of unigram frequencies, the floor `hf-stack compare`'s health check reads."""
+        from .data import unigram_loss
+
+        evaluation = self.eval_dataset
+        if evaluation is None or isinstance(evaluation, dict) or not hasattr(evaluation, "with_format"):
+            return None
+        if not hasattr(self.train_dataset, "with_format") or "input_ids" not in evaluation.column_names:
+            return None
+        vocab = getattr(self.accelerator.unwrap_model(self.model).config, "vocab_size", None)
+        return round(unigram_loss(self.train_dataset, evaluation, vocab), 6)
+
     def _finish(self, out: Path, tps: int) -> None:
         if self.is_world_process_zero():
             self._write_final(out, tps)
@@ -416,15 +507,18 @@ class StackingTrainer(Trainer):
         phases = []
         if self.phase == 2:
             phases.append(self.phase1)
-        params = count_parameters(model)
-        tokens = self.state.global_step * tps
-        phases.append({"phase": self.phase, "num_parameters": params, "steps": self.state.global_step, "tokens": tokens,
-                       "flops": training_flops(params, tokens), "num_layers": model.config.num_hidden_layers})  # fmt: skip
+        seconds = self.train_seconds() - self._phase_clock_start
+        phases.append(_phase_record(self.phase, model, self.state.global_step, tps, seconds))
+        phases[-1]["num_layers"] = model.config.num_hidden_layers
         training = {
             "phases": phases,
             "total_tokens": sum(p["tokens"] for p in phases),
             "total_flops": sum(p["flops"] for p in phases),
-            "flops_convention": "6 N D per phase, N = all parameters (embeddings included, tied weights once)",
+            "total_non_embedding_flops": sum(p.get("non_embedding_flops", 0.0) for p in phases),
+            "total_train_seconds": round(sum(p.get("train_seconds", 0.0) for p in phases), 3),
+            "flops_convention": "6 N D per phase, N = all parameters (embeddings included, tied weights once); "
+            "non_embedding_flops: N without the token embedding and output head; train_seconds: wall-clock of "
+            "training in this process, evaluation excluded",
         }
         record = {}
         if (out / GROWTH_STATE).is_file():
@@ -433,7 +527,11 @@ class StackingTrainer(Trainer):
         # Phase 1's log lives in its last checkpoint; the current phase's in self.state (restored on resume).
         history = _read_history(out / "small") if self.phase == 2 else []
         history += [e for e in self.state.log_history if "tokens" in e]
-        _write_json_atomic(out / TRAINING_LOG, {"training": training, "log_history": history})
+        log = {"training": training, "log_history": history}
+        baseline = self._unigram_baseline()
+        if baseline is not None:
+            log["baselines"] = {"unigram_eval_loss": baseline}
+        _write_json_atomic(out / TRAINING_LOG, log)
         plot = None
         if any("loss" in e for e in history):
             from .compare import plot as plot_curves
@@ -449,6 +547,14 @@ class StackingTrainer(Trainer):
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
+
+
+def _phase_record(phase: int, model, steps: int, tps: int, seconds: float) -> dict:
+    params, tokens = count_parameters(model), steps * tps
+    return {"phase": phase, "num_parameters": params, "steps": steps, "tokens": tokens,
+            "flops": training_flops(params, tokens),
+            "non_embedding_flops": training_flops(count_parameters(model, embeddings=False), tokens),
+            "train_seconds": round(seconds, 3)}  # fmt: skip
 
 
 def _is_write_failure(e: BaseException | None) -> bool:
