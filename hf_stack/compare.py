@@ -21,6 +21,10 @@ CURRENCY_LABELS = {
 }
 
 
+# How far beyond scratch's end points the loss gap at equal cost may be read (a ratio of costs).
+GAP_REACH = 1.1
+
+
 @dataclass(frozen=True)
 class Curve:
     name: str
@@ -114,18 +118,20 @@ def speedup(grown: Curve, scratch: Curve) -> dict:
     }
 
 
-def _interpolate_log(points: list[tuple[float, float]], x: float) -> float | None:
-    """y at x on the polyline through (x, y) points, linear in log x; None outside their range."""
+def _interpolate_log(points: list[tuple[float, float]], x: float, reach: float = 1.0) -> float | None:
+    """y at x on the polyline through (x, y) points, linear in log x; None outside their range, except that the
+    end segments extend to `reach` times beyond the end points (budgets rounded to whole steps miss by a little)."""
     points = sorted(points)
-    for (x0, y0), (x1, y1) in zip(points, points[1:]):
-        if x0 <= x <= x1:
-            if x1 == x0:
-                return y0
-            t = (math.log(x) - math.log(x0)) / (math.log(x1) - math.log(x0))
-            return y0 + t * (y1 - y0)
-    if len(points) == 1 and points[0][0] == x:
-        return points[0][1]
-    return None
+    if len(points) == 1:
+        return points[0][1] if points[0][0] == x else None
+    if not points[0][0] / reach <= x <= points[-1][0] * reach:
+        return None
+    segments = list(zip(points, points[1:]))
+    (x0, y0), (x1, y1) = next(((a, b) for a, b in segments if x <= b[0]), segments[-1])
+    if x1 == x0:
+        return y0
+    t = (math.log(x) - math.log(x0)) / (math.log(x1) - math.log(x0))
+    return y0 + t * (y1 - y0)
 
 
 def endpoint_speedup(grown: dict, scratch: list[dict], currencies=CURRENCIES) -> dict:
@@ -136,7 +142,8 @@ def endpoint_speedup(grown: dict, scratch: list[dict], currencies=CURRENCIES) ->
     speed-up = that cost / the grown run's cost - 1, in each currency. Outside the end points the figure is a bound:
     `"lower"` (every scratch budget ends above the grown loss: speed-up > the largest budget's) or `"upper"` (even
     the smallest budget ends below it: speed-up < the smallest budget's). Also the loss gap at equal cost: the grown
-    run's final loss minus scratch's loss interpolated at the grown run's cost (negative: growth is ahead).
+    run's final loss minus scratch's loss interpolated at the grown run's cost (negative: growth is ahead), read up
+    to 10% beyond the end points (a 1x budget rounded to whole steps) and None further out.
 
     Args:
         grown: `{"loss": final loss, "<currency>": total cost, ...}` of the grown run.
@@ -164,7 +171,7 @@ def endpoint_speedup(grown: dict, scratch: list[dict], currencies=CURRENCIES) ->
                 cost, bound = ends[-1][0], "lower"
             else:
                 cost, bound = ends[0][0], "upper"
-        at_equal = _interpolate_log([(x, y) for x, y in ends], grown[c])
+        at_equal = _interpolate_log(ends, grown[c], reach=GAP_REACH)
         out[c] = {
             "speedup": cost / grown[c] - 1,
             "bound": bound,

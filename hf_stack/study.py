@@ -67,6 +67,9 @@ ARM_RESULT = "arm_result.json"
 # Keys an ablation row may change; rows that change the target (its depth, width or tying) get their own scratch.
 ABLATION_KEYS = {"small_layers", "factor", "operator", "order", "grow_at_tokens", "small_schedule",
                  "tie_word_embeddings", "total_tokens"}  # fmt: skip
+# Keys only operator rows use (absent means: depth growth, no MSG masks, LiGO's default steps). For "width" the
+# small model has the target's depth (`small_layers`) and half its hidden size and heads; `factor` is not used.
+OPERATOR_KEYS = {"direction", "mask_steps", "learn_steps"}
 # Rows with the same target share its scratch runs, at budgets set by the first such row's grown run.
 TARGET_KEYS = ("tie_word_embeddings", "hidden_size", "num_attention_heads")
 
@@ -80,10 +83,11 @@ def load_recipe(recipe: dict) -> dict:
     if len(r["learning_rates"]) < 1 or len(r["seeds"]) < 1 or len(r["scratch_budgets"]) < 2:
         raise HfStackError("a study needs at least one learning rate, one seed and two scratch budgets")
     for row in r["ablations"]:
-        bad = sorted(set(row) - ABLATION_KEYS - {"name"})
+        bad = sorted(set(row) - ABLATION_KEYS - OPERATOR_KEYS - {"name"})
         if bad or "name" not in row:
             raise HfStackError(
-                f"ablation {row!r}: needs a name and may change only {', '.join(sorted(ABLATION_KEYS))}"
+                f"ablation {row!r}: needs a name and may change only "
+                f"{', '.join(sorted(ABLATION_KEYS | OPERATOR_KEYS))}"
             )
         _check_setting({**r, **row})
     _check_setting(r)
@@ -126,6 +130,36 @@ def prepare_data(recipe: dict, files, work: Path) -> dict:
             "validation_blocks": n_val, "vocab": len(tok)}  # fmt: skip
 
 
+def target_layers(s: dict) -> int:
+    return s["small_layers"] * (s["factor"] if s.get("direction", "depth") == "depth" else 1)
+
+
+def small_model(s: dict, vocab: int, seed: int):
+    """The model that grows: fewer layers (depth growth) or half the hidden size and heads (width growth)."""
+    if s.get("direction", "depth") == "depth":
+        return model_for(s, s["small_layers"], vocab, seed)
+    half = {**s, "hidden_size": s["hidden_size"] // 2, "num_attention_heads": s["num_attention_heads"] // 2}
+    return model_for(half, s["small_layers"], vocab, seed)
+
+
+def growth_settings(s: dict, files=None) -> dict:
+    """The StackedConfig of a row: depth by `factor` and `order`, or width x2; LiGO trains on the study's files."""
+    growth = {"operator": s["operator"]}
+    if s.get("direction", "depth") == "depth":
+        growth.update(factor=s["factor"], order=s["order"])
+    else:
+        growth.update(direction="width", width_factor=2)
+    if s["operator"] == "learn":
+        growth.update(learn_data=",".join(files or []), learn_block_size=s["block_size"])
+        if "learn_steps" in s:
+            growth["learn_steps"] = s["learn_steps"]
+    return growth
+
+
+def _row_setting(row: dict) -> dict:
+    return {k: row[k] for k in sorted(ABLATION_KEYS | OPERATOR_KEYS) if k in row}
+
+
 def model_for(s: dict, num_layers: int, vocab: int, seed: int):
     """The study's Llama (untied by default: the paper's models are) at `num_layers`."""
     import torch
@@ -148,8 +182,8 @@ def sizes(s: dict, vocab: int) -> dict:
     from .timing import training_flops
     from .trainer import count_parameters
 
-    small = model_for(s, s["small_layers"], vocab, 0)
-    big = model_for(s, s["small_layers"] * s["factor"], vocab, 0)
+    small = small_model(s, vocab, 0)
+    big = model_for(s, target_layers(s), vocab, 0)
     d = _steps(s["grow_at_tokens"], s) * _tps(s)
     total = d + _steps(s["total_tokens"] - d, s) * _tps(s)
     n = {"small": count_parameters(small), "small_non_embedding": count_parameters(small, embeddings=False),
@@ -210,8 +244,7 @@ def _train_arm(arm: dict, spec: dict, out: Path, done: Path) -> dict:
     train = Dataset.from_dict({"input_ids": blocks, "labels": blocks}).with_format("torch")
     val_blocks = np.load(folder / "validation.npy")
     val = Dataset.from_dict({"input_ids": val_blocks, "labels": val_blocks}).with_format("torch")
-    layers = s["small_layers"] * (s["factor"] if role == "scratch" else 1)
-    model = model_for(s, layers, len(tok), seed)
+    model = model_for(s, target_layers(s), len(tok), seed) if role == "scratch" else small_model(s, len(tok), seed)
     cosine = {"min_lr_rate": s["min_lr_rate"]} if s["schedule"] == "cosine_with_min_lr" else {}
     common = dict(
         per_device_train_batch_size=s["batch_size"], per_device_eval_batch_size=48, eval_strategy="steps",
@@ -225,7 +258,8 @@ def _train_arm(arm: dict, spec: dict, out: Path, done: Path) -> dict:
             str(out), grow_at_tokens=_steps(s["grow_at_tokens"], s) * tps, grown_learning_rate=arm["grown_lr"],
             grown_warmup_steps=s["grown_warmup"], lr_scheduler_type=s["small_schedule"],
             lr_scheduler_kwargs=small_kwargs, grown_lr_scheduler_type=s["schedule"], grown_lr_scheduler_kwargs=cosine,
-            stacked_config=StackedConfig(factor=s["factor"], operator=s["operator"], order=s["order"]), **common,
+            stacked_config=StackedConfig(**growth_settings(s, arm.get("files"))), mask_steps=s.get("mask_steps", 0),
+            **common,
         )  # fmt: skip
     else:
         schedule = s["small_schedule"] if role == "small" else s["schedule"]
@@ -313,9 +347,9 @@ def run_study(recipe: dict, output: Path, files) -> dict:
     main_sizes = sizes(r, vocab)
     print(f"data: {data['tokens']:,} tokens, {data['train_blocks']:,} training blocks, {data['validation_blocks']} "
           f"validation blocks; small model {main_sizes['small']:,} parameters ({r['small_layers']} layers), "
-          f"target {main_sizes['target']:,} ({r['small_layers'] * r['factor']} layers, "
+          f"target {main_sizes['target']:,} ({target_layers(r)} layers, "
           f"{main_sizes['target_non_embedding_share']:.0%} non-embedding)", flush=True)  # fmt: skip
-    rows = [{"name": "main", **{k: r[k] for k in ABLATION_KEYS}}] + [
+    rows = [{"name": "main", **_row_setting(r)}] + [
         {**{k: r[k] for k in ABLATION_KEYS}, **row} for row in r["ablations"]
     ]
     n_lr, n_seeds, n_budgets = len(r["learning_rates"]), len(r["seeds"]), len(r["scratch_budgets"])
@@ -323,16 +357,19 @@ def run_study(recipe: dict, output: Path, files) -> dict:
     arms: list[dict] = []
 
     def arm(row, role, seed, lr, tokens, grown_lr=None, tag=""):
-        s = {**r, **{k: row[k] for k in ABLATION_KEYS}}
+        s = {**r, **_row_setting(row)}
         name = f"{row['name']}/{role}{tag}"
         lrs = f"{lr:g}" + (f"-{grown_lr:g}" if grown_lr else "")
         folder = output / "runs" / f"{name.replace('/', '-').replace('=', '')}-seed{seed}-lr{lrs}"
-        return {"name": name, "row": row["name"], "role": role, "seed": seed, "lr": lr, "grown_lr": grown_lr,
+        spec = {"name": name, "row": row["name"], "role": role, "seed": seed, "lr": lr, "grown_lr": grown_lr,
                 "tokens": int(tokens), "setting": s, "data": data["folder"], "output": str(folder)}  # fmt: skip
+        if role == "grown" and s["operator"] == "learn":
+            spec["files"] = [str(f) for f in files]  # LiGO trains its maps on the study's text
+        return spec
 
     def budget_tokens(row, mult):
         owner = next(x for x in rows if _target({**r, **x}) == _target({**r, **row}))
-        s = {**r, **{k: owner[k] for k in ABLATION_KEYS}}
+        s = {**r, **_row_setting(owner)}
         n = sizes(s, vocab)
         return _steps(mult * n["grown_flops"] / (6 * n["target"]), s) * _tps(s)
 
@@ -340,19 +377,13 @@ def run_study(recipe: dict, output: Path, files) -> dict:
     print(f"[sweep] learning rates {r['learning_rates']} for each role on seed {seed0}", flush=True)
     small_sweep = pool.run([arm(main, "small", seed0, lr, main_sizes["d"]) for lr in r["learning_rates"]])
     small_lr = min(small_sweep, key=lambda a: a["final_loss"])["lr"]
+    first = r["scratch_budgets"][0]
     sweep = pool.run(
         [arm(main, "grown", seed0, small_lr, main_sizes["total_tokens"], grown_lr=lr) for lr in r["learning_rates"]]
         + [
-            arm(
-                main,
-                "scratch",
-                seed0,
-                lr,
-                budget_tokens(main, r["scratch_budgets"][0]),
-                tag=f"@{r['scratch_budgets'][0]:g}x",
-            )
+            arm(main, "scratch", seed0, lr, budget_tokens(main, first), tag=f"@{first:g}x")
             for lr in r["learning_rates"]
-        ]  # fmt: skip
+        ]
     )
     grown_sweep, scratch_sweep = sweep[:n_lr], sweep[n_lr:]
     grown_lr = min(grown_sweep, key=lambda a: a["final_loss"])["grown_lr"]
@@ -367,7 +398,7 @@ def run_study(recipe: dict, output: Path, files) -> dict:
     todo, scratch_done = [], {}
     for s_arm in scratch_sweep:
         if s_arm["lr"] == scratch_lr:
-            scratch_done[(_target({**r, **main}), seed0, r["scratch_budgets"][0])] = s_arm
+            scratch_done[(_target({**r, **main}), seed0, first)] = s_arm
     grown_done = {("main", seed0): next(a for a in grown_sweep if a["grown_lr"] == grown_lr)}
     for row in rows:
         for seed in r["seeds"]:
@@ -395,12 +426,14 @@ def run_study(recipe: dict, output: Path, files) -> dict:
     study = {"recipe": r, "data": data, "sizes": main_sizes, "sweep": {"chosen": choice, "at_edge": edges,
              "criterion": "small: validation loss at d; grown and scratch: final validation loss (scratch at "
              f"{r['scratch_budgets'][0]:g}x), seed {seed0}"}, "rows": table, "arms": arms}  # fmt: skip
-    (output / "study.json").write_text(json.dumps(study, indent=1, default=str))
+    tmp = output / "study.json.tmp"
+    tmp.write_text(json.dumps(study, indent=1, default=str))
+    os.replace(tmp, output / "study.json")
     return study
 
 
 def _target(row: dict) -> tuple:
-    return (row["small_layers"] * row["factor"], *(row[k] for k in TARGET_KEYS))
+    return (target_layers(row), *(row[k] for k in TARGET_KEYS))
 
 
 def summarize_row(row: dict, r: dict, grown_done: dict, scratch_done: dict, n: dict) -> dict:
@@ -418,7 +451,7 @@ def summarize_row(row: dict, r: dict, grown_done: dict, scratch_done: dict, n: d
                          "scratch_end_points": [{"budget": m, "loss": e["final_loss"], **{c: e[c] for c in CURRENCIES}}
                                                 for m, e in zip(r["scratch_budgets"], ends)],
                          "figures": figures})  # fmt: skip
-    out = {"name": row["name"], "setting": {k: row[k] for k in ABLATION_KEYS}, "sizes": n, "per_seed": per_seed}
+    out = {"name": row["name"], "setting": _row_setting(row), "sizes": n, "per_seed": per_seed}
     for c in CURRENCIES:
         values = [p["figures"][c]["speedup"] for p in per_seed if c in p["figures"]]
         gaps = [
@@ -491,6 +524,9 @@ def describe_study(study: dict) -> str:
             f"| {h['grown_loss']:.3f} | {h['small_loss_at_growth']:.3f} | {h['scratch_loss_at_growth_tokens']:.3f} "
             f"| {h['unigram_loss']:.3f} | {row['sizes']['tokens_per_small_parameter']:.2f} | {f['verdict']} |"
         )
+    for row in study["rows"]:
+        if row["health"]["small_no_better_than_unigram"]:
+            lines.append(f"\nwarning: {row['name']}: the small model was no better than unigram frequencies at growth")
     return "\n".join(lines)
 
 
@@ -499,7 +535,7 @@ def _map_axes(study: dict) -> dict:
     main = study["rows"][0]["setting"]
     axes = {"d": [], "depth": []}
     for row in study["rows"]:
-        diff = {k for k in ABLATION_KEYS if row["setting"][k] != main[k]}
+        diff = {k for k in ABLATION_KEYS | OPERATOR_KEYS if row["setting"].get(k) != main.get(k)}
         if diff <= {"grow_at_tokens"}:
             axes["d"].append(row)
         if diff <= {"small_layers"}:
@@ -554,7 +590,7 @@ def plot_study(study: dict, path: str | Path) -> Path:
     for ax, key, xlabel in ((axes[1], "d", "tokens per small-model parameter at growth (d / N_small)"),
                             (axes[2], "depth", "target depth (layers)")):  # fmt: skip
         rows = mapping[key]
-        xs = [r["sizes"]["tokens_per_small_parameter"] if key == "d" else r["setting"]["small_layers"] * r["setting"]["factor"]
+        xs = [r["sizes"]["tokens_per_small_parameter"] if key == "d" else target_layers(r["setting"])
               for r in rows]  # fmt: skip
         order = np.argsort(xs)
         for c, color in (("flops", "C0"), ("non_embedding_flops", "C1"), ("train_seconds", "C2")):

@@ -96,3 +96,9 @@ def token_ids():
     import torch
 
     return torch.tensor([[1, 5, 17, 42, 9, 77, 3, 120, 64, 11, 8, 33]])
+
+
+def accounting(training: dict) -> dict:
+    """A training summary without its wall-clock fields: what two runs of the same data and steps must share."""
+    phases = [{k: v for k, v in p.items() if k != "train_seconds"} for p in training["phases"]]
+    return {**{k: v for k, v in training.items() if k != "total_train_seconds"}, "phases": phases}

@@ -69,6 +69,12 @@ def test_endpoint_speedup_outside_the_end_points_is_a_bound():
     assert below["bound"] == "lower" and below["speedup"] == pytest.approx(3.0)
     above = endpoint_speedup({"loss": 3.1, "flops": 100.0}, ENDS, currencies=["flops"])["flops"]
     assert above["bound"] == "upper" and above["speedup"] == pytest.approx(0.0)
+    # the gap at equal cost extends the first segment a little below the 1x budget (rounded to whole steps) ...
+    near = endpoint_speedup({"loss": 2.9, "flops": 100 / 2**0.1}, ENDS, currencies=["flops"])["flops"]
+    assert near["scratch_loss_at_equal_cost"] == pytest.approx(3.0 + 0.05) and near["loss_gap"] == pytest.approx(-0.15)
+    # ... and no further
+    far = endpoint_speedup({"loss": 2.9, "flops": 50.0}, ENDS, currencies=["flops"])["flops"]
+    assert far["scratch_loss_at_equal_cost"] is None and far["loss_gap"] is None
 
 
 def test_curve_speedup_is_an_upper_bound_when_scratch_starts_below_the_target():
