@@ -21,7 +21,7 @@ def tokenizer(vocab_size: int = 4096):
     """The demo's Llama-format BPE trained on the corpus, cached in bench/work/."""
     from transformers import AutoTokenizer
 
-    from hf_stack.demo import train_tokenizer
+    from hf_stack.data import train_tokenizer
 
     folder = WORK / f"tokenizer-{vocab_size}"
     if not (folder / "tokenizer.json").is_file():

@@ -37,17 +37,16 @@ class Curve:
     phase: list[int] = field(default_factory=list)  # 1 before growth, 2 after
     growth_tokens: float | None = None
     unigram_loss: float | None = None  # validation loss of unigram frequencies (the trainer's baseline)
-    final: dict = field(default_factory=dict)  # currency -> the run's total, from its training summary
 
-    def at_end(self, currency: str) -> float | None:
-        """The run's total cost in `currency` (its summary when there is one, else the last logged point)."""
-        if currency in self.final:
-            return self.final[currency]
+    def cost_at_last(self, currency: str) -> float | None:
+        """The cost in `currency` at the last logged loss (not the run's total: the two are read together)."""
         values = self.flops if currency == "flops" else self.cost.get(currency)
         return values[-1] if values else None
 
     def small_loss(self) -> float | None:
-        """The small model's last logged loss before growth: its health at d."""
+        """The small model's last logged loss before growth: its health at d (None for a run that did not grow)."""
+        if self.growth_tokens is None:
+            return None
         before = [v for v, p in zip(self.loss, self.phase) if p == 1]
         return before[-1] if before else None
 
@@ -73,16 +72,11 @@ def curve_from_log(data: dict, name: str, metric: str | None = None, where: str 
     phases = training.get("phases", [])
     growth = phases[0]["flops"] if len(phases) > 1 else None
     cost = {c: [e[c] for e in rows] for c in CURRENCIES[1:] if all(c in e for e in rows)}
-    final = {}
-    for currency, key in (("flops", "total_flops"), ("non_embedding_flops", "total_non_embedding_flops"),
-                          ("train_seconds", "total_train_seconds"), ("tokens", "total_tokens")):  # fmt: skip
-        if key in training:
-            final[currency] = training[key]
     return Curve(
         name, [e["flops"] for e in rows], [e["tokens"] for e in rows], [e[metric] for e in rows], metric=metric,
         growth_flops=growth, cost=cost, phase=[e.get("phase", 1) for e in rows],
         growth_tokens=phases[0]["tokens"] if len(phases) > 1 else None,
-        unigram_loss=data.get("baselines", {}).get("unigram_eval_loss"), final=final,
+        unigram_loss=data.get("baselines", {}).get("unigram_eval_loss"),
     )  # fmt: skip
 
 
@@ -118,7 +112,7 @@ def speedup(grown: Curve, scratch: Curve) -> dict:
     }
 
 
-def _interpolate_log(points: list[tuple[float, float]], x: float, reach: float = 1.0) -> float | None:
+def interpolate_log(points: list[tuple[float, float]], x: float, reach: float = 1.0) -> float | None:
     """y at x on the polyline through (x, y) points, linear in log x; None outside their range, except that the
     end segments extend to `reach` times beyond the end points (budgets rounded to whole steps miss by a little)."""
     points = sorted(points)
@@ -171,7 +165,7 @@ def endpoint_speedup(grown: dict, scratch: list[dict], currencies=CURRENCIES) ->
                 cost, bound = ends[-1][0], "lower"
             else:
                 cost, bound = ends[0][0], "upper"
-        at_equal = _interpolate_log(ends, grown[c], reach=GAP_REACH)
+        at_equal = interpolate_log(ends, grown[c], reach=GAP_REACH)
         out[c] = {
             "speedup": cost / grown[c] - 1,
             "bound": bound,
@@ -192,7 +186,7 @@ def health(grown: Curve, scratch: list[Curve] = ()) -> dict:
         for c in sorted(scratch, key=lambda c: -c.tokens[-1]):
             points = list(zip(c.tokens, c.loss))
             if points and points[0][0] <= grown.growth_tokens <= points[-1][0]:
-                at_d = _interpolate_log(points, grown.growth_tokens)
+                at_d = interpolate_log(points, grown.growth_tokens)
                 break
     unigram = grown.unigram_loss
     warning = None
@@ -296,10 +290,10 @@ def compare(grown_run: str | Path, scratch_run, output: str | Path | None = None
     if len(scratch) == 1:
         result = speedup(grown, scratch[0])
     else:
-        ends = [{"loss": s.loss[-1], **{c: s.at_end(c) for c in CURRENCIES}} for s in scratch]
-        figures = endpoint_speedup({"loss": grown.loss[-1], **{c: grown.at_end(c) for c in CURRENCIES}}, ends)
+        ends = [{"loss": s.loss[-1], **{c: s.cost_at_last(c) for c in CURRENCIES}} for s in scratch]
+        figures = endpoint_speedup({"loss": grown.loss[-1], **{c: grown.cost_at_last(c) for c in CURRENCIES}}, ends)
         f = figures["flops"]
-        result = {"grown_final_loss": grown.loss[-1], "grown_flops": grown.at_end("flops"),
+        result = {"grown_final_loss": grown.loss[-1], "grown_flops": grown.cost_at_last("flops"),
                   "scratch_flops_to_match": f["scratch_cost_to_match"], "speedup": f["speedup"],
                   "lower_bound": f["bound"] == "lower", "upper_bound": f["bound"] == "upper",
                   "metric": grown.metric, "currencies": figures, "scratch_end_points": ends}  # fmt: skip

@@ -185,7 +185,8 @@ def unigram_loss(train, validation, vocab_size: int | None = None, max_blocks: i
 
     The floor any trained model must beat: a model no better than this has learnt only which tokens are common.
     Counts come from the first `max_blocks` training blocks (add-one smoothing, so unseen tokens cost a finite
-    amount); the positions scored are the ones a causal LM's loss scores (every token of a block but the first).
+    amount); the positions scored are the ones a causal LM's loss scores (every label of a block but the first,
+    without the -100s it ignores).
 
     Args:
         train: packed training blocks (`input_ids`), as `pack` / `build_dataset` return them.
@@ -193,9 +194,29 @@ def unigram_loss(train, validation, vocab_size: int | None = None, max_blocks: i
         vocab_size: the model's vocabulary, the support of the smoothing (default: the largest id seen, plus one).
         max_blocks: bound on the blocks counted (memory and time stay small on large datasets).
     """
-    counted = np.asarray(train.with_format("numpy")[: min(len(train), max_blocks)]["input_ids"]).reshape(-1)
-    scored = np.asarray(validation.with_format("numpy")[:]["input_ids"])[:, 1:].reshape(-1)
+    counted = np.concatenate([np.asarray(x).reshape(-1) for x in train.with_format("numpy")[:max_blocks]["input_ids"]])
+    column = "labels" if "labels" in validation.column_names else "input_ids"
+    scored = np.concatenate([np.asarray(x).reshape(-1)[1:] for x in validation.with_format("numpy")[column]])
+    scored = scored[scored >= 0]  # -100: positions the loss ignores
     size = max(vocab_size or 0, int(max(counted.max(initial=0), scored.max(initial=0))) + 1)
     counts = np.bincount(counted, minlength=size).astype(np.float64) + 1.0
     log_p = np.log(counts) - np.log(counts.sum())
     return float(-log_p[scored].mean())
+
+
+def train_tokenizer(files_or_docs, vocab_size: int, folder: Path):
+    """A Llama-format BPE tokenizer (`▁` word boundaries, <s> </s> <unk>, LlamaTokenizer class) trained on the data."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import LlamaTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.pre_tokenizer = pre_tokenizers.Split("▁", behavior="merged_with_next")
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"], show_progress=True)
+    tok.train_from_iterator(iter_documents(files_or_docs), trainer)
+    fast = LlamaTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", add_bos_token=False
+    )
+    fast.save_pretrained(folder)
+    return fast

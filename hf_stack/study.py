@@ -77,9 +77,14 @@ TARGET_KEYS = ("tie_word_embeddings", "hidden_size", "num_attention_heads")
 def load_recipe(recipe: dict) -> dict:
     """The recipe with defaults filled in, checked before anything runs."""
     unknown = sorted(set(recipe) - set(DEFAULTS) - {"name"})
+    if not isinstance(recipe, dict):
+        raise HfStackError(f"a study recipe is a mapping of settings, got {type(recipe).__name__}")
     if unknown:
         raise HfStackError(f"unknown study recipe keys: {', '.join(unknown)} (known: {', '.join(sorted(DEFAULTS))})")
     r = {**copy.deepcopy(DEFAULTS), **copy.deepcopy(recipe)}
+    for key in ("learning_rates", "seeds", "scratch_budgets", "ablations"):
+        if not isinstance(r[key], list):
+            raise HfStackError(f"{key} must be a list, got {r[key]!r}")
     if len(r["learning_rates"]) < 1 or len(r["seeds"]) < 1 or len(r["scratch_budgets"]) < 2:
         raise HfStackError("a study needs at least one learning rate, one seed and two scratch budgets")
     for row in r["ablations"]:
@@ -116,10 +121,18 @@ def prepare_data(recipe: dict, files, work: Path) -> dict:
     """Train the tokenizer, tokenise everything once, hold out fixed random validation blocks."""
     import numpy as np
 
-    from .data import iter_documents, pack, tokenize_documents
-    from .demo import train_tokenizer
+    from .data import iter_documents, pack, tokenize_documents, train_tokenizer
 
     work.mkdir(parents=True, exist_ok=True)
+    # Finished arms are reused by their settings; if the text changed, none of them may be.
+    source = {
+        "files": [[str(f), os.path.getsize(f)] for f in files if os.path.isfile(f)],
+        "sources": list(map(str, files)),
+    }
+    marker = work / "source.json"
+    if marker.is_file() and json.loads(marker.read_text()) != source:
+        shutil.rmtree(work.parent / "runs", ignore_errors=True)
+    marker.write_text(json.dumps(source))
     tok = train_tokenizer(files, recipe["vocab_size"], work / "tokenizer")
     tokens = tokenize_documents(iter_documents(files), tok)
     blocks = np.asarray(pack(tokens, recipe["block_size"], recipe["data_seed"]).with_format("numpy")["input_ids"])
@@ -342,6 +355,7 @@ def run_study(recipe: dict, output: Path, files) -> dict:
     """Sweep, seeds, ablations; returns (and writes to `output/study.json`) every arm and every row's figures."""
     r = load_recipe(recipe)
     output = Path(output)
+    files = [files] if isinstance(files, (str, Path)) else list(files)
     data = prepare_data(r, files, output / "data")
     vocab = data["vocab"]
     main_sizes = sizes(r, vocab)
@@ -395,7 +409,7 @@ def run_study(recipe: dict, output: Path, files) -> dict:
     arms += small_sweep + sweep
 
     # Main rows and ablations: every seed, grown arm per row, scratch per distinct target.
-    todo, scratch_done = [], {}
+    todo, scratch_done, budgets = [], {}, {}  # budgets: index in todo -> its scratch key
     for s_arm in scratch_sweep:
         if s_arm["lr"] == scratch_lr:
             scratch_done[(_target({**r, **main}), seed0, first)] = s_arm
@@ -409,17 +423,17 @@ def run_study(recipe: dict, output: Path, files) -> dict:
                 if key not in scratch_done:
                     scratch_done[key] = None
                     todo.append(arm(row, "scratch", seed, scratch_lr, budget_tokens(row, mult), tag=f"@{mult:g}x"))
+                    budgets[len(todo) - 1] = key
     pool.total = pool.done + len(todo)
     print(f"[runs] {len(todo)} runs: {len(rows)} rows x {n_seeds} seeds, scratch at {r['scratch_budgets']}x the "
           "grown run's FLOPs", flush=True)  # fmt: skip
     results = pool.run(todo)
     pool.close()
-    for a, res in zip(todo, results):
+    for i, (a, res) in enumerate(zip(todo, results)):
         if a["role"] == "grown":
             grown_done[(a["row"], a["seed"])] = res
         else:
-            mult = float(a["name"].rsplit("@", 1)[1].rstrip("x"))
-            scratch_done[(_target({**r, **next(x for x in rows if x["name"] == a["row"])}), a["seed"], mult)] = res
+            scratch_done[budgets[i]] = res
     arms += results
 
     table = [summarize_row(row, r, grown_done, scratch_done, sizes({**r, **row}, vocab)) for row in rows]
@@ -491,11 +505,10 @@ def _verdict(values: list[float]) -> str:
 
 
 def _loss_at_tokens(log: list[dict], tokens: float) -> float | None:
-    points = [(e["tokens"], e["eval_loss"]) for e in log if "eval_loss" in e]
-    for (t0, l0), (t1, l1) in zip(points, points[1:]):
-        if t0 <= tokens <= t1:
-            return l0 + (l1 - l0) * (tokens - t0) / (t1 - t0) if t1 > t0 else l0
-    return None
+    """A run's validation loss after `tokens`, read the way `hf-stack compare`'s health check reads it."""
+    from .compare import interpolate_log
+
+    return interpolate_log([(e["tokens"], e["eval_loss"]) for e in log if "eval_loss" in e], tokens)
 
 
 # ------------------------------------------------------------------------------------------------- table and plot
@@ -625,20 +638,22 @@ def summary_lines(study: dict) -> list[str]:
     if h["small_no_better_than_unigram"]:
         lines.append("warning: the small model is no better than unigram frequencies at growth; the speed-up below "
                      "says little about growth")  # fmt: skip
-    for c, label in (
-        ("flops", "FLOPs"),
-        ("non_embedding_flops", "non-embedding FLOPs"),
-        ("train_seconds", "wall-clock"),
-    ):
+    labels = {"flops": "FLOPs", "non_embedding_flops": "non-embedding FLOPs", "train_seconds": "wall-clock"}
+    for c, label in labels.items():
         f = row[c]
+        # A seed whose grown loss lies outside scratch's end points gives a bound, not a figure: say so.
+        bound = {"lower": "; a lower bound in some seeds (scratch's largest budget did not reach the grown loss)",
+                 "upper": "; an upper bound in some seeds (scratch's smallest budget already beat it)"}  # fmt: skip
+        note = "".join(bound[b] for b in f["bounds"])
         lines.append(f"speed-up in {label}: {f['speedup_mean']:+.1%} ± {f['speedup_std']:.1%} over {seeds} seeds "
-                     f"(min {f['speedup_min']:+.1%}, max {f['speedup_max']:+.1%}): {f['verdict']}")  # fmt: skip
+                     f"(min {f['speedup_min']:+.1%}, max {f['speedup_max']:+.1%}): {f['verdict']}{note}")  # fmt: skip
     f = row["flops"]
     tokens = f"{n['tokens_per_target_parameter']:.1f} tokens per target parameter"
     if f["verdict"] == "growth ahead":
+        more = "at least" if "lower" in f["bounds"] else "about"
         meaning = (
             f"meaning: at this scale ({tokens}) G_stack reached scratch's annealed loss with less compute in "
-            f"every seed; scratch needs about {1 + f['speedup_mean']:.2f}x the grown run's FLOPs."
+            f"every seed; scratch needs {more} {1 + f['speedup_mean']:.2f}x the grown run's FLOPs (mean over seeds)."
         )
     elif f["verdict"] == "scratch ahead":
         meaning = (

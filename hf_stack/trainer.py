@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainingArguments, default_data_collator
-from transformers.trainer_callback import ProgressCallback
+from transformers.trainer_callback import ProgressCallback, TrainerCallback
 
 from .config import StackedConfig
 from .errors import HfStackError
@@ -202,9 +202,12 @@ class StackingTrainer(Trainer):
         super().__init__(model, args, *pargs, **kwargs)
         self.phase = 1
         self.phase_start = {"tokens": 0, "flops": 0.0, "non_embedding_flops": 0.0, "train_seconds": 0.0}
-        self._clock = None  # [start of training, seconds spent evaluating since]: the wall-clock currency
+        # The wall-clock currency counts training only, so that arms which evaluate more often, or on slower
+        # validation sets, do not look slower: [start of training in this process, seconds spent evaluating since].
+        self._clock = None
         self._eval_started = None
         self._phase_clock_start = 0.0
+        self.add_callback(_ResumeClock(self))
         self._last_log = None
         self.masks = None  # MSG masks on the grown model while they ramp in (mask_steps)
 
@@ -263,13 +266,16 @@ class StackingTrainer(Trainer):
         return self.phase_start["train_seconds"] + self.train_seconds() - self._phase_clock_start
 
     def evaluate(self, *args, **kwargs):
-        # Evaluation is timed out of the wall-clock currency: arms that evaluate more often must not look slower.
-        self._eval_started = time.perf_counter()
+        # Timed out of train_seconds. A dict of eval sets makes Trainer.evaluate call itself once per set: only the
+        # outermost call counts.
+        if self._eval_started is not None:
+            return super().evaluate(*args, **kwargs)
+        self._eval_started = started = time.perf_counter()
         try:
             return super().evaluate(*args, **kwargs)
         finally:
             if self._clock is not None:
-                self._clock[1] += time.perf_counter() - self._eval_started
+                self._clock[1] += time.perf_counter() - started
             self._eval_started = None
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -413,7 +419,7 @@ class StackingTrainer(Trainer):
         small = self.accelerator.unwrap_model(self.model)
         grown, plan, learned = grow_model(small, self.args.stacked_config, self.processing_class)
         grown.to(self.args.device)
-        phase1 = _phase_record(1, small, grow_step, tps, self.train_seconds())
+        phase1 = _phase_record(1, small, grow_step, tps, self._phase_seconds())
         phase1["num_layers"] = plan.source_num_layers
         new_optimizer = self._grown_optimizer(small, grown, plan) if self.args.carry_optimizer_state else None
         if self.args.mask_steps:
@@ -441,9 +447,13 @@ class StackingTrainer(Trainer):
         from .modeling import plan_for_model
 
         state = json.loads((out / GROWTH_STATE).read_text())
+        small = self.accelerator.unwrap_model(self.model)
+        # A growth state written before non-embedding FLOPs were counted: count them from the small model.
+        state["phase1"].setdefault(
+            "non_embedding_flops", training_flops(count_parameters(small, embeddings=False), state["phase1"]["tokens"])
+        )
         grown = AutoModelForCausalLM.from_pretrained(grown_init, dtype=self.model.dtype, trust_remote_code=False)
         if self.args.mask_steps:
-            small = self.accelerator.unwrap_model(self.model)
             self.masks = GrowthMasks(grown, plan_for_model(small, self.args.stacked_config))
         self._install_model(grown.to(self.args.device).train(), state["phase1"])
         self.optimizer, self.lr_scheduler = None, None
@@ -549,7 +559,22 @@ class StackingTrainer(Trainer):
         os.replace(tmp, final)
 
 
+class _ResumeClock(TrainerCallback):
+    """A resumed phase continues the training seconds its checkpoint logged instead of restarting them at zero
+    (the state, with its log, is restored before on_train_begin)."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        t = self.trainer
+        logged = [e["train_seconds"] for e in state.log_history if e.get("phase") == t.phase and "train_seconds" in e]
+        if logged:
+            t._phase_clock_start = t.phase_start["train_seconds"] + t.train_seconds() - logged[-1]
+
+
 def _phase_record(phase: int, model, steps: int, tps: int, seconds: float) -> dict:
+    """One phase's accounting: its parameters, steps, tokens, FLOPs in both conventions and training seconds."""
     params, tokens = count_parameters(model), steps * tps
     return {"phase": phase, "num_parameters": params, "steps": steps, "tokens": tokens,
             "flops": training_flops(params, tokens),

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from hf_stack import HfStackError, StackedConfig, StackingTrainer, StackingTrainingArguments, build_dataset
 from hf_stack.compare import Curve, endpoint_speedup, speedup
 from hf_stack.data import unigram_loss
-from hf_stack.study import load_recipe, run_study
+from hf_stack.study import _verdict, load_recipe, model_for, run_study
 from tests.conftest import TEXT, build_checkpoint
 
 CORPUS = [TEXT.replace("a", c) for c in "abcdefghijklmnop"]
@@ -89,14 +89,12 @@ def test_curve_speedup_is_an_upper_bound_when_scratch_starts_below_the_target():
 # ---------------------------------------------------------------- `hf-stack compare` with end points and health
 
 
-def write_log(folder, evals, phases, unigram, totals):
+def write_log(folder, evals, phases, unigram, non_embedding_share):
     """A training_log.json as the trainer writes it: eval entries with every currency, the phases, the baseline."""
     folder.mkdir(parents=True)
-    history = [{"eval_loss": loss, "tokens": t, "flops": f, "non_embedding_flops": f / 2, "train_seconds": s,
-                "phase": p} for loss, t, f, s, p in evals]  # fmt: skip
-    training = {"phases": phases, "total_tokens": totals[0], "total_flops": totals[1],
-                "total_non_embedding_flops": totals[1] / 2, "total_train_seconds": totals[2]}  # fmt: skip
-    log = {"training": training, "log_history": history, "baselines": {"unigram_eval_loss": unigram}}
+    history = [{"eval_loss": loss, "tokens": t, "flops": f, "non_embedding_flops": f * non_embedding_share,
+                "train_seconds": s, "phase": p} for loss, t, f, s, p in evals]  # fmt: skip
+    log = {"training": {"phases": phases}, "log_history": history, "baselines": {"unigram_eval_loss": unigram}}
     (folder / "training_log.json").write_text(json.dumps(log))
 
 
@@ -106,27 +104,38 @@ def hf_stack(*args):
 
 @pytest.mark.parametrize("small_loss, warned", [(5.2, False), (5.9, True)])
 def test_compare_reads_annealed_end_points_and_warns_about_a_weak_small_model(tmp_path, small_loss, warned):
-    phases = [{"phase": 1, "tokens": 50, "flops": 20.0}, {"phase": 2, "tokens": 150, "flops": 80.0}]
-    write_log(tmp_path / "grown", [(small_loss, 50, 20.0, 2.0, 1), (2.5, 200, 100.0, 20.0, 2)], phases, 5.8,
-              (200, 100.0, 20.0))  # fmt: skip
-    for name, (loss, flops, seconds) in {"s1": (3.0, 100.0, 10.0), "s2": (2.5, 200.0, 30.0),
-                                         "s3": (2.0, 400.0, 50.0)}.items():  # fmt: skip
-        write_log(tmp_path / name, [(6.0, 10, flops / 10, 1.0, 1), (5.5, 50, flops / 2, seconds / 2, 1),
-                                    (loss, 100, flops, seconds, 1)], [{"phase": 1, "tokens": 100, "flops": flops}],
-                  5.8, (100, flops, seconds))  # fmt: skip
-    r = hf_stack("compare", tmp_path / "grown", tmp_path / "s1", tmp_path / "s2", tmp_path / "s3",
-                 "-o", tmp_path / "c.png")  # fmt: skip
+    phases = [{"phase": 1, "tokens": 60, "flops": 20.0}, {"phase": 2, "tokens": 140, "flops": 80.0}]
+    write_log(tmp_path / "grown", [(small_loss, 60, 20.0, 2.0, 1), (2.5, 200, 100.0, 20.0, 2)], phases, 5.8, 0.48)
+    # three budgets, each its own schedule; the longest also passes the growth point's 60 tokens between two points
+    runs = {"s1": (3.0, 100.0, 10.0, 100), "s2": (2.5, 200.0, 30.0, 100), "s3": (2.0, 400.0, 50.0, 200)}
+    for i, (name, (loss, flops, seconds, tokens)) in enumerate(runs.items()):
+        evals = [(6.0, 10, flops / 10, 1.0, 1), (5.4 + 0.2 * i, 50, flops / 2, seconds / 2, 1),
+                 (5.0 + 0.2 * i, tokens * 3 / 4, flops * 0.7, seconds * 0.7, 1), (loss, tokens, flops, seconds, 1)]  # fmt: skip
+        write_log(tmp_path / name, evals, [{"phase": 1, "tokens": tokens, "flops": flops}], 5.8, 0.5)
+    r = hf_stack("compare", tmp_path / "grown", *(tmp_path / n for n in runs), "-o", tmp_path / "c.png")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert "training FLOPs (6ND, all parameters): speed-up = +100.0%; loss gap at equal cost -0.5000" in lines
-    assert "non-embedding FLOPs: speed-up = +100.0%; loss gap at equal cost -0.5000" in lines
+    # non-embedding: the grown run has 48 of scratch's 50 per FLOP, so scratch's 100 against 48, and the gap is
+    # read 4% below scratch's first end point (ln(48/50) / ln 2 of the way down the first segment)
+    assert "non-embedding FLOPs: speed-up = +108.3%; loss gap at equal cost -0.5294" in lines
     # 20 s lies between scratch's 10 s (3.0) and 30 s (2.5) at ln 2 / ln 3 of the way in log seconds
     assert "training wall-clock s: speed-up = +50.0%; loss gap at equal cost -0.1845" in lines
-    # the target from scratch after the growth point's 50 tokens: 5.5 in every scratch run
-    assert f"health: small model at growth: {small_loss:.4f}; target from scratch after the same tokens: 5.5000; " \
-           "unigram baseline: 5.8000" in lines  # fmt: skip
+    # the target after the growth point's 60 tokens, read off the longest scratch run (s3: 5.8 at 50, 5.4 at 150),
+    # ln(60/50) / ln 3 of the way in log tokens
+    at_d = 5.8 - 0.4 * math.log(60 / 50) / math.log(3)
+    assert f"health: small model at growth: {small_loss:.4f}; target from scratch after the same tokens: " \
+           f"{at_d:.4f}; unigram baseline: 5.8000" in lines  # fmt: skip
     assert any(line.startswith("warning: the small model is no better than unigram") for line in lines) is warned
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize(
+    "values, verdict",
+    [([0.1, 0.5, 0.02], "growth ahead"), ([-0.1, -0.4], "scratch ahead"), ([0.3, -0.01, 0.2], "no difference")],
+)
+def test_a_claim_holds_only_when_every_seed_agrees(values, verdict):
+    assert _verdict(values).startswith(verdict)
 
 
 # ---------------------------------------------------------------- what the trainer logs
@@ -252,21 +261,30 @@ def test_a_tiny_study_sweeps_every_role_reads_annealed_ends_and_resumes(tmp_path
     one = next(a for a in scratch if a["name"].endswith("@1x"))
     two = next(a for a in scratch if a["name"].endswith("@2x") and a["seed"] == one["seed"])
     assert two["flops"] == pytest.approx(2 * one["flops"], rel=0.15)
-    # the grown runs' FLOPs: 6 N_small d + 6 N_target (T - d), counted from the models themselves
-    n = study["sizes"]
+    # the grown runs' FLOPs: 6 N_small d + 6 N_target (T - d), N counted here with plain numel (the models are untied)
+    vocab = study["data"]["vocab"]
+    setting = {**TINY, "tie_word_embeddings": False}
+    n_small, n_target = (
+        sum(p.numel() for p in model_for(setting, layers, vocab, 0).parameters()) for layers in (1, 2)
+    )
     grown = next(a for a in arms if a["name"] == "main/grown" and a["seed"] == 1)
-    assert grown["flops"] == 6 * n["small"] * 256 + 6 * n["target"] * 512
+    assert grown["flops"] == 6 * n_small * 256 + 6 * n_target * 512
     # both rows, both seeds; the verdict follows the seeds' signs and the gap's sign follows the speed-up's
     assert [row["name"] for row in study["rows"]] == ["main", "late"]
+    signs_checked = 0
     for row in study["rows"]:
         values = [p["figures"]["flops"]["speedup"] for p in row["per_seed"]]
         assert len(values) == 2 and row["flops"]["speedup_mean"] == pytest.approx(sum(values) / 2)
         assert (row["flops"]["verdict"] == "growth ahead") == all(v > 0 for v in values)
+        checked = 0
         for p in row["per_seed"]:
             f = p["figures"]["flops"]
             if f["loss_gap"] is not None and f["bound"] is None and abs(f["speedup"]) > 0.05:
                 assert (f["loss_gap"] < 0) == (f["speedup"] > 0)
+                checked += 1
+        signs_checked += checked
         assert row["health"]["unigram_loss"] > 0 and row["health"]["small_loss_at_growth"] > 0
+    assert signs_checked >= 1
     # a second call reads every finished arm back instead of training it again
     results = sorted((tmp_path / "study" / "runs").glob("*/arm_result.json"))
     stamps = [p.stat().st_mtime_ns for p in results]

@@ -193,6 +193,11 @@ def test_resume_after_growth_matches_an_uninterrupted_run(small2, tmp_path, data
     la = json.loads((tmp_path / "a" / "training_log.json").read_text())["training"]
     lb = json.loads((tmp_path / "b" / "training_log.json").read_text())["training"]
     assert accounting(la) == accounting(lb)
+    # the resumed phase continues its training seconds from the checkpoint instead of restarting at zero
+    seconds = [
+        e["train_seconds"] for e in json.loads((tmp_path / "b" / "training_log.json").read_text())["log_history"]
+    ]
+    assert seconds == sorted(seconds)
 
 
 def test_resume_refuses_another_runs_folder(small2, tmp_path, data_file):
