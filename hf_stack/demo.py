@@ -1,8 +1,10 @@
 """`make demo`: the paper's story on a laptop, end to end, from one recipe file.
 
-Real public-domain text -> a BPE tokenizer -> a small Llama trained for d tokens -> grown x4 with G_stack ->
-trained on -> compared with the same architecture trained from scratch, loss against FLOPs -> the grown model with
-its card, scored on the benchmark smoke samples.
+Real public-domain text -> a BPE tokenizer -> a short version of `hf_stack.study`'s fair protocol (one learning-rate
+sweep for the small, grown and scratch roles; three seeds of a small Llama grown x4 with G_stack and of the target
+from scratch at three budgets, each with its own complete schedule; the speed-up between scratch's annealed end
+points in FLOPs, non-embedding FLOPs and seconds; the small model's health beside a unigram baseline) -> the grown
+model with its card, scored on the benchmark smoke samples.
 
     python -m hf_stack.demo [--recipe hf_stack/recipes/demo.yaml] [--data FILES_OR_HUB_ID] [--output demo-output]
 """
@@ -101,16 +103,16 @@ def main(argv: list[str] | None = None) -> int:
         out.mkdir(parents=True)
         data = args.data or recipe["data"]
         files = shakespeare_files() if data == "shakespeare" else data
-        print(f"[1/5] data: {len(files) if isinstance(files, list) else files} files; tokenizer, fixed validation "
+        print(f"[1/3] data: {len(files) if isinstance(files, list) else files} files; tokenizer, fixed validation "
               "blocks", flush=True)  # fmt: skip
-        print("[2-4/5] the study: learning-rate sweep per role, then every seed's grown run and scratch at each "
+        print("[2/3] the study: learning-rate sweep per role, then every seed's grown run and scratch at each "
               "budget", flush=True)  # fmt: skip
         study = run_study({**recipe, "data": "given"}, out, files)
         plot_study(study, out / "study.png")
 
         from .evaluate import SAMPLES_DIR, evaluate_model, print_table, results_table
 
-        print("[5/5] the grown model (seed 0), its card, and a smoke-sample evaluation", flush=True)
+        print("[3/3] the grown model (seed 0), its card, and a smoke-sample evaluation", flush=True)
         grown = next(a for a in study["arms"] if a["name"] == "main/grown" and a["seed"] == recipe["seeds"][0]
                      and a["grown_lr"] == study["sweep"]["chosen"]["grown"])  # fmt: skip
         model_dir = out / "grown-model"
