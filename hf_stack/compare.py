@@ -57,23 +57,19 @@ def read_curve(run_dir: str | Path, metric: str | None = None) -> Curve:
     if not path.is_file():
         raise HfStackError(f"{run_dir} has no {TRAINING_LOG}; pass a folder written by `hf-stack train`")
     data = json.loads(path.read_text())
-    return curve_from_log(data, Path(run_dir).name or str(run_dir), metric, str(path))
-
-
-def curve_from_log(data: dict, name: str, metric: str | None = None, where: str = "the log") -> Curve:
-    """A [`Curve`] from the contents of a `training_log.json`."""
     entries = data.get("log_history", [])
     if metric is None:
         metric = "eval_loss" if any("eval_loss" in e for e in entries) else "loss"
     rows = sorted((e for e in entries if metric in e and "flops" in e), key=lambda e: (e["flops"], e["tokens"]))
     if not rows:
-        raise HfStackError(f"{where} has no {metric!r} entries to compare")
+        raise HfStackError(f"{path} has no {metric!r} entries to compare")
     training = data.get("training", {})
     phases = training.get("phases", [])
     growth = phases[0]["flops"] if len(phases) > 1 else None
     cost = {c: [e[c] for e in rows] for c in CURRENCIES[1:] if all(c in e for e in rows)}
     return Curve(
-        name, [e["flops"] for e in rows], [e["tokens"] for e in rows], [e[metric] for e in rows], metric=metric,
+        Path(run_dir).name or str(run_dir), [e["flops"] for e in rows], [e["tokens"] for e in rows],
+        [e[metric] for e in rows], metric=metric,
         growth_flops=growth, cost=cost, phase=[e.get("phase", 1) for e in rows],
         growth_tokens=phases[0]["tokens"] if len(phases) > 1 else None,
         unigram_loss=data.get("baselines", {}).get("unigram_eval_loss"),

@@ -129,18 +129,23 @@ def prepare_data(recipe: dict, files, work: Path) -> dict:
         "files": [[str(f), os.path.getsize(f)] for f in files if os.path.isfile(f)],
         "sources": list(map(str, files)),
     }
-    marker = work / "source.json"
-    if marker.is_file() and json.loads(marker.read_text()) != source:
+    source.update({k: recipe[k] for k in ("vocab_size", "block_size", "data_seed", "validation_blocks")})
+    marker, summary = work / "source.json", work / "data.json"
+    if marker.is_file() and json.loads(marker.read_text()) == source and summary.is_file():
+        return json.loads(summary.read_text())  # the same text and settings: tokenised already
+    if marker.is_file():
         shutil.rmtree(work.parent / "runs", ignore_errors=True)
-    marker.write_text(json.dumps(source))
     tok = train_tokenizer(files, recipe["vocab_size"], work / "tokenizer")
     tokens = tokenize_documents(iter_documents(files), tok)
     blocks = np.asarray(pack(tokens, recipe["block_size"], recipe["data_seed"]).with_format("numpy")["input_ids"])
     n_val = recipe["validation_blocks"]
     np.save(work / "validation.npy", blocks[:n_val])
     np.save(work / "train.npy", blocks[n_val:])
-    return {"folder": str(work), "tokens": int(len(tokens)), "train_blocks": int(len(blocks) - n_val),
+    data = {"folder": str(work), "tokens": int(len(tokens)), "train_blocks": int(len(blocks) - n_val),
             "validation_blocks": n_val, "vocab": len(tok)}  # fmt: skip
+    summary.write_text(json.dumps(data))
+    marker.write_text(json.dumps(source))  # last: its presence means the folder is complete
+    return data
 
 
 def target_layers(s: dict) -> int:
@@ -258,7 +263,6 @@ def _train_arm(arm: dict, spec: dict, out: Path, done: Path) -> dict:
     val_blocks = np.load(folder / "validation.npy")
     val = Dataset.from_dict({"input_ids": val_blocks, "labels": val_blocks}).with_format("torch")
     model = model_for(s, target_layers(s), len(tok), seed) if role == "scratch" else small_model(s, len(tok), seed)
-    cosine = {"min_lr_rate": s["min_lr_rate"]} if s["schedule"] == "cosine_with_min_lr" else {}
     common = dict(
         per_device_train_batch_size=s["batch_size"], per_device_eval_batch_size=48, eval_strategy="steps",
         eval_steps=s["eval_steps"], logging_steps=s["eval_steps"], save_strategy="no", report_to=[], use_cpu=True,
@@ -266,18 +270,19 @@ def _train_arm(arm: dict, spec: dict, out: Path, done: Path) -> dict:
         max_tokens=arm["tokens"], learning_rate=arm["lr"], warmup_steps=s["warmup"], dataloader_num_workers=0,
     )  # fmt: skip
     if role == "grown":
-        small_kwargs = {"min_lr_rate": s["min_lr_rate"]} if s["small_schedule"] == "cosine_with_min_lr" else {}
         args = StackingTrainingArguments(
             str(out), grow_at_tokens=_steps(s["grow_at_tokens"], s) * tps, grown_learning_rate=arm["grown_lr"],
             grown_warmup_steps=s["grown_warmup"], lr_scheduler_type=s["small_schedule"],
-            lr_scheduler_kwargs=small_kwargs, grown_lr_scheduler_type=s["schedule"], grown_lr_scheduler_kwargs=cosine,
+            lr_scheduler_kwargs=_schedule_kwargs(s["small_schedule"], s), grown_lr_scheduler_type=s["schedule"],
+            grown_lr_scheduler_kwargs=_schedule_kwargs(s["schedule"], s),
             stacked_config=StackedConfig(**growth_settings(s, arm.get("files"))), mask_steps=s.get("mask_steps", 0),
             **common,
         )  # fmt: skip
     else:
         schedule = s["small_schedule"] if role == "small" else s["schedule"]
-        kwargs = {"min_lr_rate": s["min_lr_rate"]} if schedule == "cosine_with_min_lr" else {}
-        args = StackingTrainingArguments(str(out), lr_scheduler_type=schedule, lr_scheduler_kwargs=kwargs, **common)
+        args = StackingTrainingArguments(
+            str(out), lr_scheduler_type=schedule, lr_scheduler_kwargs=_schedule_kwargs(schedule, s), **common
+        )
     start = time.perf_counter()
     trainer = StackingTrainer(model=model, args=args, train_dataset=train, eval_dataset=val, processing_class=tok)
     trainer.remove_callback(PrinterCallback)  # many runs at once: one line per finished run, not every log dict
@@ -312,6 +317,11 @@ def _arm_key(spec: dict) -> dict:
     """What decides an arm's result: a finished arm is reused when this matches, whatever else the recipe changed."""
     setting = {k: v for k, v in spec.get("setting", {}).items() if k not in STUDY_KEYS}
     return {**{k: v for k, v in spec.items() if k not in ("setting", "data")}, "setting": setting}
+
+
+def _schedule_kwargs(schedule: str, s: dict) -> dict:
+    """Cosine schedules decay to `min_lr_rate` of the peak; the others take no arguments."""
+    return {"min_lr_rate": s["min_lr_rate"]} if schedule == "cosine_with_min_lr" else {}
 
 
 class _Pool:
@@ -358,14 +368,15 @@ def run_study(recipe: dict, output: Path, files) -> dict:
     files = [files] if isinstance(files, (str, Path)) else list(files)
     data = prepare_data(r, files, output / "data")
     vocab = data["vocab"]
-    main_sizes = sizes(r, vocab)
+    rows = [{"name": "main", **_row_setting(r)}] + [
+        {**{k: r[k] for k in ABLATION_KEYS}, **row} for row in r["ablations"]
+    ]
+    row_sizes = {row["name"]: sizes({**r, **row}, vocab) for row in rows}  # builds two models per row: once
+    main_sizes = row_sizes["main"]
     print(f"data: {data['tokens']:,} tokens, {data['train_blocks']:,} training blocks, {data['validation_blocks']} "
           f"validation blocks; small model {main_sizes['small']:,} parameters ({r['small_layers']} layers), "
           f"target {main_sizes['target']:,} ({target_layers(r)} layers, "
           f"{main_sizes['target_non_embedding_share']:.0%} non-embedding)", flush=True)  # fmt: skip
-    rows = [{"name": "main", **_row_setting(r)}] + [
-        {**{k: r[k] for k in ABLATION_KEYS}, **row} for row in r["ablations"]
-    ]
     n_lr, n_seeds, n_budgets = len(r["learning_rates"]), len(r["seeds"]), len(r["scratch_budgets"])
     pool = _Pool(r["workers"], n_lr * 3 + (n_seeds - 1) * (1 + n_budgets) + (n_budgets - 1) + len(rows[1:]) * n_seeds)
     arms: list[dict] = []
@@ -383,8 +394,7 @@ def run_study(recipe: dict, output: Path, files) -> dict:
 
     def budget_tokens(row, mult):
         owner = next(x for x in rows if _target({**r, **x}) == _target({**r, **row}))
-        s = {**r, **_row_setting(owner)}
-        n = sizes(s, vocab)
+        s, n = {**r, **_row_setting(owner)}, row_sizes[owner["name"]]
         return _steps(mult * n["grown_flops"] / (6 * n["target"]), s) * _tps(s)
 
     main, seed0 = rows[0], r["seeds"][0]
@@ -417,7 +427,7 @@ def run_study(recipe: dict, output: Path, files) -> dict:
     for row in rows:
         for seed in r["seeds"]:
             if (row["name"], seed) not in grown_done:
-                todo.append(arm(row, "grown", seed, small_lr, sizes({**r, **row}, vocab)["total_tokens"], grown_lr))
+                todo.append(arm(row, "grown", seed, small_lr, row_sizes[row["name"]]["total_tokens"], grown_lr))
             for mult in r["scratch_budgets"]:
                 key = (_target({**r, **row}), seed, mult)
                 if key not in scratch_done:
@@ -436,7 +446,7 @@ def run_study(recipe: dict, output: Path, files) -> dict:
             scratch_done[budgets[i]] = res
     arms += results
 
-    table = [summarize_row(row, r, grown_done, scratch_done, sizes({**r, **row}, vocab)) for row in rows]
+    table = [summarize_row(row, r, grown_done, scratch_done, row_sizes[row["name"]]) for row in rows]
     study = {"recipe": r, "data": data, "sizes": main_sizes, "sweep": {"chosen": choice, "at_edge": edges,
              "criterion": "small: validation loss at d; grown and scratch: final validation loss (scratch at "
              f"{r['scratch_budgets'][0]:g}x), seed {seed0}"}, "rows": table, "arms": arms}  # fmt: skip
