@@ -99,7 +99,8 @@ def main() -> None:
 
     import torch
 
-    from hf_stack.evaluate import TASKS, _task_manager, evaluate_model
+    from hf_stack.evaluation.benchmarks import TASKS
+    from hf_stack.evaluation.harness import _task_manager, evaluate_model
 
     _task_manager()  # index lm-eval's tasks once, outside the timings (both backends share it)
     torch.manual_seed(0)

@@ -198,8 +198,8 @@ def save(name: str, results: dict, med: dict) -> None:
 def width_bench(reps: int) -> None:
     sys.path.insert(0, str(ROOT))
     from hf_stack import StackedConfig
-    from hf_stack.io import resolve_source_metadata
-    from hf_stack.plan import build_plan
+    from hf_stack.checkpoints.source import resolve_source_metadata
+    from hf_stack.plans.plan import build_plan
 
     src = ensure_source()
     meta = resolve_source_metadata(str(src))

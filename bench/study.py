@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/study.py [--recipe bench/study.yaml] [--workers 2]     # about an hour on 2 CPU cores
 
-`hf_stack.study.run_study` (its docstring has the protocol): one learning-rate sweep per role, three seeds, scratch
+`hf_stack.analysis.study.run_study` (its docstring has the protocol): one learning-rate sweep per role, three seeds, scratch
 at several budgets each with its own complete schedule, speed-ups interpolated between scratch's annealed end points
 in all-parameter FLOPs, non-embedding FLOPs and wall-clock seconds, the small model's health beside scratch's and a
 unigram baseline's, and the ablation rows of the recipe. Every arm's per-step log goes to
@@ -30,7 +30,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, help="Worker processes (default: the recipe's, 2).")
     args = parser.parse_args()
 
-    from hf_stack.study import describe_study, plot_study, run_study
+    from hf_stack.analysis.study import describe_study, plot_study, run_study
 
     recipe = yaml.safe_load(Path(args.recipe).read_text())
     if args.workers:

@@ -1,7 +1,10 @@
 """hf_stack: grow small transformers checkpoints into deeper or wider ones (G_stack, arXiv 2405.15319).
 
-Pipeline: source checkpoint -> growth plan (`plan`) -> grown tensors (`tensors`, `convert`) -> standard checkpoint.
-Heavy modules are imported on first use so `import hf_stack` and `hf-stack --help` stay instant.
+One way through, a subpackage per stage, none importing a later one: `plans` (growth settings and the tensor plan,
+with `operators`), `checkpoints` (read a source, grow its tensors, write a standard checkpoint and its card),
+`training` (`StackingTrainer`), `evaluation` (the eight benchmarks), then `analysis` (compare runs, the study) and
+`hub`; `cli` and `demo` sit on top. Names are imported on first use so `import hf_stack` and `hf-stack --help` stay
+instant.
 """
 
 import importlib
@@ -9,24 +12,26 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "StackedConfig": "config",
     "HfStackError": "errors",
-    "GrowthPlan": "plan",
-    "TensorSource": "plan",
-    "build_plan": "plan",
-    "grow": "convert",
-    "StackedModelForCausalLM": "modeling",
+    "StackedConfig": "plans.config",
+    "GrowthPlan": "plans.plan",
+    "TensorSource": "plans.plan",
+    "build_plan": "plans.plan",
+    "when_to_grow": "plans.timing",
+    "plan_growth": "plans.timing",  # the old name of when_to_grow
+    "GrowthTiming": "plans.timing",
     "OPERATORS": "operators",
-    "resolve_source": "io",
-    "grow_model": "modeling",
-    "plan_growth": "timing",
-    "GrowthTiming": "timing",
     "build_dataset": "data",
-    "StackingTrainer": "trainer",
-    "StackingTrainingArguments": "trainer",
-    "GrowthMasks": "masks",
-    "evaluate_model": "evaluate",
-    "EvalCallback": "evaluate",
+    "resolve_source": "checkpoints.source",
+    "grow": "checkpoints.streaming",
+    "StackedModelForCausalLM": "checkpoints.in_memory",
+    "grow_model": "checkpoints.in_memory",
+    "StackingTrainer": "training.trainer",
+    "StackingTrainingArguments": "training.arguments",
+    "GrowthMasks": "training.msg",
+    "evaluate_model": "evaluation.harness",
+    "EvalCallback": "evaluation.harness",
+    "compare": "analysis.compare",
     "push": "hub",
 }
 __all__ = ["__version__", *_EXPORTS]

@@ -8,8 +8,8 @@ import os
 import sys
 from pathlib import Path
 
-from .config import StackedConfig
 from .errors import HfStackError
+from .plans.config import StackedConfig
 
 GROW_EXAMPLES = """examples:
   hf-stack grow org/small --factor 4 -o grown                      # G_stack, g = 4 (the paper's default)
@@ -70,8 +70,8 @@ def _default_output(source: str, stacked: StackedConfig) -> Path:
 def cmd_grow(args) -> int:
     stacked = _dataclass_from_args(StackedConfig, args)
     if args.dry_run:
-        from .io import resolve_source_metadata
-        from .plan import build_plan
+        from .checkpoints.source import resolve_source_metadata
+        from .plans.plan import build_plan
 
         source = resolve_source_metadata(
             args.source, revision=args.revision, token=args.token, cache_dir=args.cache_dir
@@ -82,7 +82,7 @@ def cmd_grow(args) -> int:
         print("config changes: " + ", ".join(f"{k}: {source.config.get(k)!r} -> {v!r}" for k, v in changed.items()))
         print("dry run: nothing written")
         return 0
-    from .convert import grow
+    from .checkpoints.streaming import grow
 
     out = Path(args.output) if args.output else _default_output(args.source, stacked)
     plan = grow(
@@ -138,10 +138,10 @@ def add_push_options(parser: argparse.ArgumentParser, revision_flag: str) -> Non
     parser.add_argument(revision_flag, help="Hub branch to push to (created from main if missing).")
 
 
-def cmd_plan(args) -> int:
-    from .timing import plan_growth
+def cmd_when(args) -> int:
+    from .plans.timing import when_to_grow
 
-    timing = plan_growth(args.params, args.tokens, args.factor)
+    timing = when_to_grow(args.params, args.tokens, args.factor)
     print(timing.describe())
     return 0
 
@@ -183,7 +183,7 @@ class TrainCommandArguments:
 def _train_parser():
     from transformers import HfArgumentParser
 
-    from .trainer import StackingTrainingArguments
+    from .training.arguments import StackingTrainingArguments
 
     class Parser(HfArgumentParser):
         def error(self, message):
@@ -202,7 +202,7 @@ def cmd_train(argv: list[str]) -> int:
         raise HfStackError(
             "give exactly one of --model (a checkpoint to train) or --from-scratch-like (a config to initialise)"
         )
-    from .trainer import run_training
+    from .training.run import run_training
 
     result = run_training(cli, targs)
     if targs.process_index == 0:
@@ -213,7 +213,7 @@ def cmd_train(argv: list[str]) -> int:
 
 
 def cmd_compare(args) -> int:
-    from .compare import compare, describe_endpoints, describe_health, describe_speedup
+    from .analysis.compare import compare, describe_endpoints, describe_health, describe_speedup
 
     r = compare(args.grown, args.scratch if len(args.scratch) > 1 else args.scratch[0], args.output)
     print(describe_endpoints(r["currencies"]) if "currencies" in r else describe_speedup(r))
@@ -223,7 +223,8 @@ def cmd_compare(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .evaluate import evaluate_model, print_table, results_table
+    from .evaluation.benchmarks import results_table
+    from .evaluation.harness import evaluate_model, print_table
 
     if args.push and Path(args.model).exists():
         raise HfStackError("--push sends results to a Hub model; push the folder first with `hf-stack push`")
@@ -235,7 +236,8 @@ def cmd_eval(args) -> int:
     if args.output:
         print(f"results: {args.output} (plot: {Path(args.output).with_suffix('.png')})")
     if Path(args.model).is_dir() and (Path(args.model) / "config.json").is_file():
-        from .card import eval_results, update_card
+        from .checkpoints.card import update_card
+        from .evaluation.benchmarks import eval_results
 
         update_card(args.model, sections={"evaluation": results_table(results)}, eval_results=eval_results(results))
     if args.push:
@@ -297,16 +299,17 @@ def build_parser() -> argparse.ArgumentParser:
     push.set_defaults(func=cmd_push)
 
     plan = sub.add_parser(
-        "plan",
-        help="when to grow (the paper's formula)",
+        "when",
+        aliases=["plan"],  # the command's first name; "plan" is the tensor plan everywhere else
+        help="when to grow (the paper's formula); also 'hf-stack plan'",
         description="Growth timing from the paper's fit: log10(d) = 0.88 log10(N) + 163.27/log10(6ND) - 5.74.",
-        epilog="examples:\n  hf-stack plan --params 7e9 --tokens 300e9\n",
+        epilog="examples:\n  hf-stack when --params 7e9 --tokens 300e9\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     plan.add_argument("--params", type=float, required=True, help="Target model parameters N (e.g. 7e9).")
     plan.add_argument("--tokens", type=float, required=True, help="Total training tokens D (e.g. 300e9).")
     plan.add_argument("--factor", type=int, default=4, help="Growth factor g (default 4, the paper's choice).")
-    plan.set_defaults(func=cmd_plan)
+    plan.set_defaults(func=cmd_when)
 
     # `train` is parsed by HfArgumentParser (all TrainingArguments flags); listed here for --help.
     sub.add_parser(

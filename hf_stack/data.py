@@ -1,4 +1,5 @@
-"""Training data: any `datasets` source tokenised and packed into fixed blocks with document separators.
+"""Data, beside the plans: any `datasets` source tokenised and packed into fixed blocks with document separators,
+read by the `learn` operator at growth and by the trainer.
 
 Blocks are contiguous token windows over the concatenated documents (each followed by a separator token), with
 no padding; their order is shuffled once with a seed, so the stream is deterministic and a run that grows

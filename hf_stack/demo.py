@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", default="demo-output", help="Folder for the demo's outputs.")
     args = parser.parse_args(argv)
     try:
-        from .study import describe_study, load_recipe, plot_study, run_study, summary_lines
+        from .analysis.study import describe_study, load_recipe, plot_study, run_study, summary_lines
 
         recipe = load_recipe(yaml.safe_load(Path(args.recipe).read_text()))
         out = Path(args.output)
@@ -110,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         study = run_study({**recipe, "data": "given"}, out, files)
         plot_study(study, out / "study.png")
 
-        from .evaluate import SAMPLES_DIR, evaluate_model, print_table, results_table
+        from .evaluation.benchmarks import SAMPLES_DIR, results_table
+        from .evaluation.harness import evaluate_model, print_table
 
         print("[3/3] the grown model (seed 0), its card, and a smoke-sample evaluation", flush=True)
         grown = next(a for a in study["arms"] if a["name"] == "main/grown" and a["seed"] == recipe["seeds"][0]
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         model_dir = out / "grown-model"
         shutil.copytree(Path(grown["run_dir"]) / "final", model_dir)
         results = evaluate_model(model_dir, data_dir=SAMPLES_DIR, output=out / "smoke_eval.json", bootstrap_iters=0)
-        from .card import update_card
+        from .checkpoints.card import update_card
 
         note = ("**Smoke sample, not benchmark scores**: a handful of items hf_stack wrote in each benchmark's schema "
                 "(`hf_stack/tasks/samples`), scored by lm-eval's task definitions.\n\n")  # fmt: skip

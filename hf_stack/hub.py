@@ -1,12 +1,14 @@
-"""Standard checkpoint -> Hub: push any folder hf_stack wrote, with its model card, through `huggingface_hub`."""
+"""Stage 5, the Hub: push any folder hf_stack wrote, with its model card, through `huggingface_hub`."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+from .checkpoints.card import apply_updates, update_card
 from .errors import HfStackError
-from .io import validate_repo_id
+from .evaluation.benchmarks import eval_results, results_table
+from .remote import hub_reason, validate_repo_id
 
 
 def resolve_token(token: str | None = None) -> str:
@@ -30,13 +32,8 @@ def default_repo_id(name: str, token: str) -> str:
     try:
         user = HfApi().whoami(token=token)["name"]
     except Exception as e:
-        raise HfStackError(f"cannot find your Hub namespace (whoami failed): {_scrub(_reason(e), token)}") from None
+        raise HfStackError(f"cannot find your Hub namespace (whoami failed): {_scrub(hub_reason(e), token)}") from None
     return f"{user}/{name}"
-
-
-def _reason(e: Exception) -> str:
-    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def push(
@@ -66,8 +63,6 @@ def push(
     """
     from huggingface_hub import HfApi
 
-    from .card import update_card
-
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise HfStackError(f"{folder} is not a model folder (no config.json); push a folder hf_stack wrote")
@@ -92,7 +87,7 @@ def push(
         raise
     except Exception as e:
         raise HfStackError(
-            f"push to {repo_id} failed ({_scrub(_reason(e), token)}); nothing was committed, run the same command again"
+            f"push to {repo_id} failed ({_scrub(hub_reason(e), token)}); nothing was committed, run the same command again"
         ) from None
     return str(url)
 
@@ -102,9 +97,6 @@ def push_eval(repo_id: str, results: dict, *, token: str | None = None, revision
     section; other sections stay as they are, so re-running replaces rather than duplicates."""
     from huggingface_hub import ModelCard
 
-    from .card import apply_updates, eval_results
-    from .evaluate import results_table
-
     token = resolve_token(token)
     validate_repo_id(repo_id, source=False)
     try:
@@ -112,5 +104,7 @@ def push_eval(repo_id: str, results: dict, *, token: str | None = None, revision
         apply_updates(card, repo_id, {"evaluation": results_table(results)}, eval_results(results))
         card.push_to_hub(repo_id, token=token, revision=revision, commit_message="Evaluation results from hf_stack")
     except Exception as e:
-        raise HfStackError(f"pushing results to {repo_id} failed ({_scrub(_reason(e), token)}); run again") from None
+        raise HfStackError(
+            f"pushing results to {repo_id} failed ({_scrub(hub_reason(e), token)}); run again"
+        ) from None
     return repo_id

@@ -193,10 +193,12 @@ def test_invalid_repo_id(tmp_path, capsys):
 
 
 def test_no_disk_space_is_reported_before_writing(llama_small, tmp_path, monkeypatch, capsys):
-    import hf_stack.io
+    import hf_stack.checkpoints.folders
 
     monkeypatch.setattr(
-        hf_stack.io.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000)
+        hf_stack.checkpoints.folders.shutil,
+        "disk_usage",
+        lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000),
     )
     assert main(["grow", str(llama_small), "-o", str(tmp_path / "out")]) == 2
     assert "not enough disk space" in capsys.readouterr().err
@@ -207,10 +209,10 @@ def test_disk_filling_up_mid_write_leaves_nothing(llama_small, tmp_path, monkeyp
     """ENOSPC while writing a shard (a real OSError from the write) cleans up the temporary folder."""
     import errno
 
-    import hf_stack.convert
+    import hf_stack.checkpoints.streaming
 
     calls = {"n": 0}
-    real = hf_stack.convert._copy_bytes
+    real = hf_stack.checkpoints.streaming._copy_bytes
 
     def failing(*a):
         calls["n"] += 1
@@ -218,7 +220,7 @@ def test_disk_filling_up_mid_write_leaves_nothing(llama_small, tmp_path, monkeyp
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(*a)
 
-    monkeypatch.setattr(hf_stack.convert, "_copy_bytes", failing)
+    monkeypatch.setattr(hf_stack.checkpoints.streaming, "_copy_bytes", failing)
     assert main(["grow", str(llama_small), "-o", str(tmp_path / "out")]) == 2
     assert "no space left" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []

@@ -9,7 +9,8 @@ import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_stack import HfStackError
-from hf_stack.evaluate import SAMPLES_DIR, TASKS, _task_manager, _task_specs, evaluate_model, make_lm
+from hf_stack.evaluation.benchmarks import SAMPLES_DIR, TASKS
+from hf_stack.evaluation.harness import _task_manager, _task_specs, evaluate_model, make_lm
 from tests.conftest import build_checkpoint
 
 

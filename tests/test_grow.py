@@ -8,7 +8,7 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from hf_stack import StackedConfig, StackedModelForCausalLM, grow
-from hf_stack.plan import layer_map_to_slices
+from hf_stack.plans.plan import layer_map_to_slices
 from tests.conftest import build_checkpoint
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from hf_stack.card import update_card
+from hf_stack.checkpoints.card import update_card
 from tests.conftest import build_checkpoint
 from tests.hub_server import HubServer, Repo
 
@@ -207,7 +207,7 @@ def test_card_sections_update_without_duplicates(llama_small, tmp_path):
 
 
 def test_eval_push_writes_model_index_once(hub, env, llama_small, tmp_path):
-    from hf_stack.evaluate import SAMPLES_DIR
+    from hf_stack.evaluation.benchmarks import SAMPLES_DIR
 
     assert cli(env, "grow", llama_small, "--factor", 2, "-o", tmp_path / "g", "--push", "me/evaluated").returncode == 0
     for _ in range(2):

@@ -7,10 +7,10 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from hf_stack import StackedConfig, StackedModelForCausalLM, StackingTrainingArguments, grow
+from hf_stack.checkpoints.in_memory import grow_model
 from hf_stack.errors import HfStackError
-from hf_stack.masks import GrowthMasks
-from hf_stack.modeling import grow_model
 from hf_stack.operators import OPERATORS, operator_table
+from hf_stack.training.msg import GrowthMasks
 from tests.conftest import TEXT, build_checkpoint
 from tests.test_grow import load_all
 

@@ -14,9 +14,9 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 from hf_stack import HfStackError, StackedConfig, StackingTrainer, StackingTrainingArguments, build_dataset
-from hf_stack.compare import Curve, endpoint_speedup, speedup
+from hf_stack.analysis.compare import Curve, endpoint_speedup, speedup
+from hf_stack.analysis.study import _verdict, load_recipe, model_for, run_study
 from hf_stack.data import unigram_loss
-from hf_stack.study import _verdict, load_recipe, model_for, run_study
 from tests.conftest import TEXT, build_checkpoint
 
 CORPUS = [TEXT.replace("a", c) for c in "abcdefghijklmnop"]

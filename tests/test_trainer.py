@@ -16,9 +16,9 @@ from hf_stack import (
     StackingTrainer,
     StackingTrainingArguments,
     build_dataset,
-    plan_growth,
+    when_to_grow,
 )
-from hf_stack.compare import Curve, speedup
+from hf_stack.analysis.compare import Curve, speedup
 from hf_stack.data import iter_documents, pack, tokenize_documents
 from tests.conftest import TEXT, accounting, build_checkpoint
 
@@ -56,21 +56,22 @@ def make_trainer(small, out, data_file, cls=StackingTrainer, callbacks=None, **k
 @pytest.mark.parametrize(
     "params, tokens, d", [(8e9, 15e12, 6.58e9), (7e9, 2e12, 11.11e9), (13e9, 2e12, 15.84e9), (70e9, 2e12, 42.48e9)]
 )
-def test_plan_growth_reproduces_the_papers_table(params, tokens, d):
-    timing = plan_growth(params, tokens)
+def test_when_to_grow_reproduces_the_papers_table(params, tokens, d):
+    timing = when_to_grow(params, tokens)
     assert timing.d == pytest.approx(d, rel=0.005)
     assert timing.growth_factor == 4 and timing.compute == 6 * params * tokens
     assert 0 < timing.flops_saved < timing.compute
 
 
 @pytest.mark.parametrize("args", [(-1, 1e9), (7e9, 0), (7e9, float("nan")), (7e9, 1e12, 1)])
-def test_plan_growth_refuses_absurd_numbers(args):
+def test_when_to_grow_refuses_absurd_numbers(args):
     with pytest.raises(HfStackError):
-        plan_growth(*args)
+        when_to_grow(*args)
 
 
-def test_plan_cli():
-    r = subprocess.run([sys.executable, "-m", "hf_stack.cli", "plan", "--params", "7e9", "--tokens", "300e9"],
+@pytest.mark.parametrize("command", ["when", "plan"])  # "plan" is the command's first name, kept working
+def test_when_cli(command):
+    r = subprocess.run([sys.executable, "-m", "hf_stack.cli", command, "--params", "7e9", "--tokens", "300e9"],
                        capture_output=True, text=True)  # fmt: skip
     assert r.returncode == 0 and "d = 20.5B tokens" in r.stdout
 
@@ -260,7 +261,7 @@ def test_msg_masks_ramp_in_random_growth(small2, tmp_path, data_file):
     log = json.loads((out / "training_log.json").read_text())["log_history"]
     masks = [e["growth_mask"] for e in log if e.get("phase") == 2 and "loss" in e]
     assert masks == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0, 1.0, 1.0]  # logged after each step: the mask that step used
-    assert trainer.masks is None  # removed once fully in: the saved model is the plain one
+    assert trainer.mask_ramp.masks is None  # removed once fully in: the saved model is the plain one
     assert AutoModelForCausalLM.from_pretrained(out / "final").config.hidden_size == 64
 
 

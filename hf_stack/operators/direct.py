@@ -4,8 +4,8 @@ splitting (Net2Net / bert2BERT, done as HyperCloning: whole heads and GQA groups
 Du et al., "Stacking Your Transformers", NeurIPS 2024, https://arxiv.org/abs/2405.15319
 """
 
-from ..width import split_axes
-from . import Growth, Operator, copy_all, register_operator
+from ..plans.width import split_axes
+from .registry import Growth, Operator, copy_all, register_operator
 
 DIRECT = register_operator(
     Operator(

@@ -6,8 +6,8 @@ during training, which `StackingTrainingArguments(mask_steps=...)` applies; at g
 checkpoint itself is not function preserving.
 """
 
-from ..width import random_new_axes
-from . import Growth, Operator, register_operator, repeats
+from ..plans.width import random_new_axes
+from .registry import Growth, Operator, register_operator, repeats
 
 
 def _random_repeats(target_layer: int, layer_map: tuple[int, ...]) -> dict[str, str]:

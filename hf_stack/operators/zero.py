@@ -11,8 +11,8 @@ scaled by sqrt(H / H') and `rms_norm_eps` by H / H', which makes the norm's outp
 paper's code does neither).
 """
 
-from ..width import new_unit_axes
-from . import Growth, Operator, register_operator, repeats
+from ..plans.width import new_unit_axes
+from .registry import Growth, Operator, register_operator, repeats
 
 # Output projections of a Llama-style block: the only writes into the residual stream.
 ZEROED_SUFFIXES = ("self_attn.o_proj.weight", "self_attn.o_proj.bias", "mlp.down_proj.weight", "mlp.down_proj.bias")

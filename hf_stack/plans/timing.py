@@ -1,11 +1,14 @@
-"""When to grow: the paper's fitted growth-timing formula and the FLOP accounting the trainer logs."""
+"""Stage 1, when to grow: the paper's fitted growth-timing formula and the 6ND FLOP count the trainer logs.
+
+(What to grow into, tensor by tensor, is the growth plan: `hf_stack.plans.plan`.)
+"""
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
 
-from .errors import HfStackError
+from ..errors import HfStackError
 
 # log10(d) = A * log10(N) + B / log10(C) + E  (prts README; C = 6 N D)
 A, B, E = 0.88, 163.27, -5.74
@@ -60,7 +63,7 @@ class GrowthTiming:
         )
 
 
-def plan_growth(target_params: float, tokens: float, growth_factor: int = 4) -> GrowthTiming:
+def when_to_grow(target_params: float, tokens: float, growth_factor: int = 4) -> GrowthTiming:
     """When to grow, from the paper's fitted formula.
 
     log10(d) = 0.88 log10(N) + 163.27 / log10(C) - 5.74, with C = 6 N D (Du et al., 2024, arXiv 2405.15319).
@@ -76,8 +79,8 @@ def plan_growth(target_params: float, tokens: float, growth_factor: int = 4) -> 
     Example:
 
     ```python
-    >>> from hf_stack import plan_growth
-    >>> round(plan_growth(7e9, 2e12).d / 1e9, 1)
+    >>> from hf_stack import when_to_grow
+    >>> round(when_to_grow(7e9, 2e12).d / 1e9, 1)
     11.1
     ```
     """
@@ -102,3 +105,7 @@ def plan_growth(target_params: float, tokens: float, growth_factor: int = 4) -> 
         paper_speedup=PAPER_SPEEDUP_7B,
         flops_saved=compute - compute / (1 + PAPER_SPEEDUP_7B),
     )
+
+
+# The name before 0.2: "plan" now means the tensor plan only.
+plan_growth = when_to_grow

@@ -1,4 +1,4 @@
-"""Width growth as plain data: which source unit (hidden, attention, FFN) every target unit copies, and its scale.
+"""Stage 1, width growth as plain data: which source unit (hidden, attention, FFN) every target unit copies, and its scale.
 
 A grown tensor is described per dimension by an [`Axis`]: target unit k takes source unit `index[k]` times
 `scale[k]`, or, when `index[k]` is -1, is new and filled per the operator (`fill`). A weight of shape
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import HfStackError
+from ..errors import HfStackError
 
 # Model types whose tensors width growth understands: pre-norm RMSNorm decoders with these module names.
 WIDTH_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -50,7 +50,7 @@ class Axis:
     """How one grown dimension maps onto the source.
 
     Attributes:
-        name: the role, e.g. "hidden_in" (columns that read the residual stream) or "ffn_out" (FFN units).
+        name: the role, e.g. "hidden_in" (columns that read the residual stream) or "up_out" (FFN units).
         source_size: the dimension's size in the source.
         index: source unit of every target unit; -1 marks a new unit.
         scale: multiplier of every target unit.

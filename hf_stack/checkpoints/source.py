@@ -1,43 +1,25 @@
-"""Checkpoint I/O: resolve a source (folder or Hub id), read safetensors headers, write shards atomically.
+"""Stage 2, reading: resolve a source checkpoint (folder or Hub id), locate every tensor, scan for NaN / Inf.
 
-Nothing here imports torch: safetensors files are a JSON header plus raw bytes, so tensors can be located and
-copied byte for byte without decoding.
+safetensors files are a JSON header plus raw bytes, so tensors are located from the headers and scanned with
+numpy, without torch; only pickle (`.bin`) sources, an explicit opt-in, are decoded by torch.
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import json
 import os
-import shutil
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import HfStackError
+from ..errors import HfStackError
+from ..plans.plan import check_source_config
+from ..remote import hub_reason, validate_repo_id
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
 PICKLE_SINGLE = "pytorch_model.bin"
-# Files copied next to the grown weights: tokenizer, generation defaults, licence.
-AUX_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "chat_template.jinja",
-    "chat_template.json",
-    "generation_config.json",
-    "LICENSE",
-    "LICENSE.txt",
-    "LICENSE.md",
-)
 DTYPE_SIZES = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
     "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8,
@@ -178,7 +160,7 @@ def locate_tensors(folder: Path, allow_pickle: bool = False) -> tuple[dict[str, 
 
 
 def _locate_pickle(folder: Path) -> dict[str, TensorLocation]:
-    from .tensors import load_pickle_shard
+    from .tensors import load_pickle_shard, safe_dtype_name
 
     if (folder / PICKLE_INDEX).is_file():
         weight_map = _read_weight_map(folder, PICKLE_INDEX)
@@ -191,45 +173,9 @@ def _locate_pickle(folder: Path) -> dict[str, TensorLocation]:
             raise HfStackError(f"shard {path.name} is missing from {folder}")
         for name, t in load_pickle_shard(path).items():
             out[name] = TensorLocation(
-                path, _torch_to_safe_dtype(t.dtype), tuple(t.shape), -1, t.numel() * t.element_size()
+                path, safe_dtype_name(t.dtype), tuple(t.shape), -1, t.numel() * t.element_size()
             )
     return out
-
-
-def _torch_to_safe_dtype(dtype) -> str:
-    from .tensors import SAFE_DTYPES
-
-    return {v: k for k, v in SAFE_DTYPES.items()}[dtype]
-
-
-def hub_file(
-    repo_id: str, filename: str, revision: str | None = None, token: str | None = None, cache_dir=None
-) -> str:
-    """Download one file of a Hub repo (honours HF_HUB_OFFLINE and the cache)."""
-    from huggingface_hub import hf_hub_download
-
-    validate_repo_id(repo_id)
-    try:
-        return hf_hub_download(repo_id, filename, revision=revision, token=token, cache_dir=cache_dir)
-    except Exception as e:  # huggingface_hub raises many types; all mean "could not get it"
-        raise HfStackError(f"cannot get {filename} from {repo_id!r}: {_hub_reason(e)}") from None
-
-
-def _hub_reason(e: Exception) -> str:
-    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return f"{type(e).__name__}: {text}"
-
-
-def validate_repo_id(repo_id: str, source: bool = True) -> None:
-    """Refuse ids the Hub would refuse; `source` says the string could also have been a local folder."""
-    from huggingface_hub.utils import HFValidationError
-    from huggingface_hub.utils import validate_repo_id as _validate
-
-    try:
-        _validate(repo_id)
-    except HFValidationError:
-        what = "neither an existing folder nor a valid Hub repo id" if source else "not a valid Hub repo id"
-        raise HfStackError(f"{repo_id!r} is {what} (write it as namespace/name)") from None
 
 
 def resolve_source(
@@ -259,41 +205,12 @@ def resolve_source(
                 snapshot_download(name, revision=revision, token=token, cache_dir=cache_dir, allow_patterns=patterns)
             )
         except Exception as e:
-            raise HfStackError(f"cannot download {name!r}: {_hub_reason(e)}") from None
+            raise HfStackError(f"cannot download {name!r}: {hub_reason(e)}") from None
         commit = folder.name  # snapshot folders are named by commit hash
     config = read_json(folder / "config.json", "config.json")
-    from .plan import check_source_config
-
     check_source_config(config)
     tensors, is_pickle = locate_tensors(folder, allow_pickle=allow_pickle)
     return SourceCheckpoint(name, folder, revision, commit, config, tensors, is_pickle)
-
-
-def parse_size(text: str | int) -> int:
-    """'5GB' -> 5_000_000_000, '500MB', '2GiB', or a plain byte count."""
-    if isinstance(text, int):
-        return text
-    units = {
-        "": 1,
-        "B": 1,
-        "KB": 10**3,
-        "MB": 10**6,
-        "GB": 10**9,
-        "TB": 10**12,
-        "KIB": 2**10,
-        "MIB": 2**20,
-        "GIB": 2**30,
-    }
-    t = text.strip().upper()
-    num = t.rstrip("KMGTIB")
-    unit = t[len(num) :]
-    try:
-        value = int(float(num) * units[unit])
-    except (ValueError, KeyError):
-        raise HfStackError(f"cannot read size {text!r}; write e.g. 5GB or 500MB") from None
-    if value <= 0:
-        raise HfStackError(f"size {text!r} must be positive")
-    return value
 
 
 # Exponent bits of each float format: a value is NaN or Inf exactly when they are all ones.
@@ -339,76 +256,6 @@ def refuse_nonfinite(source: SourceCheckpoint, names) -> None:
         )
 
 
-def _owner_alive(tmp: Path) -> bool:
-    try:
-        os.kill(int((tmp / ".hf_stack_pid").read_text()), 0)
-    except (OSError, ValueError):
-        return False
-    return True
-
-
-@contextlib.contextmanager
-def atomic_output_dir(out: Path, overwrite: bool = False):
-    """Yield a temporary folder beside `out`; rename it into place only if the body succeeds.
-
-    On any error (including a full disk) the temporary folder is removed, so `out` either does not exist or
-    holds a complete result; an existing `out` is only replaced with `overwrite`.
-    """
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise HfStackError(f"output folder {out} already exists; pass --overwrite (overwrite=True) to replace it")
-    parent = out.parent if str(out.parent) else Path(".")
-    # Leftovers of runs killed with SIGKILL (which no handler can clean up) go first.
-    for stale in parent.glob(f".{out.name}.tmp-*") if parent.is_dir() else []:
-        if not _owner_alive(stale):
-            shutil.rmtree(stale, ignore_errors=True)
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
-        (tmp / ".hf_stack_pid").write_text(str(os.getpid()))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the result should look like any other folder
-    except OSError as e:
-        raise HfStackError(f"cannot create the output folder in {parent}: {e.strerror or e}") from None
-    try:
-        yield tmp
-        (tmp / ".hf_stack_pid").unlink()
-        if out.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=parent))
-            os.rename(out, trash / "old")
-            os.rename(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if e.errno == errno.ENOSPC:
-            raise HfStackError(f"no space left on the device holding {parent}; free space and run again") from None
-        raise HfStackError(f"writing {out} failed: {e.strerror or e}") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def check_free_space(folder: Path, needed: int) -> None:
-    free = shutil.disk_usage(folder if folder.exists() else folder.parent).free
-    if free < needed:
-        raise HfStackError(
-            f"not enough disk space in {folder}: the grown checkpoint needs {needed / 1e9:.2f} GB, "
-            f"{free / 1e9:.2f} GB are free"
-        )
-
-
-def copy_aux_files(src: Path, dst: Path) -> list[str]:
-    copied = []
-    for name in AUX_FILES:
-        if (src / name).is_file():
-            shutil.copyfile(src / name, dst / name)
-            copied.append(name)
-    return copied
-
-
 def resolve_source_metadata(
     name_or_path: str | os.PathLike,
     revision: str | None = None,
@@ -429,10 +276,8 @@ def resolve_source_metadata(
         )
         meta = get_safetensors_metadata(name, revision=revision, token=token)
     except Exception as e:
-        raise HfStackError(f"cannot read {name!r} from the Hub: {_hub_reason(e)}") from None
+        raise HfStackError(f"cannot read {name!r} from the Hub: {hub_reason(e)}") from None
     config = read_json(folder / "config.json", "config.json")
-    from .plan import check_source_config
-
     check_source_config(config)
     tensors = {
         key: TensorLocation(Path(file), info.dtype, tuple(info.shape), -1, info.data_offsets[1] - info.data_offsets[0])

@@ -1,4 +1,4 @@
-"""Evaluator: the paper's eight benchmarks scored by lm-evaluation-harness, from the Hub or from local files.
+"""Stage 4, evaluation: the paper's eight benchmarks scored by lm-evaluation-harness, from the Hub or local files.
 
 The task list is data (`hf_stack/tasks/hf_stack_8.yaml`); lm-eval's own task definitions, metrics and results
 JSON are used unchanged. `--data-dir` swaps each task's dataset for `DIR/<task>.jsonl|json|parquet` (rows in the
@@ -16,36 +16,9 @@ from pathlib import Path
 import yaml
 from transformers import TrainerCallback
 
-from .errors import HfStackError
+from ..errors import HfStackError
+from .benchmarks import GROUP, REQUIRED_FIELDS, TASKS_DIR, headline, parse_tasks
 
-TASKS_DIR = Path(__file__).resolve().parent / "tasks"
-SAMPLES_DIR = TASKS_DIR / "samples"
-GROUP = "hf_stack_8"
-TASKS = ("lambada_openai", "arc_challenge", "arc_easy", "logiqa", "piqa", "sciq", "winogrande", "wikitext")
-# Fields each task's prompt and target read (the Hub datasets' own schemas).
-REQUIRED_FIELDS = {
-    "lambada_openai": ("text",),
-    "arc_challenge": ("question", "choices", "answerKey"),
-    "arc_easy": ("question", "choices", "answerKey"),
-    "logiqa": ("label", "context", "question", "options"),
-    "piqa": ("goal", "sol1", "sol2", "label"),
-    "sciq": ("question", "distractor1", "distractor2", "distractor3", "correct_answer", "support"),
-    "winogrande": ("sentence", "option1", "option2", "answer"),
-    "wikitext": ("page",),
-}
-# Hub dataset, config and evaluated split of each task (lm-eval 0.4.13), for model-index entries.
-DATASETS = {
-    "lambada_openai": ("EleutherAI/lambada_openai", "default", "test"),
-    "arc_challenge": ("allenai/ai2_arc", "ARC-Challenge", "test"),
-    "arc_easy": ("allenai/ai2_arc", "ARC-Easy", "test"),
-    "logiqa": ("EleutherAI/logiqa", "logiqa", "test"),
-    "piqa": ("baber/piqa", None, "validation"),
-    "sciq": ("allenai/sciq", None, "test"),
-    "winogrande": ("allenai/winogrande", "winogrande_xl", "validation"),
-    "wikitext": ("EleutherAI/wikitext_document_level", "wikitext-2-raw-v1", "test"),
-}
-# The metric the paper reports per task (accuracy; perplexity for wikitext).
-HEADLINE = {t: "acc,none" for t in TASKS} | {"wikitext": "word_perplexity,none"}
 # Pinned: lm-eval >= 0.4.9.2 defaults to the tokenizer's BOS choice; the paper-era harness added no BOS.
 ADD_BOS_TOKEN = False
 BACKENDS = ("hf-stack", "lm-eval")
@@ -69,16 +42,6 @@ def _task_manager():
         (folder / f"{_RUN_GROUP}.yaml").write_text(yaml.safe_dump({"group": _RUN_GROUP, "task": ["arc_easy"]}))
         _MANAGER.update(manager=TaskManager(include_path=str(folder)), folder=folder)
     return _MANAGER["manager"], _MANAGER["folder"]
-
-
-def parse_tasks(tasks: str | list[str] | None) -> list[str]:
-    if tasks is None or tasks == GROUP or tasks == [GROUP]:
-        return list(TASKS)
-    names = [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks) if t.strip()]
-    unknown = [t for t in names if t not in TASKS and t != GROUP]
-    if unknown or not names:
-        raise HfStackError(f"unknown task {', '.join(unknown) or '(none)'}; choose from: {GROUP}, {', '.join(TASKS)}")
-    return list(TASKS) if GROUP in names else names
 
 
 def _data_file(data_dir: Path, task: str) -> tuple[str, Path]:
@@ -129,7 +92,7 @@ def load_model(model, tokenizer=None, revision: str | None = None):
     if isinstance(model, (str, os.PathLike)):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from .io import resolve_source
+        from ..checkpoints.source import resolve_source
 
         source = resolve_source(model, revision=revision)
         try:
@@ -231,15 +194,6 @@ def evaluate_model(
     return results
 
 
-def headline(results: dict) -> dict[str, float]:
-    """Task -> the paper's metric (accuracy, or word perplexity for wikitext), plus the seven-task average."""
-    out = {t: results["results"][t][m] for t, m in HEADLINE.items() if t in results["results"]}
-    accs = [v for t, v in out.items() if t != "wikitext"]
-    if accs:
-        out["average (acc)"] = sum(accs) / len(accs)
-    return out
-
-
 def write_results(results: dict, output: str | os.PathLike) -> Path:
     """lm-eval's JSON as it is, written atomically, and a bar chart PNG beside it."""
     output = Path(output)
@@ -271,15 +225,6 @@ def plot_results(results: dict, path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
-
-
-def results_table(results: dict, title: str = "hf_stack evaluation") -> str:
-    """A markdown table of the headline metrics (for cards and logs)."""
-    rows = ["| task | metric | value |", "|---|---|---|"]
-    for task, value in headline(results).items():
-        metric = "word perplexity" if task == "wikitext" else "accuracy"
-        rows.append(f"| {task} | {metric} | {value:.4f} |")
-    return "\n".join(rows)
 
 
 def print_table(results: dict) -> None:

@@ -1,4 +1,4 @@
-"""MSG-style growth masks for the trainer: the new parts of a `random` growth ramped in from 0 to 1.
+"""Stage 3, MSG growth masks for the trainer: the new parts of a `random` growth ramped in from 0 to 1.
 
 Masked Structural Growth (Yao et al., 2023, arXiv 2305.02869): with mask m, a new layer computes
 m * layer(x) + (1 - m) * x, and new units' outputs (embedding columns, value and up rows, o_proj and down_proj
@@ -10,9 +10,10 @@ are forward hooks on transformers' own modules: no modeling code, and the weight
 from __future__ import annotations
 
 import torch
+from transformers.trainer_callback import TrainerCallback
 
-from .errors import HfStackError
-from .operators import repeats
+from ..errors import HfStackError
+from ..operators import repeats
 
 # Module -> the plan axis whose new units its output carries.
 OUTPUT_AXES = {"self_attn.v_proj": "v_out", "self_attn.o_proj": "hidden_out", "mlp.up_proj": "up_out",
@@ -25,7 +26,7 @@ class GrowthMasks:
 
     Args:
         model: the grown transformers model (unwrapped).
-        plan: the [`~hf_stack.plan.GrowthPlan`] that grew it.
+        plan: the [`~hf_stack.plans.plan.GrowthPlan`] that grew it.
 
     Example:
 
@@ -101,3 +102,33 @@ class GrowthMasks:
             return (output.float() * factor).to(output.dtype)
 
         return hook
+
+
+class MaskRamp(TrainerCallback):
+    """Ramps MSG masks from 0 to 1 over `steps` optimizer steps after growth, then removes them.
+
+    The value follows the optimizer step (`global_step` of the grown phase), so a resumed run continues the ramp
+    where it stopped.
+    """
+
+    def __init__(self, steps: int):
+        self.steps = steps
+        self.masks: GrowthMasks | None = None
+
+    def start(self, masks: GrowthMasks) -> None:
+        self.masks = masks
+
+    @property
+    def value(self) -> float:
+        """The current mask (1.0 once the masks are removed)."""
+        return self.masks.value if self.masks is not None else 1.0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.masks is None:
+            return
+        value = state.global_step / self.steps
+        if value >= 1:
+            self.masks.remove()  # fully in: the plain model from here on
+            self.masks = None
+        else:
+            self.masks.set(value)

@@ -1,4 +1,4 @@
-"""Growth plan: from a source config and its tensor names to where every target tensor comes from.
+"""Stage 1, the tensor plan: from a source config and its tensor names to where every target tensor comes from.
 
 Plain data, computed without torch or weights, so `hf-stack grow --dry-run` can print it, tests can check it
 exhaustively and `growth_config.json` can record it.
@@ -11,9 +11,10 @@ import math
 import re
 from dataclasses import dataclass
 
+from ..errors import HfStackError
+from ..operators import get_operator
 from .config import StackedConfig
-from .errors import HfStackError
-from .operators import get_operator
+from .layers import MAX_TARGET_LAYERS, layer_map_to_slices, parse_layer_map
 from .width import Axis, grow_width_config, tensor_axes, width_dims
 
 # Architectures tested end to end; any other causal LM whose decoder layers live at `model.layers.{i}.` is
@@ -54,7 +55,6 @@ UNSUPPORTED_PER_LAYER = frozenset(
         "sliding_window_pattern",
     }
 )
-MAX_TARGET_LAYERS = 4096
 
 
 @dataclass(frozen=True)
@@ -116,8 +116,7 @@ class GrowthPlan:
         return len(self.layer_map)
 
     def slices(self) -> list[list[int]]:
-        """The layer map as `[start, end)` source ranges, the format of mergekit's `layer_range` and peft's
-        `layer_replication`."""
+        """The layer map as `[start, end)` source ranges (mergekit's `layer_range`, peft's `layer_replication`)."""
         return layer_map_to_slices(self.layer_map)
 
     def to_dict(self) -> dict:
@@ -168,33 +167,6 @@ class GrowthPlan:
                 note += "  grown along " + " x ".join(a or "same" for a in t.axes)
             lines.append(f"  {t.target:<{width}} <- {t.source}  {t.dtype}{list(t.shape)}{note}")
         return "\n".join(lines)
-
-
-def layer_map_to_slices(layer_map: tuple[int, ...] | list[int]) -> list[list[int]]:
-    slices: list[list[int]] = []
-    for j in layer_map:
-        if slices and slices[-1][1] == j:
-            slices[-1][1] = j + 1
-        else:
-            slices.append([j, j + 1])
-    return slices
-
-
-def parse_layer_map(spec: str) -> tuple[int, ...]:
-    """Parse `"0-5,0-5,2-3"` (inclusive ranges and single indices) into a tuple of source layer indices."""
-    out: list[int] = []
-    for part in spec.replace(" ", "").split(","):
-        m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
-        if not m:
-            raise HfStackError(f"cannot parse layer map part {part!r} of {spec!r}; write ranges like 0-5,0-5,2-3")
-        a = int(m.group(1))
-        b = int(m.group(2)) if m.group(2) is not None else a
-        if b < a:
-            raise HfStackError(f"layer map range {part!r} runs backwards; write {b}-{a} or list the layers")
-        if b - a >= MAX_TARGET_LAYERS:
-            raise HfStackError(f"layer map range {part!r} is longer than {MAX_TARGET_LAYERS} layers")
-        out.extend(range(a, b + 1))
-    return tuple(out)
 
 
 def resolve_layer_map(config: StackedConfig, source_num_layers: int) -> tuple[int, ...]:

@@ -33,7 +33,8 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from .errors import HfStackError
+from ..errors import HfStackError
+from ..training.log import CURRENCIES
 
 DEFAULTS = {
     "data": "corpus",
@@ -121,7 +122,7 @@ def prepare_data(recipe: dict, files, work: Path) -> dict:
     """Train the tokenizer, tokenise everything once, hold out fixed random validation blocks."""
     import numpy as np
 
-    from .data import iter_documents, pack, tokenize_documents, train_tokenizer
+    from ..data import iter_documents, pack, tokenize_documents, train_tokenizer
 
     work.mkdir(parents=True, exist_ok=True)
     # Finished arms are reused by their settings; if the text changed, none of them may be.
@@ -197,8 +198,8 @@ def model_for(s: dict, num_layers: int, vocab: int, seed: int):
 
 def sizes(s: dict, vocab: int) -> dict:
     """Parameter counts of the small and target models (all and non-embedding) and the grown run's FLOPs."""
-    from .timing import training_flops
-    from .trainer import count_parameters
+    from ..plans.timing import training_flops
+    from ..training.accounting import count_parameters
 
     small = small_model(s, vocab, 0)
     big = model_for(s, target_layers(s), vocab, 0)
@@ -247,8 +248,9 @@ def _train_arm(arm: dict, spec: dict, out: Path, done: Path) -> dict:
     from transformers import AutoTokenizer
     from transformers.trainer_callback import PrinterCallback
 
-    from .config import StackedConfig
-    from .trainer import StackingTrainer, StackingTrainingArguments
+    from ..plans.config import StackedConfig
+    from ..training.arguments import StackingTrainingArguments
+    from ..training.trainer import StackingTrainer
 
     s, role, seed, folder = arm["setting"], arm["role"], arm["seed"], Path(arm["data"])
     tok = AutoTokenizer.from_pretrained(folder / "tokenizer")
@@ -462,7 +464,7 @@ def _target(row: dict) -> tuple:
 
 def summarize_row(row: dict, r: dict, grown_done: dict, scratch_done: dict, n: dict) -> dict:
     """Per-seed speed-ups in each currency against that seed's scratch end points; mean, spread, verdict."""
-    from .compare import CURRENCIES, endpoint_speedup
+    from .compare import endpoint_speedup
 
     per_seed = []
     for seed in r["seeds"]:
@@ -500,7 +502,6 @@ def summarize_row(row: dict, r: dict, grown_done: dict, scratch_done: dict, n: d
 
 
 def _end_point(a: dict) -> dict:
-    from .compare import CURRENCIES
 
     return {"loss": a["final_loss"], **{c: a[c] for c in CURRENCIES}}
 

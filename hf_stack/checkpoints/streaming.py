@@ -1,4 +1,4 @@
-"""Grown tensors -> standard checkpoint: the streaming writer behind `hf-stack grow` and `hf_stack.grow`.
+"""Stage 2, writing: grown tensors -> standard checkpoint, the streaming writer behind `hf-stack grow` and `grow`.
 
 Copies that keep the dtype never decode a tensor: bytes go from the source shard to the output shard with
 `os.copy_file_range`, so memory stays flat whatever the model size and torch is not imported.
@@ -13,24 +13,21 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import __version__
-from .config import GROWTH_CONFIG_NAME, StackedConfig
-from .errors import HfStackError
-from .io import (
+from ..errors import HfStackError
+from ..plans.config import StackedConfig
+from ..plans.plan import GrowthPlan, build_plan
+from .card import update_card
+from .folders import atomic_output_dir, check_free_space, copy_aux_files, parse_size
+from .provenance import growth_record, source_info, write_growth_record
+from .source import (
     DTYPE_SIZES,
     SAFE_INDEX,
     SAFE_SINGLE,
     SourceCheckpoint,
-    atomic_output_dir,
-    check_free_space,
-    copy_aux_files,
-    parse_size,
     refuse_nonfinite,
     resolve_source,
     source_tokenizer,
 )
-from .operators import get_operator
-from .plan import GrowthPlan, build_plan
 
 SAFE_DTYPE_OF = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 CHUNK = 16 * 1024 * 1024
@@ -115,35 +112,6 @@ def write_shards(folder: Path, tensors: list[OutputTensor], max_shard_size: int,
         }
         (folder / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
     return names
-
-
-def source_info(source: SourceCheckpoint, num_layers: int) -> dict:
-    """Where a growth started from, for `growth_config.json`."""
-    return {
-        "name_or_path": source.name_or_path,
-        "revision": source.revision,
-        "commit": source.commit,
-        "architecture": source.config["architectures"][0],
-        "num_layers": num_layers,
-    }
-
-
-def growth_record(plan: GrowthPlan, stacked: StackedConfig, source: dict, learned: dict | None = None) -> dict:
-    """The contents of `growth_config.json`: the settings, the plan and where the source came from."""
-    record = {
-        "hf_stack_version": __version__,
-        "settings": stacked.to_dict(),
-        "paper": get_operator(plan.operator).paper,
-        "source": source,
-        **plan.to_dict(),
-    }
-    if learned is not None:
-        record["learn"] = learned
-    return record
-
-
-def write_growth_record(folder: Path, record: dict) -> None:
-    (Path(folder) / GROWTH_CONFIG_NAME).write_text(json.dumps(record, indent=2) + "\n")
 
 
 def _target_config(plan: GrowthPlan, dtype: str | None) -> dict:
@@ -273,8 +241,6 @@ def grow(
             copy_aux_files(source.folder, tmp)
             record = growth_record(plan, stacked, source_info(source, plan.source_num_layers), learned)
             write_growth_record(tmp, record)
-            from .card import update_card
-
             update_card(tmp, repo_id=out.name, source_card=source.folder / "README.md")
             if verify:
                 from .verify import verify_checkpoint

@@ -1,4 +1,5 @@
-"""Model cards: rendered once from `model_cards/template.md`, then updated section by section.
+"""Stage 2, model cards: every folder hf_stack writes carries a card, rendered once from the package's
+`model_cards/template.md`, then updated section by section.
 
 Grow, train and eval each own one section between `<!-- hf_stack:NAME -->` markers; running one of them again
 replaces its section and never duplicates it. Front matter is `huggingface_hub`'s `ModelCardData`.
@@ -10,10 +11,11 @@ import json
 import re
 from pathlib import Path
 
-from .config import GROWTH_CONFIG_NAME
-from .errors import HfStackError
+from ..errors import HfStackError
+from ..plans.config import GROWTH_CONFIG_NAME
 
-TEMPLATE = Path(__file__).resolve().parent.parent / "model_cards" / "template.md"
+# Inside the package (package data), so a wheel install renders cards as the source checkout does.
+TEMPLATE = Path(__file__).resolve().parent / "model_cards" / "template.md"
 SECTIONS = ("growth", "training", "evaluation", "usage")
 PLACEHOLDER = {
     "growth": "Not grown by hf_stack.",
@@ -189,36 +191,6 @@ def apply_updates(card, repo_id: str, sections: dict[str, str] | None = None, ev
         card.data.eval_results = eval_results
         card.data.model_name = repo_id.split("/")[-1]
     return card
-
-
-def eval_results(results: dict) -> list:
-    """`huggingface_hub.EvalResult`s for the card's model-index, one per headline metric."""
-    from huggingface_hub import EvalResult
-
-    from .evaluate import DATASETS, HEADLINE
-
-    out = []
-    for task, key in HEADLINE.items():
-        if task not in results.get("results", {}):
-            continue
-        metric = key.split(",")[0]
-        dataset_id, config, split = DATASETS[task]
-        out.append(
-            EvalResult(
-                task_type="text-generation",
-                task_name="Text Generation",
-                dataset_type=dataset_id,
-                dataset_name=task,
-                dataset_config=config,
-                dataset_split=split,
-                metric_type=metric,
-                metric_name=metric,
-                metric_value=float(results["results"][task][key]),
-                source_name="hf_stack (lm-evaluation-harness, zero-shot)",
-                source_url="https://github.com/EleutherAI/lm-evaluation-harness",
-            )  # fmt: skip
-        )
-    return out
 
 
 def _is_repo_id(name: str) -> bool:

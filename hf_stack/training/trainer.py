@@ -1,175 +1,45 @@
-"""Standard checkpoint -> trainer: continued pre-training that can grow the model in the middle of the run.
+"""Stage 3, training: continued pre-training that can grow the model in the middle of the run.
 
 The paper's recipe (Du et al., 2024, arXiv 2405.15319): train the small model for d tokens, grow it, then train
 the grown model with a fresh AdamW and a re-warmed schedule on the data that follows. `StackingTrainer` runs the
 two phases as two passes of the stock `Trainer` loop, so checkpoints, resuming, DDP and logging integrations are
-transformers' own; it only adds the growth between them and token/FLOP accounting.
-
-Folder layout of a run with growth:
-    output_dir/small/checkpoint-*   phase 1 (small model) checkpoints, the last one at the growth step
-    output_dir/grown-init/          the grown model right after growth (+ growth_config.json)
-    output_dir/checkpoint-*         phase 2 (grown model) checkpoints
-    output_dir/final/               the final model, tokenizer and growth_config.json with both phases
-    output_dir/training_log.json    every logged step of both phases with tokens and FLOPs
+transformers' own; it overrides only what growth changes (the phases, the accounting in `log`, the sampler). The
+run folder's layout and bookkeeping are `hf_stack.training.run_folder`, the final outputs
+`hf_stack.training.outputs`, the MSG ramp a callback in `hf_stack.training.msg`.
 """
 
 from __future__ import annotations
 
-import errno
 import json
 import math
 import os
 import shutil
 import time
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainingArguments, default_data_collator
+from transformers import Trainer, default_data_collator
 from transformers.trainer_callback import ProgressCallback, TrainerCallback
 
-from .config import StackedConfig
-from .errors import HfStackError
-from .masks import GrowthMasks
-from .timing import training_flops
-
-RUN_CONFIG = "run_config.json"
-GROWTH_STATE = "growth_state.json"
-TRAINING_LOG = "training_log.json"
-
-
-@dataclass
-class StackingTrainingArguments(TrainingArguments):
-    """`TrainingArguments` plus growth inside the run. `learning_rate`, `warmup_steps` and the optimizer settings
-    apply to the small model (phase 1); the `grown_*` fields to the grown model (phase 2)."""
-
-    grow_at_tokens: float | None = field(
-        default=None, metadata={"help": "Grow once this many training tokens have been seen (the paper's d)."}
-    )
-    max_tokens: float | None = field(
-        default=None, metadata={"help": "Total training-token budget over both phases (sets max_steps)."}
-    )
-    stacked_config: dict | str | None = field(
-        default=None,
-        metadata={
-            "help": "Growth settings: a StackedConfig, a dict or JSON like '{\"factor\": 4}' (default: G_stack, g=4)."
-        },
-    )
-    grown_learning_rate: float | None = field(
-        default=None, metadata={"help": "Peak learning rate after growth (default: learning_rate; the paper: 3e-4)."}
-    )
-    grown_warmup_steps: float | None = field(
-        default=None, metadata={"help": "Warmup of the re-started schedule after growth (default: warmup_steps)."}
-    )
-    grown_lr_scheduler_type: str | None = field(
-        default=None,
-        metadata={
-            "help": "Learning-rate schedule after growth, a transformers SchedulerType (default: lr_scheduler_type). "
-            "E.g. a constant small phase (taken mid-schedule, as the paper's 10B-token checkpoint) and a "
-            "cosine grown phase."
-        },
-    )
-    grown_lr_scheduler_kwargs: dict | str | None = field(
-        default=None,
-        metadata={
-            "help": "Keyword arguments of the schedule after growth, a dict or JSON (default: lr_scheduler_kwargs)."
-        },
-    )
-    mask_steps: int = field(
-        default=0,
-        metadata={
-            "help": "random operator: ramp the new layers and units in from 0 to 1 over this many steps after "
-            "growth (MSG masks; 0: no masks)."
-        },
-    )
-    carry_optimizer_state: bool = field(
-        default=False,
-        metadata={
-            "help": "Carry AdamW moments over the growth, grown by the same plan (default: fresh, as the paper)."
-        },
-    )
-
-    def __post_init__(self):
-        super().__post_init__()
-        if isinstance(self.grown_lr_scheduler_kwargs, str):
-            try:
-                self.grown_lr_scheduler_kwargs = json.loads(self.grown_lr_scheduler_kwargs)
-            except json.JSONDecodeError:
-                raise HfStackError(
-                    f"grown_lr_scheduler_kwargs is not JSON: {self.grown_lr_scheduler_kwargs!r}"
-                ) from None
-        if self.grown_lr_scheduler_type is not None:
-            from transformers.trainer_utils import SchedulerType
-
-            try:
-                SchedulerType(self.grown_lr_scheduler_type)
-            except ValueError:
-                names = ", ".join(t.value for t in SchedulerType)
-                raise HfStackError(
-                    f"unknown grown_lr_scheduler_type {self.grown_lr_scheduler_type!r}; choose one of {names}"
-                ) from None
-        if isinstance(self.stacked_config, str):
-            try:
-                self.stacked_config = json.loads(self.stacked_config)
-            except json.JSONDecodeError:
-                raise HfStackError(f"stacked_config is not JSON: {self.stacked_config!r}") from None
-        if isinstance(self.stacked_config, dict):
-            self.stacked_config = StackedConfig(**self.stacked_config)
-        elif self.stacked_config is None:
-            self.stacked_config = StackedConfig()
-        for name in ("grow_at_tokens", "max_tokens"):
-            value = getattr(self, name)
-            if value is not None:
-                if not math.isfinite(value) or value <= 0:
-                    raise HfStackError(f"{name} must be a positive number of tokens, got {value!r}")
-                setattr(self, name, int(value))
-        if self.carry_optimizer_state and (
-            "width" in self.stacked_config.directions or self.stacked_config.operator in ("random", "learn")
-        ):
-            raise HfStackError(
-                "carry_optimizer_state moves AdamW moments of copied tensors; it supports depth growth with the "
-                "direct (stack) and zero operators only"
-            )
-        if self.mask_steps < 0:
-            raise HfStackError(f"mask_steps must be 0 or more, got {self.mask_steps}")
-        if self.mask_steps and (self.grow_at_tokens is None or self.stacked_config.operator != "random"):
-            raise HfStackError(
-                "mask_steps ramps in the new parts of growth inside the run: it needs grow_at_tokens and the "
-                "random operator"
-            )
-        if self.grow_at_tokens is not None and self.max_tokens is not None and self.grow_at_tokens >= self.max_tokens:
-            raise HfStackError(
-                f"grow_at_tokens ({self.grow_at_tokens:.3g}) is beyond the budget max_tokens ({self.max_tokens:.3g}); "
-                "grow earlier or train longer"
-            )
-
-    def to_dict(self):
-        d = super().to_dict()
-        if isinstance(self.stacked_config, StackedConfig):
-            d["stacked_config"] = self.stacked_config.to_dict()
-        return d
-
-
-def count_parameters(model, embeddings: bool = True) -> int:
-    """Unique parameters (tied weights once): the N of C = 6ND.
-
-    Args:
-        model: a transformers model.
-        embeddings: count the token embedding and the output head (default). False gives the non-embedding count
-            (Kaplan et al., 2020): the transformer blocks and final norm, the weights depth growth multiplies.
-    """
-    skip = set()
-    if not embeddings:
-        for module in (model.get_input_embeddings(), model.get_output_embeddings()):
-            if module is not None:
-                skip.update(p.data_ptr() for p in module.parameters())
-    seen, n = set(skip), 0
-    for p in model.parameters():
-        if p.data_ptr() not in seen:
-            seen.add(p.data_ptr())
-            n += p.numel()
-    return n
+from ..checkpoints.in_memory import grow_model, plan_for_model
+from ..checkpoints.provenance import growth_record, write_growth_record
+from ..errors import HfStackError
+from ..plans.timing import training_flops
+from .accounting import count_parameters, phase_record
+from .arguments import StackingTrainingArguments
+from .msg import GrowthMasks, MaskRamp
+from .outputs import write_final_outputs
+from .run_folder import (
+    GROWN_INIT,
+    GROWTH_STATE,
+    SMALL_DIR,
+    check_run_config,
+    is_write_failure,
+    last_checkpoint,
+    read_history,
+    write_json_atomic,
+)
 
 
 class StackingTrainer(Trainer):
@@ -209,7 +79,10 @@ class StackingTrainer(Trainer):
         self._phase_clock_start = 0.0
         self.add_callback(_ResumeClock(self))
         self._last_log = None
-        self.masks = None  # MSG masks on the grown model while they ramp in (mask_steps)
+        # MSG masks on the grown model while they ramp in (mask_steps)
+        self.mask_ramp = MaskRamp(args.mask_steps) if args is not None and args.mask_steps else None
+        if self.mask_ramp is not None:
+            self.add_callback(self.mask_ramp)
 
     # -- data: sequential over the pre-shuffled packed blocks, so "the data that follows" is well defined.
     def _get_train_sampler(self, train_dataset=None):
@@ -244,7 +117,7 @@ class StackingTrainer(Trainer):
         extra = {"tokens": tokens, "flops": flops, "non_embedding_flops": non_embedding, "phase": self.phase,
                  "num_parameters": params, "train_seconds": round(self._phase_seconds(), 3)}  # fmt: skip
         if self.phase == 2 and self.args.mask_steps:
-            extra["growth_mask"] = self.masks.value if self.masks is not None else 1.0
+            extra["growth_mask"] = self.mask_ramp.value
         if self._last_log is not None and now > self._last_log[1] and tokens > self._last_log[0]:
             extra["tokens_per_second"] = round((tokens - self._last_log[0]) / (now - self._last_log[1]), 1)
         self._last_log = (tokens, now)
@@ -277,17 +150,6 @@ class StackingTrainer(Trainer):
             if self._clock is not None:
                 self._clock[1] += time.perf_counter() - started
             self._eval_started = None
-
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        # MSG: the mask follows the optimizer step, so a resumed run continues the ramp where it stopped.
-        if self.masks is not None:
-            value = self.state.global_step / self.args.mask_steps
-            if value >= 1:
-                self.masks.remove()  # fully in: the plain model from here on
-                self.masks = None
-            else:
-                self.masks.set(value)
-        return super().training_step(model, inputs, num_items_in_batch)
 
     # -- the two phases
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
@@ -323,10 +185,10 @@ class StackingTrainer(Trainer):
                 args.max_steps = total_steps
                 result = Trainer.train(self, resume_from_checkpoint=resume_from_checkpoint, **kwargs)
             else:
-                grown_init = out / "grown-init"
+                grown_init = out / GROWN_INIT
                 if not (out / GROWTH_STATE).is_file():
-                    args.output_dir, args.max_steps = str(out / "small"), grow_step
-                    resume = _last_checkpoint(out / "small", resume_from_checkpoint)
+                    args.output_dir, args.max_steps = str(out / SMALL_DIR), grow_step
+                    resume = last_checkpoint(out / SMALL_DIR, resume_from_checkpoint)
                     Trainer.train(self, resume_from_checkpoint=resume, **kwargs)
                     self._save_checkpoint(self.model, trial=None)  # a checkpoint on the small side of the boundary
                     self._grow(out, grown_init, grow_step, tps)
@@ -348,7 +210,7 @@ class StackingTrainer(Trainer):
                     args.lr_scheduler_kwargs = {}
                 if args.grown_lr_scheduler_kwargs is not None:
                     args.lr_scheduler_kwargs = args.grown_lr_scheduler_kwargs
-                resume = _last_checkpoint(out, resume_from_checkpoint)
+                resume = last_checkpoint(out, resume_from_checkpoint)
                 result = Trainer.train(self, resume_from_checkpoint=resume, **kwargs)
         finally:
             for k, v in saved.items():
@@ -364,10 +226,10 @@ class StackingTrainer(Trainer):
         try:
             super()._save_checkpoint(model, trial)
         except (OSError, RuntimeError) as e:
-            if not _is_write_failure(e):
+            if not is_write_failure(e):
                 raise
             shutil.rmtree(folder, ignore_errors=True)
-            last = _last_checkpoint(folder.parent, True)
+            last = last_checkpoint(folder.parent, True)
             raise HfStackError(
                 f"the disk is full (or a file-size limit was hit) while writing {folder.name}; the partial folder "
                 f"was removed and the last complete checkpoint is {last or 'none'}: free space and resume"
@@ -394,36 +256,17 @@ class StackingTrainer(Trainer):
                 k: getattr(self.model.config, k, None) for k in ("model_type", "num_hidden_layers", "hidden_size")
             },
         }
-        path = out / RUN_CONFIG
-        previous = json.loads(path.read_text()) if path.is_file() else None
-        # Every process reads before process 0 writes, so they all judge the same folder.
-        self.accelerator.wait_for_everyone()
-        if previous is not None:
-            if not resume:
-                raise HfStackError(
-                    f"{out} already holds a training run; resume it (--resume) or choose another folder"
-                )
-            diff = sorted(k for k in config if previous.get(k) != config[k])
-            if diff:
-                raise HfStackError(f"cannot resume from {out}: it belongs to another run ({', '.join(diff)} differ)")
-        elif resume:
-            raise HfStackError(f"nothing to resume in {out}: it holds no {RUN_CONFIG} from an hf_stack run")
-        elif self.is_world_process_zero():
-            out.mkdir(parents=True, exist_ok=True)
-            _write_json_atomic(path, config)
+        check_run_config(out, config, resume, self.is_world_process_zero(), self.accelerator.wait_for_everyone)
 
     def _grow(self, out: Path, grown_init: Path, grow_step: int, tps: int) -> None:
-        from .convert import growth_record, write_growth_record
-        from .modeling import grow_model
-
         small = self.accelerator.unwrap_model(self.model)
         grown, plan, learned = grow_model(small, self.args.stacked_config, self.processing_class)
         grown.to(self.args.device)
-        phase1 = _phase_record(1, small, grow_step, tps, self._phase_seconds())
+        phase1 = phase_record(1, small, grow_step, tps, self._phase_seconds())
         phase1["num_layers"] = plan.source_num_layers
         new_optimizer = self._grown_optimizer(small, grown, plan) if self.args.carry_optimizer_state else None
-        if self.args.mask_steps:
-            self.masks = GrowthMasks(grown, plan)
+        if self.mask_ramp is not None:
+            self.mask_ramp.start(GrowthMasks(grown, plan))
         self._install_model(grown, phase1)
         self.optimizer, self.lr_scheduler = new_optimizer, None
         if self.is_world_process_zero():
@@ -438,13 +281,11 @@ class StackingTrainer(Trainer):
                 shutil.rmtree(grown_init)
             os.replace(tmp, grown_init)
             # Written last: its presence means the growth is complete and phase 2 may resume from it.
-            _write_json_atomic(out / GROWTH_STATE, {"phase1": phase1, "growth": record})
+            write_json_atomic(out / GROWTH_STATE, {"phase1": phase1, "growth": record})
         self.accelerator.wait_for_everyone()
 
     def _load_grown(self, out: Path, grown_init: Path) -> None:
         from transformers import AutoModelForCausalLM
-
-        from .modeling import plan_for_model
 
         state = json.loads((out / GROWTH_STATE).read_text())
         small = self.accelerator.unwrap_model(self.model)
@@ -453,8 +294,8 @@ class StackingTrainer(Trainer):
             "non_embedding_flops", training_flops(count_parameters(small, embeddings=False), state["phase1"]["tokens"])
         )
         grown = AutoModelForCausalLM.from_pretrained(grown_init, dtype=self.model.dtype, trust_remote_code=False)
-        if self.args.mask_steps:
-            self.masks = GrowthMasks(grown, plan_for_model(small, self.args.stacked_config))
+        if self.mask_ramp is not None:
+            self.mask_ramp.start(GrowthMasks(grown, plan_for_model(small, self.args.stacked_config)))
         self._install_model(grown.to(self.args.device).train(), state["phase1"])
         self.optimizer, self.lr_scheduler = None, None
 
@@ -490,7 +331,7 @@ class StackingTrainer(Trainer):
 
     def _unigram_baseline(self) -> float | None:
         """The validation loss of unigram frequencies, the floor `hf-stack compare`'s health check reads."""
-        from .data import unigram_loss
+        from ..data import unigram_loss
 
         evaluation = self.eval_dataset
         if evaluation is None or isinstance(evaluation, dict) or not hasattr(evaluation, "with_format"):
@@ -506,57 +347,17 @@ class StackingTrainer(Trainer):
         self.accelerator.wait_for_everyone()
 
     def _write_final(self, out: Path, tps: int) -> None:
-        from .convert import write_growth_record
-
-        final = out / "final"
-        tmp = out / "final.tmp"
         model = self.accelerator.unwrap_model(self.model)
-        model.save_pretrained(tmp)
-        if self.processing_class is not None:
-            self.processing_class.save_pretrained(tmp)
-        phases = []
-        if self.phase == 2:
-            phases.append(self.phase1)
+        phases = [self.phase1] if self.phase == 2 else []
         seconds = self.train_seconds() - self._phase_clock_start
-        phases.append(_phase_record(self.phase, model, self.state.global_step, tps, seconds))
+        phases.append(phase_record(self.phase, model, self.state.global_step, tps, seconds))
         phases[-1]["num_layers"] = model.config.num_hidden_layers
-        training = {
-            "phases": phases,
-            "total_tokens": sum(p["tokens"] for p in phases),
-            "total_flops": sum(p["flops"] for p in phases),
-            "total_non_embedding_flops": sum(p.get("non_embedding_flops", 0.0) for p in phases),
-            "total_train_seconds": round(sum(p.get("train_seconds", 0.0) for p in phases), 3),
-            "flops_convention": "6 N D per phase, N = all parameters (embeddings included, tied weights once); "
-            "non_embedding_flops: N without the token embedding and output head; train_seconds: wall-clock of "
-            "training in this process, evaluation excluded",
-        }
-        record = {}
-        if (out / GROWTH_STATE).is_file():
-            record = json.loads((out / GROWTH_STATE).read_text())["growth"]
-        write_growth_record(tmp, {**record, "training": training})
         # Phase 1's log lives in its last checkpoint; the current phase's in self.state (restored on resume).
-        history = _read_history(out / "small") if self.phase == 2 else []
+        history = read_history(out / SMALL_DIR) if self.phase == 2 else []
         history += [e for e in self.state.log_history if "tokens" in e]
-        log = {"training": training, "log_history": history}
         baseline = self._unigram_baseline()
-        if baseline is not None:
-            log["baselines"] = {"unigram_eval_loss": baseline}
-        _write_json_atomic(out / TRAINING_LOG, log)
-        plot = None
-        if any("loss" in e for e in history):
-            from .compare import plot as plot_curves
-            from .compare import read_curve
-
-            plot_curves([read_curve(out, "loss")], tmp / "training_loss.png", title="training loss (dotted: growth)")
-            plot = "training_loss.png"
-        from .card import training_section, update_card
-
-        update_card(
-            tmp, repo_id=out.resolve().name, sections={"training": training_section(training, plot)}, figure=True
-        )
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        baselines = {"unigram_eval_loss": baseline} if baseline is not None else None
+        write_final_outputs(out, model, self.processing_class, phases, history, baselines)
 
 
 class _ResumeClock(TrainerCallback):
@@ -573,29 +374,6 @@ class _ResumeClock(TrainerCallback):
             t._phase_clock_start = t.phase_start["train_seconds"] + t.train_seconds() - logged[-1]
 
 
-def _phase_record(phase: int, model, steps: int, tps: int, seconds: float) -> dict:
-    """One phase's accounting: its parameters, steps, tokens, FLOPs in both conventions and training seconds."""
-    params, tokens = count_parameters(model), steps * tps
-    return {"phase": phase, "num_parameters": params, "steps": steps, "tokens": tokens,
-            "flops": training_flops(params, tokens),
-            "non_embedding_flops": training_flops(count_parameters(model, embeddings=False), tokens),
-            "train_seconds": round(seconds, 3)}  # fmt: skip
-
-
-def _is_write_failure(e: BaseException | None) -> bool:
-    """A full disk or file-size limit; torch.save reports it as RuntimeError ("iostream error", "unexpected pos")
-    rather than OSError(ENOSPC), so the exception chain is searched."""
-    while e is not None:
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
-            return True
-        if isinstance(e, RuntimeError) and any(
-            m in str(e) for m in ("iostream error", "unexpected pos", "failed writing")
-        ):
-            return True
-        e = e.__cause__ or e.__context__
-    return False
-
-
 def _tail(dataset, start: int):
     """The blocks from `start` on (what follows the small model's data)."""
     if hasattr(dataset, "select"):
@@ -607,77 +385,3 @@ def _apply_peft(model, peft_config):
     from peft import get_peft_model
 
     return get_peft_model(model, peft_config)
-
-
-def _last_checkpoint(folder: Path, resume) -> str | None:
-    """The newest *complete* checkpoint (one whose trainer_state.json, written last, exists) in `folder`."""
-    if not resume:
-        return None
-    if isinstance(resume, (str, os.PathLike)) and resume is not True:
-        return str(resume)
-    if not folder.is_dir():
-        return None
-    complete = [
-        p for p in folder.glob("checkpoint-*") if p.name[11:].isdigit() and (p / "trainer_state.json").is_file()
-    ]
-    for partial in folder.glob("checkpoint-*"):
-        if partial not in complete and partial.is_dir():
-            shutil.rmtree(partial, ignore_errors=True)  # killed mid-write: never resume from it
-    return str(max(complete, key=lambda p: int(p.name[11:]))) if complete else None
-
-
-def _read_history(small_dir: Path) -> list[dict]:
-    last = _last_checkpoint(small_dir, True)
-    if last is None:
-        return []
-    state = json.loads((Path(last) / "trainer_state.json").read_text())
-    return [e for e in state.get("log_history", []) if "tokens" in e]
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-
-
-def run_training(cli, args: StackingTrainingArguments) -> dict:
-    """What `hf-stack train` does: load the model and tokenizer, pack the data, train, return the summary."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, set_seed
-
-    from .data import build_dataset
-    from .io import resolve_source
-
-    name = cli.model or cli.from_scratch_like
-    # resolve_source validates the folder or Hub id (no remote code, safetensors) before anything heavy runs.
-    source = resolve_source(name, revision=cli.revision)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(cli.tokenizer or source.folder)
-    except Exception as e:
-        raise HfStackError(f"cannot load a tokenizer from {cli.tokenizer or name}: {type(e).__name__}: {e}") from None
-    # Data first: bad data should fail before the model is loaded.
-    train, validation = build_dataset(
-        cli.data, tokenizer, cli.block_size, seed=args.seed, max_tokens=args.max_tokens,
-        validation_fraction=cli.validation_fraction, text_column=cli.text_column,
-    )  # fmt: skip
-    set_seed(args.seed)
-    if cli.from_scratch_like:
-        config = AutoConfig.from_pretrained(source.folder, trust_remote_code=False)
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(source.folder, trust_remote_code=False)
-    if validation is not None and args.eval_strategy == "no":
-        args.eval_strategy, args.eval_steps = "steps", args.eval_steps or args.logging_steps
-    peft_config = None
-    if cli.lora_r:
-        from peft import LoraConfig
-
-        peft_config = LoraConfig(
-            r=cli.lora_r, lora_alpha=2 * cli.lora_r, target_modules="all-linear", task_type="CAUSAL_LM"
-        )
-    trainer = StackingTrainer(
-        model=model, args=args, train_dataset=train, eval_dataset=validation, processing_class=tokenizer,
-        peft_config=peft_config,
-    )  # fmt: skip
-    trainer.train(resume_from_checkpoint=cli.resume or None)
-    summary = json.loads((Path(args.output_dir) / TRAINING_LOG).read_text())["training"]
-    return {**summary, "final": str(Path(args.output_dir) / "final")}

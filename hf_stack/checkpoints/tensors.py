@@ -1,4 +1,5 @@
-"""Grown tensors as torch tensors: the in-memory path and any step that must decode bytes (dtype casts, pickle)."""
+"""Stage 2, growing: grown tensors as torch tensors, for the in-memory path and every step that must decode bytes
+(width growth, random init, dtype casts, pickle); the streaming writer copies the rest byte for byte."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import HfStackError
-from .width import is_norm
+from ..errors import HfStackError
+from ..plans.width import is_norm
 
 SAFE_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
@@ -161,7 +162,7 @@ def apply_plan(plan, read, dtype: str | None = None) -> dict[str, torch.Tensor]:
     """Build every target tensor of `plan` in memory (operators that need training: see `grown_tensors`).
 
     Args:
-        plan: the [`~hf_stack.plan.GrowthPlan`].
+        plan: the [`~hf_stack.plans.plan.GrowthPlan`].
         read: source tensor name -> tensor (a [`TensorReader`] over files, or a live model's `state_dict().__getitem__`).
         dtype: optional target dtype name.
     """
@@ -173,9 +174,9 @@ def grown_tensors(plan, read, stacked, tokenizer=None) -> tuple[dict[str, torch.
     """Every target tensor of `plan`, training the operator's maps first when it learns them (`learn`).
 
     Args:
-        plan: the [`~hf_stack.plan.GrowthPlan`].
+        plan: the [`~hf_stack.plans.plan.GrowthPlan`].
         read: source tensor name -> tensor.
-        stacked: the [`StackedConfig`] (dtype, and the `learn_*` settings).
+        stacked: the [`~hf_stack.plans.config.StackedConfig`] (dtype, and the `learn_*` settings).
         tokenizer: tokenises `stacked.learn_data` (needed by `learn` only).
 
     Returns:
@@ -183,8 +184,8 @@ def grown_tensors(plan, read, stacked, tokenizer=None) -> tuple[dict[str, torch.
     """
     if not any(entry.op == "learn" for entry in plan.tensors):
         return apply_plan(plan, read, stacked.dtype), None
-    from .data import build_dataset
-    from .operators.learn import learn_tensors
+    from ..data import build_dataset
+    from .ligo import learn_tensors
 
     if tokenizer is None:
         raise HfStackError("operator 'learn' needs the source's tokenizer to read --learn-data")

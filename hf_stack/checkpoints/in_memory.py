@@ -1,4 +1,5 @@
-"""In-memory growth: `StackedModelForCausalLM.from_small_pretrained` returns transformers' own model class."""
+"""Stage 2, in memory: `StackedModelForCausalLM.from_small_pretrained` and `grow_model` return transformers' own
+model class, grown by the same plan and tensor builders as the streaming writer."""
 
 from __future__ import annotations
 
@@ -6,11 +7,12 @@ import os
 import types
 from pathlib import Path
 
-from .config import StackedConfig
-from .convert import growth_record, source_info, write_growth_record
-from .errors import HfStackError
-from .io import copy_aux_files, refuse_nonfinite, resolve_source, source_tokenizer
-from .plan import build_plan
+from ..plans.config import StackedConfig
+from ..plans.plan import build_plan
+from .folders import copy_aux_files
+from .models import instantiate
+from .provenance import growth_record, source_info, write_growth_record
+from .source import refuse_nonfinite, resolve_source, source_tokenizer
 
 
 class StackedModelForCausalLM:
@@ -83,40 +85,6 @@ class StackedModelForCausalLM:
         record = growth_record(plan, stacked, source_info(source, plan.source_num_layers), learned)
         _attach_provenance(model, record, source.folder)
         return model
-
-
-def build_model(config_dict: dict, dtype, init: bool = True):
-    """The transformers class of `config_dict["model_type"]`, built from the config (no remote code)."""
-    from transformers import CONFIG_MAPPING, AutoModelForCausalLM
-    from transformers.initialization import no_init_weights
-
-    model_type = config_dict.get("model_type")
-    if model_type not in CONFIG_MAPPING:
-        raise HfStackError(
-            f"transformers does not know model_type {model_type!r}; upgrade transformers or check config.json"
-        )
-    config = CONFIG_MAPPING[model_type].from_dict(dict(config_dict))
-    config.dtype = dtype
-    if init:
-        return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
-    with no_init_weights():
-        return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
-
-
-def instantiate(plan, state: dict):
-    """Build the target architecture's own transformers class from the plan's config and the grown tensors."""
-    # No random init: every parameter is overwritten by the grown tensors right after.
-    model = build_model(plan.target_config, next(iter(state.values())).dtype, init=False)
-    config = model.config
-    result = model.load_state_dict(state, strict=False)
-    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
-    if result.unexpected_keys or set(result.missing_keys) - tied:
-        raise HfStackError(
-            f"the grown tensors do not fit {type(model).__name__}: missing {result.missing_keys[:3]}, "
-            f"unexpected {result.unexpected_keys[:3]}"
-        )
-    model.tie_weights()
-    return model.eval()
 
 
 def grow_model(model, stacked_config: StackedConfig, tokenizer=None):

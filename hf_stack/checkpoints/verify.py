@@ -1,4 +1,4 @@
-"""Check a grown checkpoint: it loads with plain transformers and every tensor equals its planned source."""
+"""Stage 2, checking: a grown checkpoint loads with plain transformers and every tensor equals its planned source."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import HfStackError
+from ..errors import HfStackError
 from .tensors import TORCH_DTYPES, TensorReader, materialize
 
 

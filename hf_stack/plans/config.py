@@ -1,4 +1,4 @@
-"""Growth settings (`StackedConfig`) and the provenance file `growth_config.json` written beside a grown model."""
+"""Stage 1, growth settings (`StackedConfig`) and the provenance file `growth_config.json` written beside a grown model."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from .errors import HfStackError
+from ..errors import HfStackError
+from ..operators import get_operator
+from .layers import format_layer_map, parse_layer_map
 
 GROWTH_CONFIG_NAME = "growth_config.json"
 ORDERS = ("stack", "interpolate", "middle")
@@ -120,13 +122,9 @@ class StackedConfig:
 
     def __post_init__(self):
         if isinstance(self.layer_map, (list, tuple)):
-            from .plan import layer_map_to_slices
-
             if not all(isinstance(j, int) and j >= 0 for j in self.layer_map):
                 raise HfStackError(f"layer_map must list non-negative layer indices, got {self.layer_map!r}")
-            self.layer_map = ",".join(
-                f"{a}-{b - 1}" if b - a > 1 else str(a) for a, b in layer_map_to_slices(self.layer_map)
-            )
+            self.layer_map = format_layer_map(self.layer_map)
         for name in ("factor", "num_layers"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
@@ -164,8 +162,6 @@ class StackedConfig:
             raise HfStackError(f"unknown order {self.order!r}; choose one of: {', '.join(ORDERS)}")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise HfStackError(f"unknown dtype {self.dtype!r}; choose one of: {', '.join(DTYPES)}")
-        from .operators import get_operator
-
         operator = get_operator(self.operator, self.directions)
         if operator.needs_data and not self.learn_data:
             raise HfStackError(
@@ -191,14 +187,10 @@ class StackedConfig:
         if self.num_layers is not None:
             return self.num_layers
         if self.layer_map is not None:
-            from .plan import parse_layer_map
-
             return len(parse_layer_map(self.layer_map))
         return self.factor * source_num_layers
 
     def to_dict(self) -> dict:
-        from .operators import get_operator
-
         learn = get_operator(self.operator).needs_data  # the learn_* settings mean nothing to other operators
         return {f.name: getattr(self, f.name) for f in fields(self) if f.init and (learn or f.name[:6] != "learn_")}
 
@@ -218,7 +210,7 @@ class StackedConfig:
             if not file.is_file():
                 raise HfStackError(f"{path} has no {GROWTH_CONFIG_NAME}; it was not grown by hf_stack")
         else:
-            from .io import hub_file
+            from ..remote import hub_file
 
             file = hub_file(str(pretrained_model_name_or_path), GROWTH_CONFIG_NAME, **hub_kwargs)
         try:

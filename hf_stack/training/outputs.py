@@ -1,0 +1,68 @@
+"""Stage 3, final outputs: the trained model in `final/` with its card, loss plot and provenance, and
+`training_log.json` beside it, written once training ends."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from ..checkpoints.card import training_section, update_card
+from ..checkpoints.provenance import write_growth_record
+from .log import TRAINING_LOG, plot, read_curve
+from .run_folder import GROWTH_STATE, write_json_atomic
+
+FLOPS_CONVENTION = (
+    "6 N D per phase, N = all parameters (embeddings included, tied weights once); non_embedding_flops: N without "
+    "the token embedding and output head; train_seconds: wall-clock of training in this process, evaluation excluded"
+)
+
+
+def training_summary(phases: list[dict]) -> dict:
+    """The `training` record of `growth_config.json` and `training_log.json`: every phase and the totals."""
+    return {
+        "phases": phases,
+        "total_tokens": sum(p["tokens"] for p in phases),
+        "total_flops": sum(p["flops"] for p in phases),
+        "total_non_embedding_flops": sum(p.get("non_embedding_flops", 0.0) for p in phases),
+        "total_train_seconds": round(sum(p.get("train_seconds", 0.0) for p in phases), 3),
+        "flops_convention": FLOPS_CONVENTION,
+    }
+
+
+def write_final_outputs(
+    out: Path, model, tokenizer, phases: list[dict], history: list[dict], baselines: dict | None = None
+) -> None:
+    """Write `out/final/` (model, tokenizer, growth_config.json with both phases, card, loss plot) and
+    `out/training_log.json`; `final/` is built beside and renamed into place, so it is whole or absent.
+
+    Args:
+        out: the run folder.
+        model: the trained model (unwrapped).
+        tokenizer: saved beside it when given.
+        phases: one accounting record per phase ([`~hf_stack.training.accounting.phase_record`]).
+        history: every logged step of every phase.
+        baselines: e.g. `{"unigram_eval_loss": ...}`, the floor `hf-stack compare`'s health check reads.
+    """
+    final, tmp = out / "final", out / "final.tmp"
+    model.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    training = training_summary(phases)
+    record = json.loads((out / GROWTH_STATE).read_text())["growth"] if (out / GROWTH_STATE).is_file() else {}
+    write_growth_record(tmp, {**record, "training": training})
+    log = {"training": training, "log_history": history}
+    if baselines:
+        log["baselines"] = baselines
+    write_json_atomic(out / TRAINING_LOG, log)
+    loss_plot = None
+    if any("loss" in e for e in history):
+        plot([read_curve(out, "loss")], tmp / "training_loss.png", title="training loss (dotted: growth)")
+        loss_plot = "training_loss.png"
+    update_card(
+        tmp, repo_id=out.resolve().name, sections={"training": training_section(training, loss_plot)}, figure=True
+    )
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)

@@ -1,0 +1,97 @@
+"""Stage 3, the run folder: which run a folder belongs to, its complete checkpoints, and atomic JSON writes.
+
+Layout of a run with growth:
+    output_dir/run_config.json      the settings a resume must match
+    output_dir/small/checkpoint-*   phase 1 (small model) checkpoints, the last one at the growth step
+    output_dir/grown-init/          the grown model right after growth (+ growth_config.json)
+    output_dir/growth_state.json    written last at growth: phase 2 may resume from grown-init/
+    output_dir/checkpoint-*         phase 2 (grown model) checkpoints
+    output_dir/final/               the final model, tokenizer, card and growth_config.json with both phases
+    output_dir/training_log.json    every logged step of both phases with tokens, FLOPs and seconds
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+from pathlib import Path
+
+from ..errors import HfStackError
+
+RUN_CONFIG = "run_config.json"
+GROWTH_STATE = "growth_state.json"
+SMALL_DIR = "small"
+GROWN_INIT = "grown-init"
+
+
+def check_run_config(out: Path, config: dict, resume, is_main: bool, wait) -> None:
+    """Refuse to resume from, or write over, a folder that belongs to a different run; record a new run's settings.
+
+    Args:
+        out: the run folder.
+        config: the settings a resume must match.
+        resume: the trainer's `resume_from_checkpoint`.
+        is_main: this process writes (process zero).
+        wait: a barrier, so every process reads before process zero writes and all judge the same folder.
+    """
+    path = out / RUN_CONFIG
+    previous = json.loads(path.read_text()) if path.is_file() else None
+    wait()
+    if previous is not None:
+        if not resume:
+            raise HfStackError(f"{out} already holds a training run; resume it (--resume) or choose another folder")
+        diff = sorted(k for k in config if previous.get(k) != config[k])
+        if diff:
+            raise HfStackError(f"cannot resume from {out}: it belongs to another run ({', '.join(diff)} differ)")
+    elif resume:
+        raise HfStackError(f"nothing to resume in {out}: it holds no {RUN_CONFIG} from an hf_stack run")
+    elif is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, config)
+
+
+def is_write_failure(e: BaseException | None) -> bool:
+    """A full disk or file-size limit; torch.save reports it as RuntimeError ("iostream error", "unexpected pos")
+    rather than OSError(ENOSPC), so the exception chain is searched."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            return True
+        if isinstance(e, RuntimeError) and any(
+            m in str(e) for m in ("iostream error", "unexpected pos", "failed writing")
+        ):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def last_checkpoint(folder: Path, resume) -> str | None:
+    """The newest *complete* checkpoint (one whose trainer_state.json, written last, exists) in `folder`."""
+    if not resume:
+        return None
+    if isinstance(resume, (str, os.PathLike)) and resume is not True:
+        return str(resume)
+    if not folder.is_dir():
+        return None
+    complete = [
+        p for p in folder.glob("checkpoint-*") if p.name[11:].isdigit() and (p / "trainer_state.json").is_file()
+    ]
+    for partial in folder.glob("checkpoint-*"):
+        if partial not in complete and partial.is_dir():
+            shutil.rmtree(partial, ignore_errors=True)  # killed mid-write: never resume from it
+    return str(max(complete, key=lambda p: int(p.name[11:]))) if complete else None
+
+
+def read_history(small_dir: Path) -> list[dict]:
+    last = last_checkpoint(small_dir, True)
+    if last is None:
+        return []
+    state = json.loads((Path(last) / "trainer_state.json").read_text())
+    return [e for e in state.get("log_history", []) if "tokens" in e]
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
