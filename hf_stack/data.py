@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import HfStackError
+from .errors import HfStackError, error_reason
 
 TEXT_SUFFIXES = (".txt", ".text", ".md")
 TABLE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -68,9 +68,7 @@ def _table_documents(path: Path, text_column: str):
     try:
         ds = load_dataset(TABLE_FORMATS[path.suffix], data_files=str(path), split="train")
     except Exception as e:
-        raise HfStackError(
-            f"cannot read {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        ) from None
+        raise HfStackError(f"cannot read {path}: {error_reason(e)}") from None
     if text_column not in ds.column_names:
         raise HfStackError(f"{path} has no {text_column!r} column (columns: {ds.column_names}); pass --text-column")
     for row in ds:
@@ -84,9 +82,7 @@ def _hub_documents(repo_id: str, text_column: str, split: str):
     try:
         ds = load_dataset(repo_id, split=split, streaming=True)
     except Exception as e:
-        raise HfStackError(
-            f"cannot load dataset {repo_id!r}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        ) from None
+        raise HfStackError(f"cannot load dataset {repo_id!r}: {error_reason(e)}") from None
     for row in ds:
         if text_column not in row:
             raise HfStackError(f"dataset {repo_id!r} has no {text_column!r} column (columns: {sorted(row)})")

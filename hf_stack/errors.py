@@ -7,3 +7,9 @@ class HfStackError(ValueError):
     The message says what is wrong and what to change. The CLI prints it as `error: <message>` and exits
     with status 2; the Python API lets it propagate.
     """
+
+
+def error_reason(e: BaseException) -> str:
+    """`<ExceptionType>: <first line of its message>`, the form every hf_stack message quotes a library error in."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__

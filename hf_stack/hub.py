@@ -6,9 +6,9 @@ import os
 from pathlib import Path
 
 from .checkpoints.card import apply_updates, update_card
-from .errors import HfStackError
+from .errors import HfStackError, error_reason
 from .evaluation.benchmarks import eval_results, results_table
-from .remote import hub_reason, validate_repo_id
+from .remote import validate_repo_id
 
 
 def resolve_token(token: str | None = None) -> str:
@@ -32,7 +32,9 @@ def default_repo_id(name: str, token: str) -> str:
     try:
         user = HfApi().whoami(token=token)["name"]
     except Exception as e:
-        raise HfStackError(f"cannot find your Hub namespace (whoami failed): {_scrub(hub_reason(e), token)}") from None
+        raise HfStackError(
+            f"cannot find your Hub namespace (whoami failed): {_scrub(error_reason(e), token)}"
+        ) from None
     return f"{user}/{name}"
 
 
@@ -87,7 +89,7 @@ def push(
         raise
     except Exception as e:
         raise HfStackError(
-            f"push to {repo_id} failed ({_scrub(hub_reason(e), token)}); nothing was committed, run the same command again"
+            f"push to {repo_id} failed ({_scrub(error_reason(e), token)}); nothing was committed, run the same command again"
         ) from None
     return str(url)
 
@@ -105,6 +107,6 @@ def push_eval(repo_id: str, results: dict, *, token: str | None = None, revision
         card.push_to_hub(repo_id, token=token, revision=revision, commit_message="Evaluation results from hf_stack")
     except Exception as e:
         raise HfStackError(
-            f"pushing results to {repo_id} failed ({_scrub(hub_reason(e), token)}); run again"
+            f"pushing results to {repo_id} failed ({_scrub(error_reason(e), token)}); run again"
         ) from None
     return repo_id

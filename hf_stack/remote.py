@@ -1,14 +1,8 @@
-"""Hub access every stage shares: repo-id checks, single-file downloads and one wording for Hub errors."""
+"""Hub access every stage shares: repo-id checks and single-file downloads."""
 
 from __future__ import annotations
 
-from .errors import HfStackError
-
-
-def hub_reason(e: Exception) -> str:
-    """`<ExceptionType>: <first line>` of a Hub client error, the form every hf_stack Hub message quotes."""
-    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+from .errors import HfStackError, error_reason
 
 
 def validate_repo_id(repo_id: str, source: bool = True) -> None:
@@ -33,4 +27,4 @@ def hub_file(
     try:
         return hf_hub_download(repo_id, filename, revision=revision, token=token, cache_dir=cache_dir)
     except Exception as e:  # huggingface_hub raises many types; all mean "could not get it"
-        raise HfStackError(f"cannot get {filename} from {repo_id!r}: {hub_reason(e)}") from None
+        raise HfStackError(f"cannot get {filename} from {repo_id!r}: {error_reason(e)}") from None

@@ -12,9 +12,9 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import HfStackError
+from ..errors import HfStackError, error_reason
 from ..plans.plan import check_source_config
-from ..remote import hub_reason, validate_repo_id
+from ..remote import validate_repo_id
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
@@ -205,7 +205,7 @@ def resolve_source(
                 snapshot_download(name, revision=revision, token=token, cache_dir=cache_dir, allow_patterns=patterns)
             )
         except Exception as e:
-            raise HfStackError(f"cannot download {name!r}: {hub_reason(e)}") from None
+            raise HfStackError(f"cannot download {name!r}: {error_reason(e)}") from None
         commit = folder.name  # snapshot folders are named by commit hash
     config = read_json(folder / "config.json", "config.json")
     check_source_config(config)
@@ -276,7 +276,7 @@ def resolve_source_metadata(
         )
         meta = get_safetensors_metadata(name, revision=revision, token=token)
     except Exception as e:
-        raise HfStackError(f"cannot read {name!r} from the Hub: {hub_reason(e)}") from None
+        raise HfStackError(f"cannot read {name!r} from the Hub: {error_reason(e)}") from None
     config = read_json(folder / "config.json", "config.json")
     check_source_config(config)
     tensors = {

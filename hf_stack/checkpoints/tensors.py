@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import HfStackError
+from ..errors import HfStackError, error_reason
 from ..plans.width import is_norm
 
 SAFE_DTYPES = {
@@ -31,7 +31,7 @@ def load_pickle_shard(path: Path) -> dict[str, torch.Tensor]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
-        raise HfStackError(f"cannot load {path.name} with weights_only=True: {type(e).__name__}: {e}") from None
+        raise HfStackError(f"cannot load {path.name} with weights_only=True: {error_reason(e)}") from None
 
 
 class TensorReader:

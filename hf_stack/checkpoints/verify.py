@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import HfStackError
+from ..errors import HfStackError, error_reason
 from .tensors import TORCH_DTYPES, TensorReader, materialize
 
 
@@ -22,9 +22,7 @@ def verify_checkpoint(folder: Path, plan, source, dtype: str | None = None, comp
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto", trust_remote_code=False)
     except Exception as e:
-        raise HfStackError(
-            f"verification failed: the grown checkpoint does not load: {type(e).__name__}: {e}"
-        ) from None
+        raise HfStackError(f"verification failed: the grown checkpoint does not load: {error_reason(e)}") from None
     state = model.state_dict()
     expected = {t.target for t in plan.tensors}
     tied = {"lm_head.weight"} if plan.target_config.get("tie_word_embeddings") else set()

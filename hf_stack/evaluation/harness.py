@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 from transformers import TrainerCallback
 
-from ..errors import HfStackError
+from ..errors import HfStackError, error_reason
 from .benchmarks import GROUP, REQUIRED_FIELDS, TASKS_DIR, headline, parse_tasks
 
 # Pinned: lm-eval >= 0.4.9.2 defaults to the tokenizer's BOS choice; the paper-era harness added no BOS.
@@ -58,9 +58,7 @@ def _check_fields(task: str, builder: str, path: Path) -> None:
     try:
         ds = load_dataset(builder, data_files=str(path), split="train")
     except Exception as e:
-        raise HfStackError(
-            f"cannot read {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        ) from None
+        raise HfStackError(f"cannot read {path}: {error_reason(e)}") from None
     missing = [f for f in REQUIRED_FIELDS[task] if f not in ds.column_names]
     if missing or len(ds) == 0:
         raise HfStackError(f"{path} lacks the fields {task} needs: {missing or 'no rows'} (has {ds.column_names})")
@@ -99,9 +97,7 @@ def load_model(model, tokenizer=None, revision: str | None = None):
             loaded = AutoModelForCausalLM.from_pretrained(source.folder, dtype="auto", trust_remote_code=False)
             tokenizer = tokenizer or AutoTokenizer.from_pretrained(source.folder)
         except Exception as e:
-            raise HfStackError(
-                f"{model} does not load as a causal LM: {type(e).__name__}: {str(e).splitlines()[0]}"
-            ) from None
+            raise HfStackError(f"{model} does not load as a causal LM: {error_reason(e)}") from None
         model = loaded
     elif tokenizer is None:
         raise HfStackError("pass the tokenizer with an in-memory model")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..errors import HfStackError
+from ..errors import HfStackError, error_reason
 from .arguments import StackingTrainingArguments
 from .log import TRAINING_LOG
 from .trainer import StackingTrainer
@@ -24,7 +24,7 @@ def run_training(cli, args: StackingTrainingArguments) -> dict:
     try:
         tokenizer = AutoTokenizer.from_pretrained(cli.tokenizer or source.folder)
     except Exception as e:
-        raise HfStackError(f"cannot load a tokenizer from {cli.tokenizer or name}: {type(e).__name__}: {e}") from None
+        raise HfStackError(f"cannot load a tokenizer from {cli.tokenizer or name}: {error_reason(e)}") from None
     # Data first: bad data should fail before the model is loaded.
     train, validation = build_dataset(
         cli.data, tokenizer, cli.block_size, seed=args.seed, max_tokens=args.max_tokens,

@@ -1,0 +1,83 @@
+"""The package as `pip install hf-stack` gives it: a wheel built from the source, installed alone into a fresh
+virtual environment, used from a folder outside the checkout (every file read at run time must be inside it)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+from .conftest import build_checkpoint
+
+REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory):
+    """A virtual environment holding only the wheel; the dependencies are the test environment's, seen through a
+    path entry (not a site dir, so the checkout's editable install is not loaded)."""
+    work = tmp_path_factory.mktemp("wheel")
+    src = work / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, src / name)
+    shutil.copytree(REPO / "hf_stack", src / "hf_stack", ignore=shutil.ignore_patterns("__pycache__"))
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    r = subprocess.run([*pip, "wheel", str(src), "--no-deps", "--no-build-isolation", "-w", str(work / "dist")],
+                       capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    (wheel,) = (work / "dist").glob("hf_stack-*.whl")
+    venv = work / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    purelib = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    Path(purelib, "_test_dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    r = subprocess.run(
+        [*pip, "--python", str(python), "install", "--no-deps", str(wheel)], capture_output=True, text=True
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    return venv, Path(purelib)
+
+
+def run(venv, *args, cwd):
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env.update(HF_HUB_OFFLINE="1", PYTHONNOUSERSITE="1")
+    return subprocess.run([str(a) for a in args], capture_output=True, text=True, cwd=cwd, env=env)
+
+
+def test_the_wheel_grows_trains_and_scores_outside_the_checkout(installed, tmp_path):
+    venv, purelib = installed
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    r = run(venv, venv / "bin" / "python", "-c",
+            "import hf_stack; from hf_stack.evaluation.benchmarks import SAMPLES_DIR; print(hf_stack.__file__); "
+            "print(SAMPLES_DIR)", cwd=outside)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    package, samples = r.stdout.split()
+    assert Path(package).is_relative_to(purelib) and Path(samples).is_relative_to(purelib)
+
+    build_checkpoint(outside / "small", "llama", num_layers=2)
+    cli = venv / "bin" / "hf-stack"
+    r = run(venv, cli, "grow", "small", "--factor", "2", "-o", "grown", cwd=outside)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Grown from `small`" in (outside / "grown" / "README.md").read_text()  # the card template was found
+
+    (outside / "corpus.txt").write_text("the quick brown fox jumps over the lazy dog. " * 400)
+    r = run(venv, cli, "train", "--model", "grown", "--data", "corpus.txt", "--block-size", "16",
+            "--per-device-train-batch-size", "4", "--max-tokens", "256", "--logging-steps", "1",
+            "--disable-tqdm", "true", "--use-cpu", "true", "-o", "run", cwd=outside)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    log = json.loads((outside / "run" / "training_log.json").read_text())
+    assert log["training"]["total_tokens"] == 256 and any("loss" in e for e in log["log_history"])
+
+    r = run(venv, cli, "eval", "run/final", "--data-dir", samples, "--tasks", "arc_easy,wikitext", "--limit", "2",
+            "-o", "scores.json", cwd=outside)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    scores = json.loads((outside / "scores.json").read_text())["results"]
+    assert scores["arc_easy"]["sample_len"] == 2 and scores["wikitext"]["word_perplexity,none"] > 1
