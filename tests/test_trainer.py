@@ -230,6 +230,24 @@ def test_adam_moments_can_be_carried_over_the_growth(small2, tmp_path, data_file
     assert getattr(check, "checked", False)
 
 
+def test_carried_moments_take_the_grown_learning_rate_and_survive_a_resume(small2, tmp_path, data_file):
+    settings = dict(grow_at_tokens=128, max_tokens=64 * 8, carry_optimizer_state=True, grown_learning_rate=2e-4,
+                    logging_steps=1, save_steps=100)  # fmt: skip
+    make_trainer(small2, tmp_path / "a", data_file, **settings).train()
+    log = json.loads((tmp_path / "a" / "training_log.json").read_text())["log_history"]
+    lrs2 = [e["learning_rate"] for e in log if e["phase"] == 2 and "learning_rate" in e]
+    assert max(lrs2) == pytest.approx(2e-4)  # re-warmed to the grown peak, not to phase 1's 1e-3
+    # killed after growth and before phase 2's first checkpoint: the resume starts from the carried moments
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        make_trainer(small2, tmp_path / "b", data_file, callbacks=[Crash(1)], **settings).train()
+    assert not list((tmp_path / "b").glob("checkpoint-*")) and (tmp_path / "b" / "grown-init").is_dir()
+    make_trainer(small2, tmp_path / "b", data_file, **settings).train(resume_from_checkpoint=True)
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "a" / "final").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "b" / "final").state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
 def test_width_growth_in_the_run_starts_from_the_small_models_function(small2, tmp_path, data_file):
     out = tmp_path / "r"
     make_trainer(small2, out, data_file, grow_at_tokens=128, max_tokens=256,

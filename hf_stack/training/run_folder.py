@@ -4,6 +4,7 @@ Layout of a run with growth:
     output_dir/run_config.json      the settings a resume must match
     output_dir/small/checkpoint-*   phase 1 (small model) checkpoints, the last one at the growth step
     output_dir/grown-init/          the grown model right after growth (+ growth_config.json)
+    output_dir/carried_optimizer.pt the AdamW moments moved over the growth (carry_optimizer_state only)
     output_dir/growth_state.json    written last at growth: phase 2 may resume from grown-init/
     output_dir/checkpoint-*         phase 2 (grown model) checkpoints
     output_dir/final/               the final model, tokenizer, card and growth_config.json with both phases
@@ -24,6 +25,7 @@ RUN_CONFIG = "run_config.json"
 GROWTH_STATE = "growth_state.json"
 SMALL_DIR = "small"
 GROWN_INIT = "grown-init"
+CARRIED_OPTIMIZER = "carried_optimizer.pt"
 
 
 def check_run_config(out: Path, config: dict, resume, is_main: bool, wait) -> None:

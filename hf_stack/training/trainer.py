@@ -31,6 +31,7 @@ from .arguments import StackingTrainingArguments
 from .msg import GrowthMasks, MaskRamp
 from .outputs import write_final_outputs
 from .run_folder import (
+    CARRIED_OPTIMIZER,
     GROWN_INIT,
     GROWTH_STATE,
     SMALL_DIR,
@@ -191,8 +192,11 @@ class StackingTrainer(Trainer):
                     resume = last_checkpoint(out / SMALL_DIR, resume_from_checkpoint)
                     Trainer.train(self, resume_from_checkpoint=resume, **kwargs)
                     self._save_checkpoint(self.model, trial=None)  # a checkpoint on the small side of the boundary
+                    # Before growing: a carried optimizer takes its base learning rate from the settings it is built with.
+                    self._use_grown_settings(saved["learning_rate"])
                     self._grow(out, grown_init, grow_step, tps)
                 else:
+                    self._use_grown_settings(saved["learning_rate"])
                     self._load_grown(out, grown_init)
                 # Phase 2: the grown model on the blocks that follow, fresh optimizer, re-warmed schedule.
                 consumed = grow_step * tps // self._block_size()
@@ -202,14 +206,6 @@ class StackingTrainer(Trainer):
                     )
                 self.train_dataset = _tail(full_dataset, consumed)
                 args.output_dir, args.max_steps = str(out), total_steps - grow_step
-                args.learning_rate = args.grown_learning_rate or saved["learning_rate"]
-                if args.grown_warmup_steps is not None:
-                    args.warmup_steps = args.grown_warmup_steps
-                if args.grown_lr_scheduler_type is not None:
-                    args.lr_scheduler_type = args.grown_lr_scheduler_type
-                    args.lr_scheduler_kwargs = {}
-                if args.grown_lr_scheduler_kwargs is not None:
-                    args.lr_scheduler_kwargs = args.grown_lr_scheduler_kwargs
                 resume = last_checkpoint(out, resume_from_checkpoint)
                 result = Trainer.train(self, resume_from_checkpoint=resume, **kwargs)
         finally:
@@ -218,6 +214,18 @@ class StackingTrainer(Trainer):
             self.train_dataset = full_dataset
         self._finish(out, tps)
         return result
+
+    def _use_grown_settings(self, small_learning_rate: float) -> None:
+        """Phase 2's learning rate, warmup and schedule (the `grown_*` settings, each defaulting to phase 1's)."""
+        args = self.args
+        args.learning_rate = args.grown_learning_rate or small_learning_rate
+        if args.grown_warmup_steps is not None:
+            args.warmup_steps = args.grown_warmup_steps
+        if args.grown_lr_scheduler_type is not None:
+            args.lr_scheduler_type = args.grown_lr_scheduler_type
+            args.lr_scheduler_kwargs = {}
+        if args.grown_lr_scheduler_kwargs is not None:
+            args.lr_scheduler_kwargs = args.grown_lr_scheduler_kwargs
 
     def _save_checkpoint(self, model, trial) -> None:
         """transformers writes checkpoints in place; a checkpoint counts only once its trainer_state.json (written
@@ -277,6 +285,8 @@ class StackingTrainer(Trainer):
             if self.processing_class is not None:
                 self.processing_class.save_pretrained(tmp)
             write_growth_record(tmp, record)
+            if new_optimizer is not None:  # so a run killed before phase 2's first checkpoint resumes with them
+                torch.save(new_optimizer.state_dict(), out / CARRIED_OPTIMIZER)
             if grown_init.exists():  # left by a run killed between this rename and the growth state below
                 shutil.rmtree(grown_init)
             os.replace(tmp, grown_init)
@@ -298,6 +308,11 @@ class StackingTrainer(Trainer):
             self.mask_ramp.start(GrowthMasks(grown, plan_for_model(small, self.args.stacked_config)))
         self._install_model(grown.to(self.args.device).train(), state["phase1"])
         self.optimizer, self.lr_scheduler = None, None
+        if self.args.carry_optimizer_state:
+            # The moments carried at growth; a phase-2 checkpoint, when there is one, replaces them as Trainer resumes.
+            self.optimizer = self.create_optimizer()
+            saved = torch.load(out / CARRIED_OPTIMIZER, map_location=self.args.device, weights_only=True)
+            self.optimizer.load_state_dict(saved)
 
     def _install_model(self, grown, phase1: dict) -> None:
         if self.peft_config is not None:
