@@ -156,8 +156,12 @@ def test_checkpoint_write_on_a_full_disk_keeps_the_previous_checkpoint(training_
         train_cmd(small, data, out), capture_output=True, text=True, preexec_fn=_limit_file_size(300_000)
     )
     assert r.returncode == 2, r.stderr[-3000:]
-    assert r.stderr.strip().splitlines()[-1].startswith("error: the disk is full")
-    assert "checkpoint-10" in r.stderr.splitlines()[-1] or "last complete checkpoint" in r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: the disk is full")
+    # what --resume really continues from: the grown model, saved at growth beside the small side's checkpoint
+    assert last.endswith(
+        f"continues from the grown model in {out / 'grown-init'} (grown from {out / 'small' / 'checkpoint-10'})"
+    )
     assert not (out / "checkpoint-10").exists()  # the partial folder is gone
     assert (out / "small" / "checkpoint-10" / "trainer_state.json").is_file()
     AutoModelForCausalLM.from_pretrained(out / "grown-init")  # the state on the other side of growth is usable

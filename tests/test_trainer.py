@@ -399,3 +399,20 @@ def test_two_processes_with_torchrun_grow_together(small2, tmp_path, data_file):
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "ddp" / "final").config.num_hidden_layers == 4
     log = json.loads((tmp_path / "ddp" / "training_log.json").read_text())
     assert log["training"]["total_tokens"] == 512
+
+
+def test_resume_point_names_what_a_resume_continues_from(tmp_path):
+    from hf_stack.training.run_folder import resume_point
+
+    def complete(folder):
+        folder.mkdir(parents=True)
+        (folder / "trainer_state.json").write_text("{}")
+
+    assert resume_point(tmp_path, grows=True) == "the beginning (no checkpoint is complete yet)"
+    complete(tmp_path / "small" / "checkpoint-4")
+    (tmp_path / "small" / "checkpoint-8").mkdir()  # partial: never resumed from
+    assert resume_point(tmp_path, grows=True) == str(tmp_path / "small" / "checkpoint-4")
+    (tmp_path / "growth_state.json").write_text("{}")
+    assert resume_point(tmp_path, grows=True).startswith(f"the grown model in {tmp_path / 'grown-init'}")
+    complete(tmp_path / "checkpoint-2")
+    assert resume_point(tmp_path, grows=True) == str(tmp_path / "checkpoint-2")

@@ -85,6 +85,18 @@ def last_checkpoint(folder: Path, resume) -> str | None:
     return str(max(complete, key=lambda p: int(p.name[11:]))) if complete else None
 
 
+def resume_point(out: Path, grows: bool) -> str:
+    """What `--resume` would continue from in the run folder `out`, in words for an error message."""
+    last = last_checkpoint(out, True)  # the grown phase's checkpoints (or those of a run that does not grow)
+    if last is not None:
+        return last
+    if grows and (out / GROWTH_STATE).is_file():
+        small = last_checkpoint(out / SMALL_DIR, True)
+        return f"the grown model in {out / GROWN_INIT} (grown from {small})"
+    small = last_checkpoint(out / SMALL_DIR, True) if grows else None
+    return small or "the beginning (no checkpoint is complete yet)"
+
+
 def read_history(small_dir: Path) -> list[dict]:
     last = last_checkpoint(small_dir, True)
     if last is None:

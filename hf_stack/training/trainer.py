@@ -39,6 +39,7 @@ from .run_folder import (
     is_write_failure,
     last_checkpoint,
     read_history,
+    resume_point,
     write_json_atomic,
 )
 
@@ -155,7 +156,7 @@ class StackingTrainer(Trainer):
     # -- the two phases
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
         args = self.args
-        out = Path(args.output_dir)
+        out = self._run_dir = Path(args.output_dir)
         self._check_block_size()
         tps = self.tokens_per_step()
         n_blocks = len(self.train_dataset)
@@ -237,10 +238,10 @@ class StackingTrainer(Trainer):
             if not is_write_failure(e):
                 raise
             shutil.rmtree(folder, ignore_errors=True)
-            last = last_checkpoint(folder.parent, True)
+            point = resume_point(self._run_dir, self.args.grow_at_tokens is not None)
             raise HfStackError(
                 f"the disk is full (or a file-size limit was hit) while writing {folder.name}; the partial folder "
-                f"was removed and the last complete checkpoint is {last or 'none'}: free space and resume"
+                f"was removed. Free space and run again with --resume: it continues from {point}"
             ) from None
 
     def _total_steps(self, tps: int) -> int:
