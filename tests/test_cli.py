@@ -260,3 +260,19 @@ def test_streaming_memory_is_flat_and_needs_no_torch(tmp_path):
         peaks[hidden] = int(r.stdout.split()[-1])  # KiB
         assert (tmp_path / f"o{hidden}" / "model.safetensors").stat().st_size > 4 * 2 * hidden * hidden * 2
     assert peaks[3072] - peaks[1024] < 8 * 1024, peaks  # 9x the weights, < 8 MB more memory
+
+
+def test_depth_growth_of_tensors_that_contradict_the_config_writes_nothing(llama_small, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / "bad"
+    shutil.copytree(llama_small, src)
+    tensors = load_file(src / "model.safetensors")
+    tensors["model.layers.0.mlp.down_proj.weight"] = tensors["model.layers.0.mlp.down_proj.weight"][:3, :3].clone()
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    r = run("grow", src, "--factor", "2", "-o", tmp_path / "out")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [
+        "error: tensor 'model.layers.0.mlp.down_proj.weight' has shape [3, 3] but the config implies [32, 64]"
+    ]
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.tmp-*"))

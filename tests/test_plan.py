@@ -1,5 +1,6 @@
 """The growth plan is plain data: layer maps, config growth and tensor sources, checked without torch."""
 
+import re
 import subprocess
 import sys
 
@@ -339,3 +340,19 @@ def test_width_plan_describes_every_axis_and_records_it():
     record = plan.to_dict()
     assert record["directions"] == ["depth", "width"] and not record["function_preserving"]
     assert set(record["width"]) == set(plan.width)
+
+
+@pytest.mark.parametrize(
+    ("name", "shape", "want"),
+    [("model.layers.0.mlp.down_proj.weight", (3, 3), [8, 16]), ("model.embed_tokens.weight", (49, 8), [50, 8]),
+     ("model.layers.1.input_layernorm.weight", (9,), [8])],
+)  # fmt: skip
+def test_depth_growth_refuses_shapes_the_config_contradicts(name, shape, want):
+    cfg, infos, _ = fake_llama(8, 16, 4, 2, 2)
+    cfg["vocab_size"] = 50
+    build_plan(cfg, infos, StackedConfig(factor=2))
+    wrong = {**infos, name: ("F32", shape)}
+    with pytest.raises(
+        HfStackError, match=re.escape(f"{name!r} has shape {list(shape)} but the config implies {want}")
+    ):
+        build_plan(cfg, wrong, StackedConfig(factor=2))

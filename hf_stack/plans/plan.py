@@ -15,7 +15,7 @@ from ..errors import HfStackError
 from ..operators import get_operator
 from .config import StackedConfig
 from .layers import MAX_TARGET_LAYERS, layer_map_to_slices, parse_layer_map
-from .width import Axis, grow_width_config, tensor_axes, width_dims
+from .width import WIDTH_MODEL_TYPES, Axis, grow_width_config, split_axes, tensor_axes, width_dims
 
 # Architectures tested end to end; any other causal LM whose decoder layers live at `model.layers.{i}.` is
 # accepted too, since growth only renames and copies tensors.
@@ -282,6 +282,34 @@ def check_source_config(config: dict) -> None:
         )
 
 
+def check_source_shapes(config: dict, tensor_infos: dict, width: bool = False) -> None:
+    """Refuse tensors whose shapes contradict the config, from the headers alone (before any byte is written):
+    the written checkpoint would not load. Checked for the Llama-style model types whose tensors the width axes
+    describe; `width` growth also refuses tensors it does not know."""
+    if config.get("model_type") not in WIDTH_MODEL_TYPES:
+        return
+    try:
+        axes = split_axes(width_dims(config, 1.0))  # factor 1: every axis at the source's own size
+    except HfStackError:
+        if width:
+            raise
+        return  # sizes missing from the config: nothing to check against (depth growth copies them as they are)
+    vocab = config.get("vocab_size")
+    for name, (_, shape) in tensor_infos.items():
+        m = LAYER_KEY.match(name)
+        try:
+            names = tensor_axes(name, m.group(2) if m else None)
+        except HfStackError:
+            if width:
+                raise
+            continue  # depth growth copies tensors it does not know as they are
+        want = [n if a is None else axes[a].source_size for n, a in zip(shape, names)]
+        if name in (EMBED_KEY, LM_HEAD_KEY) and isinstance(vocab, int):
+            want[0] = vocab
+        if len(names) != len(shape) or list(shape) != want:
+            raise HfStackError(f"tensor {name!r} has shape {list(shape)} but the config implies {want}")
+
+
 def build_plan(
     config: dict, tensor_infos: dict[str, tuple[str, tuple[int, ...]]], stacked: StackedConfig
 ) -> GrowthPlan:
@@ -339,6 +367,7 @@ def build_plan(
             "the checkpoint is incomplete"
         )
 
+    check_source_shapes(config, tensor_infos, width="width" in directions)
     layer_map = resolve_layer_map(stacked, L)
     entries: list[TensorSource] = []
 
@@ -346,10 +375,7 @@ def build_plan(
         dtype, shape = tensor_infos[source]
         names = None
         if axes is not None:
-            names = tensor_axes(source, suffix)
-            want = [n if a is None else axes[a].source_size for n, a in zip(shape, names)]
-            if len(names) != len(shape) or list(shape) != want:
-                raise HfStackError(f"tensor {source!r} has shape {list(shape)} but the config implies {want}")
+            names = tensor_axes(source, suffix)  # shapes already checked against the config
             shape = tuple(n if a is None else axes[a].target_size for n, a in zip(shape, names))
         op = "learn" if operator.needs_data and op == "copy" else op
         entries.append(TensorSource(target, source, op, dtype, tuple(shape), names))
