@@ -416,3 +416,16 @@ def test_resume_point_names_what_a_resume_continues_from(tmp_path):
     assert resume_point(tmp_path, grows=True).startswith(f"the grown model in {tmp_path / 'grown-init'}")
     complete(tmp_path / "checkpoint-2")
     assert resume_point(tmp_path, grows=True) == str(tmp_path / "checkpoint-2")
+
+
+def test_a_short_cli_run_logs_about_fifty_points_per_phase_by_default(small2, tmp_path, data_file):
+    # transformers' default logs every 500 steps: a 150-step run would log no loss at all
+    r = hf_stack("train", "--model", small2, "--data", data_file, "--block-size", 16,
+                 "--per-device-train-batch-size", 4, "--grow-at-tokens", 64 * 50, "--max-tokens", 64 * 150,
+                 "--factor", 2, "--disable-tqdm", "true", "--use-cpu", "true", "-o", tmp_path / "run")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    log = json.loads((tmp_path / "run" / "training_log.json").read_text())["log_history"]
+    for phase in (1, 2):
+        points = [e for e in log if e.get("phase") == phase and "loss" in e]
+        assert 45 <= len(points) <= 51, (phase, len(points))
+    assert "default 0.02" in hf_stack("train", "--help").stdout

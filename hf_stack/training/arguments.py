@@ -17,6 +17,16 @@ class StackingTrainingArguments(TrainingArguments):
     """`TrainingArguments` plus growth inside the run. `learning_rate`, `warmup_steps` and the optimizer settings
     apply to the small model (phase 1); the `grown_*` fields to the grown model (phase 2)."""
 
+    # transformers' default (every 500 steps) logs nothing on a short run: no loss in training_log.json, an empty
+    # card plot, nothing for `hf-stack compare`. A fraction of each phase's steps logs every run the same number of
+    # points, whatever its length.
+    logging_steps: float = field(
+        default=0.02,
+        metadata={
+            "help": "Log every X optimizer steps or, below 1, every X of each phase's steps (default 0.02: about 50 "
+            "points per phase, whatever the run's length)."
+        },
+    )
     grow_at_tokens: float | None = field(
         default=None, metadata={"help": "Grow once this many training tokens have been seen (the paper's d)."}
     )
