@@ -384,13 +384,13 @@ def test_speedup_arithmetic():
 
 
 def test_two_processes_with_torchrun_grow_together(small2, tmp_path, data_file):
-    """DDP on gloo with 2 CPU processes: the same run, growth included, with twice the tokens per step."""
+    """DDP with 2 CPU processes, started as the README's many-GPU line reads (no --use-cpu / --ddp-backend: on a
+    machine without GPUs the arguments choose gloo): the same run, growth included, twice the tokens per step."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
            "-m", "hf_stack.cli", "train", "--model", small2, "--data", data_file, "--block-size", 16,
            "--per-device-train-batch-size", 2, "--grow-at-tokens", 64 * 3, "--max-tokens", 64 * 8, "--factor", 2,
-           "--logging-steps", 1, "--disable-tqdm", "true", "--use-cpu", "true", "--ddp-backend", "gloo",
-           "-o", tmp_path / "ddp"]  # fmt: skip
+           "--logging-steps", 1, "--disable-tqdm", "true", "-o", tmp_path / "ddp"]  # fmt: skip
     r = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
     record = json.loads((tmp_path / "ddp" / "final" / "growth_config.json").read_text())

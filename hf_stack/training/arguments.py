@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
@@ -74,6 +75,11 @@ class StackingTrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self):
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not self.use_cpu and not _accelerator_available():
+            # torchrun on a machine without GPUs: transformers would leave the Trainer undistributed and every
+            # process would act as process zero on the same folder; run DDP on the CPUs (gloo) instead.
+            self.use_cpu = True
+            self.ddp_backend = self.ddp_backend or "gloo"
         super().__post_init__()
         if isinstance(self.grown_lr_scheduler_kwargs, str):
             try:
@@ -132,3 +138,10 @@ class StackingTrainingArguments(TrainingArguments):
         if isinstance(self.stacked_config, StackedConfig):
             d["stacked_config"] = self.stacked_config.to_dict()
         return d
+
+
+def _accelerator_available() -> bool:
+    import torch
+
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6: CUDA, XPU, MPS, ... alike
+    return accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
