@@ -135,7 +135,11 @@ def test_eval_cli(scorer_model, tmp_path):
     assert ref["hf_stack"]["backend"] == "lm-eval"
     assert ref["results"]["arc_easy"]["acc,none"] == saved["results"]["arc_easy"]["acc,none"]
     card = (folder / "README.md").read_text()
-    assert "model-index" in card and card.count("<!-- hf_stack:evaluation -->") == 1
+    assert card.count("<!-- hf_stack:evaluation -->") == 1
+    # local items, first 3 of each: labelled in the text, never claimed as the official split in the model-index
+    front_matter = card.split("\n---\n")[0]
+    assert "model-index" not in front_matter and "Not the official splits: scored on local files" in card
+    assert "the first 3 items of each task" in card
     # failures: one line, exit 2, no results file
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "config.json").write_text("{}")
@@ -167,3 +171,15 @@ def test_eval_callback_logs_benchmarks_against_tokens(tmp_path):
         e for e in json.loads((tmp_path / "run" / "training_log.json").read_text())["log_history"] if "bench/piqa" in e
     ]
     assert [e["tokens"] for e in logged] == [192, 384] and all("bench/average" in e for e in logged)
+
+
+def test_only_full_official_splits_go_to_the_model_index(scorer_model, tmp_path):
+    from hf_stack.evaluation.benchmarks import eval_results
+
+    results = evaluate_model(scorer_model, tasks="arc_easy,wikitext", data_dir=SAMPLES_DIR, limit=2, bootstrap_iters=0)
+    assert eval_results(results) is None
+    assert eval_results({**results, "hf_stack": {**results["hf_stack"], "limit": None}}) is None  # local data
+    full = {**results, "hf_stack": {**results["hf_stack"], "data_dir": None, "limit": None}}  # as a Hub run records
+    entries = {e.dataset_name: e for e in eval_results(full)}
+    assert entries["arc_easy"].dataset_type == "allenai/ai2_arc" and entries["arc_easy"].dataset_split == "test"
+    assert entries["wikitext"].metric_type == "word_perplexity"

@@ -56,19 +56,33 @@ def headline(results: dict) -> dict[str, float]:
     return out
 
 
+def official(results: dict) -> bool:
+    """Whether `results` scored every item of each task's official split (the Hub dataset, no `--limit`)."""
+    settings = results.get("hf_stack", {})
+    return settings.get("data_dir") is None and settings.get("limit") is None
+
+
 def results_table(results: dict, title: str = "hf_stack evaluation") -> str:
-    """A markdown table of the headline metrics (for cards and logs)."""
+    """A markdown table of the headline metrics (for cards and logs), labelled when not on the official splits."""
     rows = ["| task | metric | value |", "|---|---|---|"]
     for task, value in headline(results).items():
         metric = "word perplexity" if task == "wikitext" else "accuracy"
         rows.append(f"| {task} | {metric} | {value:.4f} |")
+    if not official(results):
+        settings = results.get("hf_stack", {})
+        scope = [f"local files ({settings['data_dir']})"] if settings.get("data_dir") else []
+        scope += [f"the first {settings['limit']} items of each task"] if settings.get("limit") else []
+        rows += ["", f"Not the official splits: scored on {' and '.join(scope)}, so not in the model-index."]
     return "\n".join(rows)
 
 
-def eval_results(results: dict) -> list:
-    """`huggingface_hub.EvalResult`s for the card's model-index, one per headline metric."""
+def eval_results(results: dict) -> list | None:
+    """`huggingface_hub.EvalResult`s for the card's model-index, one per headline metric; None (leave the
+    model-index as it is) unless every item of the official split was scored, since the index names that split."""
     from huggingface_hub import EvalResult
 
+    if not official(results):
+        return None
     out = []
     for task, key in HEADLINE.items():
         if task not in results.get("results", {}):
