@@ -268,7 +268,17 @@ def test_learned_growth_in_the_run(small2, tmp_path, data_file):
     make_trainer(small2, out, data_file, grow_at_tokens=128, max_tokens=256, stacked_config=stacked).train()
     record = json.loads((out / "grown-init" / "growth_config.json").read_text())
     assert record["operator"] == "learn" and record["learn"]["steps"] == 3
-    assert AutoModelForCausalLM.from_pretrained(out / "final").config.num_hidden_layers == 4
+    grown = AutoModelForCausalLM.from_pretrained(out / "final")
+    assert grown.config.num_hidden_layers == 4 and not grown.config.tie_word_embeddings
+    # the maps' training is compute of the run: 3 steps x 2 blocks x 16 tokens through the grown model, 6N a token
+    n_grown = sum(p.numel() for p in grown.parameters())
+    assert record["learn"]["flops"] == 6 * n_grown * 3 * 2 * 16
+    training = json.loads((out / "training_log.json").read_text())["training"]
+    phases = training["phases"]
+    assert training["total_flops"] == phases[0]["flops"] + record["learn"]["flops"] + phases[1]["flops"]
+    log = json.loads((out / "training_log.json").read_text())["log_history"]
+    first_grown = next(e for e in log if e.get("phase") == 2)
+    assert first_grown["flops"] > phases[0]["flops"] + record["learn"]["flops"]
 
 
 def test_msg_masks_ramp_in_random_growth(small2, tmp_path, data_file):
@@ -295,7 +305,9 @@ def test_lora_on_a_grown_model(small2, tmp_path, data_file):
     trainer = StackingTrainer(model=AutoModelForCausalLM.from_pretrained(tmp_path / "grown"), args=trainer.args,
                               train_dataset=trainer.train_dataset, peft_config=lora)  # fmt: skip
     trainer.train()
-    trained = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
+    n = sum(p.numel() for p in trainer.model.parameters())
+    n_trained = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    trained = [name for name, p in trainer.model.named_parameters() if p.requires_grad]
     assert trained and all("lora_" in n and (".layers.2." in n or ".layers.3." in n) for n in trained)
     merged = trainer.model.merge_and_unload().state_dict()
     assert torch.equal(
@@ -305,6 +317,10 @@ def test_lora_on_a_grown_model(small2, tmp_path, data_file):
         merged["model.layers.2.self_attn.q_proj.weight"], before["model.layers.2.self_attn.q_proj.weight"]
     )
     assert (tmp_path / "r" / "final" / "adapter_config.json").is_file()
+    # frozen weights are run forward and backward but get no weight gradient: 4N + 2 N_trained FLOPs a token
+    (phase,) = json.loads((tmp_path / "r" / "training_log.json").read_text())["training"]["phases"]
+    assert phase["num_trained_parameters"] == n_trained < n // 10
+    assert phase["flops"] == 4 * n * 256 + 2 * n_trained * 256
 
 
 @pytest.mark.parametrize(
@@ -429,3 +445,19 @@ def test_a_short_cli_run_logs_about_fifty_points_per_phase_by_default(small2, tm
         points = [e for e in log if e.get("phase") == phase and "loss" in e]
         assert 45 <= len(points) <= 51, (phase, len(points))
     assert "default 0.02" in hf_stack("train", "--help").stdout
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_parameter_count_matches_the_architectures_formula(tmp_path, tied):
+    from hf_stack.training.accounting import count_parameters
+
+    from .conftest import build_checkpoint
+
+    model = build_checkpoint(tmp_path / "m", "llama", num_layers=3, tie_word_embeddings=tied)
+    c = model.config
+    V, H, F, L, kv = c.vocab_size, c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.num_key_value_heads
+    kv_dim = kv * (H // c.num_attention_heads)
+    layer = 2 * H * H + 2 * H * kv_dim + 3 * H * F + 2 * H  # q, o; k, v; gate, up, down; two norms
+    blocks = L * layer + H  # and the final norm
+    assert count_parameters(model) == blocks + V * H * (1 if tied else 2)
+    assert count_parameters(model, embeddings=False) == blocks

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+from ..plans.timing import training_flops
 from .models import build_model
 
 # Width map of each axis; k_proj and v_proj outputs have a map each (LiGO's B_K, B_V).
@@ -103,6 +104,15 @@ def learn_tensors(plan, read, blocks, *, steps: int, lr: float, batch_size: int,
         losses.append(loss.item())
     with torch.no_grad():
         tensors = {k: v.detach().cpu().contiguous() for k, v in generate().items() if k in entries}
+    # Each step runs the target model forward and backward on its tokens (the maps' gradients flow through every
+    # generated weight): 6 N_target FLOPs a token, N counted from the plan (a tied head is not stored, so once).
+    tokens = steps * batch_size * blocks.shape[1]
+    n = sum(math.prod(e.shape) for e in plan.tensors)
+    n_embed = sum(
+        math.prod(e.shape) for e in plan.tensors if e.target in ("model.embed_tokens.weight", "lm_head.weight")
+    )
     record = {"steps": steps, "lr": lr, "batch_size": batch_size, "block_size": blocks.shape[1],
-              "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None}  # fmt: skip
+              "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
+              "tokens": tokens, "flops": training_flops(n, tokens),
+              "non_embedding_flops": training_flops(n - n_embed, tokens)}  # fmt: skip
     return tensors, record

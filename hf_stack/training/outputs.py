@@ -14,8 +14,10 @@ from .log import TRAINING_LOG, plot, read_curve
 from .run_folder import GROWTH_STATE, write_json_atomic
 
 FLOPS_CONVENTION = (
-    "6 N D per phase, N = all parameters (embeddings included, tied weights once); non_embedding_flops: N without "
-    "the token embedding and output head; train_seconds: wall-clock of training in this process, evaluation excluded"
+    "6 N D per phase, N = all parameters (embeddings included, tied weights once), or 4 N D + 2 N_trained D when "
+    "weights are frozen (PEFT); growth_flops: the learn operator's map training at growth (6 N_target per token); "
+    "non_embedding_flops: N without the token embedding and output head; train_seconds: wall-clock of training in "
+    "this process, evaluation excluded"
 )
 
 
@@ -24,8 +26,11 @@ def training_summary(phases: list[dict]) -> dict:
     return {
         "phases": phases,
         "total_tokens": sum(p["tokens"] for p in phases),
-        "total_flops": sum(p["flops"] for p in phases),
-        "total_non_embedding_flops": sum(p.get("non_embedding_flops", 0.0) for p in phases),
+        # growth_flops: LiGO's map training at growth (operator learn), counted with the phase before it
+        "total_flops": sum(p["flops"] + p.get("growth_flops", 0.0) for p in phases),
+        "total_non_embedding_flops": sum(
+            p.get("non_embedding_flops", 0.0) + p.get("growth_non_embedding_flops", 0.0) for p in phases
+        ),
         "total_train_seconds": round(sum(p.get("train_seconds", 0.0) for p in phases), 3),
         "flops_convention": FLOPS_CONVENTION,
     }

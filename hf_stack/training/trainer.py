@@ -26,7 +26,7 @@ from ..checkpoints.in_memory import grow_model, plan_for_model
 from ..checkpoints.provenance import growth_record, write_growth_record
 from ..errors import HfStackError
 from ..plans.timing import training_flops
-from .accounting import count_parameters, phase_record
+from .accounting import count_parameters, model_flops, phase_record
 from .arguments import StackingTrainingArguments
 from .msg import GrowthMasks, MaskRamp
 from .outputs import write_final_outputs
@@ -111,9 +111,9 @@ class StackingTrainer(Trainer):
         tokens = self.phase_start["tokens"] + self.state.global_step * self.tokens_per_step()
         params = count_parameters(self.model)
         phase_tokens = tokens - self.phase_start["tokens"]
-        flops = self.phase_start["flops"] + training_flops(params, phase_tokens)
-        non_embedding = self.phase_start["non_embedding_flops"] + training_flops(
-            count_parameters(self.model, embeddings=False), phase_tokens
+        flops = self.phase_start["flops"] + model_flops(self.model, phase_tokens)
+        non_embedding = self.phase_start["non_embedding_flops"] + model_flops(
+            self.model, phase_tokens, embeddings=False
         )
         now = time.perf_counter()
         extra = {"tokens": tokens, "flops": flops, "non_embedding_flops": non_embedding, "phase": self.phase,
@@ -273,6 +273,9 @@ class StackingTrainer(Trainer):
         grown.to(self.args.device)
         phase1 = phase_record(1, small, grow_step, tps, self._phase_seconds())
         phase1["num_layers"] = plan.source_num_layers
+        if learned is not None:  # LiGO's maps were trained at growth: their compute is part of the run's
+            phase1["growth_flops"] = learned["flops"]
+            phase1["growth_non_embedding_flops"] = learned["non_embedding_flops"]
         new_optimizer = self._grown_optimizer(small, grown, plan) if self.args.carry_optimizer_state else None
         if self.mask_ramp is not None:
             self.mask_ramp.start(GrowthMasks(grown, plan))
@@ -321,6 +324,8 @@ class StackingTrainer(Trainer):
         self.model = self.model_wrapped = grown
         self.phase = 2
         self.phase_start = {k: phase1.get(k, 0.0) for k in ("tokens", "flops", "non_embedding_flops")}
+        self.phase_start["flops"] += phase1.get("growth_flops", 0.0)
+        self.phase_start["non_embedding_flops"] += phase1.get("growth_non_embedding_flops", 0.0)
         self.phase_start["train_seconds"] = phase1.get("train_seconds", 0.0)
         self._phase_clock_start = self.train_seconds()
         self.phase1 = phase1
