@@ -274,7 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--dry-run", action="store_true", help="Print the plan (every target tensor's source); write nothing."
     )
     grow.add_argument(
-        "--verify", action="store_true", help="Reload the result with transformers and check every tensor."
+        "--verify",
+        action="store_true",
+        help="Reload the result with transformers and check it against the source: copies, copied units, and the logits when the growth is function preserving.",
     )
     grow.add_argument("--overwrite", action="store_true", help="Replace an existing output folder.")
     grow.add_argument("--allow-nonfinite", action="store_true", help="Grow even if source weights hold NaN or Inf.")

@@ -208,3 +208,48 @@ def test_growth_masks_are_for_random_growth_only(tmp_path):
     with pytest.raises(HfStackError, match="depth growth with the direct"):
         StackingTrainingArguments("r", carry_optimizer_state=True, report_to=[],
                                   stacked_config={"operator": "direct", "width_factor": 2})  # fmt: skip
+
+
+def test_direct_width_split_matches_the_net2net_formula_written_out(tmp_path):
+    """The split, restated here without the plan: target hidden unit k copies source unit k mod H, FFN unit k copies
+    k mod F, query head h copies ((h // G) mod n_kv) G + h mod G (whole GQA groups), key/value head g copies g mod
+    n_kv; readers of a twice-copied attention output or FFN unit take half its column; norms take H / H'."""
+    small = build_checkpoint(tmp_path / "s", "llama", num_layers=2)  # H 32, F 64, 4 heads of 8, 2 kv heads
+    grow(tmp_path / "s", tmp_path / "g", StackedConfig(operator="direct", width_factor=2, width_noise=0.0))
+    src, out = small.state_dict(), load_all(tmp_path / "g")
+    H, F, hd, G, n_kv = 32, 64, 8, 2, 2
+    hidden, ffn = torch.arange(2 * H) % H, torch.arange(2 * F) % F
+    q_heads = torch.tensor([((h // G) % n_kv) * G + h % G for h in range(8)])
+    q_units = (q_heads[:, None] * hd + torch.arange(hd)).flatten()
+    kv_units = ((torch.arange(4) % n_kv)[:, None] * hd + torch.arange(hd)).flatten()
+    assert torch.equal(out["model.embed_tokens.weight"], src["model.embed_tokens.weight"][:, hidden])
+    assert torch.equal(out["lm_head.weight"], src["lm_head.weight"][:, hidden])
+    assert torch.equal(out["model.norm.weight"], src["model.norm.weight"][hidden] / 2)
+    for i in range(2):
+        s = {k.split(f"layers.{i}.")[1]: v for k, v in src.items() if f"layers.{i}." in k}
+        o = {k.split(f"layers.{i}.")[1]: v for k, v in out.items() if f"layers.{i}." in k}
+        assert torch.equal(o["self_attn.q_proj.weight"], s["self_attn.q_proj.weight"][q_units][:, hidden])
+        for name in ("k_proj", "v_proj"):
+            assert torch.equal(o[f"self_attn.{name}.weight"], s[f"self_attn.{name}.weight"][kv_units][:, hidden])
+        assert torch.equal(o["self_attn.o_proj.weight"], s["self_attn.o_proj.weight"][hidden][:, q_units] / 2)
+        for name in ("gate_proj", "up_proj"):
+            assert torch.equal(o[f"mlp.{name}.weight"], s[f"mlp.{name}.weight"][ffn][:, hidden])
+        assert torch.equal(o["mlp.down_proj.weight"], s["mlp.down_proj.weight"][hidden][:, ffn] / 2)
+        for name in ("input_layernorm", "post_attention_layernorm"):
+            assert torch.equal(o[f"{name}.weight"], s[f"{name}.weight"][hidden] / 2)
+
+
+@pytest.mark.parametrize("operator", ["direct", "zero", "random"])
+def test_verify_catches_a_wrong_width_builder(operator, tmp_path, monkeypatch):
+    """--verify checks the written tensors against the source, not against a second run of the same builder: a
+    builder bug (here: every widened block off by 1%) fails it."""
+    import hf_stack.checkpoints.tensors as tensors
+
+    build_checkpoint(tmp_path / "s", "llama", num_layers=2)
+    stacked = StackedConfig(operator=operator, width_factor=2)
+    grow(tmp_path / "s", tmp_path / "ok", stacked, verify=True)
+    real = tensors._widen_block
+    monkeypatch.setattr(tensors, "_widen_block", lambda *a, **k: real(*a, **k) * 1.01)
+    with pytest.raises(HfStackError, match="verification failed"):
+        grow(tmp_path / "s", tmp_path / "bad", stacked, verify=True)
+    assert not (tmp_path / "bad").exists()

@@ -193,7 +193,8 @@ def grow(
         allow_nonfinite: grow even if source weights hold NaN or Inf (refused by default).
         overwrite: replace an existing `output_dir`.
         max_shard_size: largest output shard, e.g. "5GB".
-        verify: reload the result with `AutoModelForCausalLM` and check every tensor against its source.
+        verify: reload the result with `AutoModelForCausalLM` and check it against the source (copies and copied
+            units, and the logits of function-preserving growth; see `hf_stack.checkpoints.verify`).
         progress: show a progress bar (default: when stderr is a terminal).
 
     Returns:
