@@ -195,9 +195,15 @@ def _train_parser():
 def cmd_train(argv: list[str]) -> int:
     # `-o DIR` is the short spelling used by every hf-stack command.
     argv = ["--output_dir" if a == "-o" else a for a in argv]
-    cli, stacked, targs = _train_parser().parse_args_into_dataclasses(argv)
-    if "--stacked_config" not in argv and "--stacked-config" not in argv:
-        targs.stacked_config = stacked
+    namespace = vars(_train_parser().parse_args(argv))
+    cli, stacked = (cls(**{f.name: namespace[f.name] for f in dataclasses.fields(cls) if f.init})
+                    for cls in (TrainCommandArguments, StackedConfig))  # fmt: skip
+    from .training.arguments import StackingTrainingArguments
+
+    settings = {f.name: namespace[f.name] for f in dataclasses.fields(StackingTrainingArguments) if f.init}
+    if settings["stacked_config"] is None:  # the growth flags (--factor, --operator, ...), checked with the rest
+        settings["stacked_config"] = stacked
+    targs = StackingTrainingArguments(**settings)
     if (cli.model is None) == (cli.from_scratch_like is None):
         raise HfStackError(
             "give exactly one of --model (a checkpoint to train) or --from-scratch-like (a config to initialise)"

@@ -143,7 +143,7 @@ def test_eval_cli(scorer_model, tmp_path):
     # failures: one line, exit 2, no results file
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "config.json").write_text("{}")
-    for args, match in ((["--tasks", "nope"], "unknown task nope"), ([], "")):
+    for args, match in ((["--tasks", "nope"], "unknown task nope"), ([], "config.json needs num_hidden_layers")):
         model = str(folder) if args else str(tmp_path / "broken")
         r = subprocess.run([sys.executable, "-m", "hf_stack.cli", "eval", model, "--data-dir", str(SAMPLES_DIR),
                             *args, "-o", str(tmp_path / "fail.json")], capture_output=True, text=True)  # fmt: skip

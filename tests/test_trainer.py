@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -63,9 +64,14 @@ def test_when_to_grow_reproduces_the_papers_table(params, tokens, d):
     assert 0 < timing.flops_saved < timing.compute
 
 
-@pytest.mark.parametrize("args", [(-1, 1e9), (7e9, 0), (7e9, float("nan")), (7e9, 1e12, 1)])
-def test_when_to_grow_refuses_absurd_numbers(args):
-    with pytest.raises(HfStackError):
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [((-1, 1e9), "target_params must be a positive number, got -1"), ((7e9, 0), "tokens must be a positive number"),
+     ((7e9, float("nan")), "got nan"), ((7e9, 1e12, 1), "growth factor must be a whole number >= 2, got 1"),
+     ((1, 1), "too small for the formula")],
+)  # fmt: skip
+def test_when_to_grow_refuses_absurd_numbers(args, match):
+    with pytest.raises(HfStackError, match=re.escape(match)):
         when_to_grow(*args)
 
 
@@ -461,3 +467,14 @@ def test_parameter_count_matches_the_architectures_formula(tmp_path, tied):
     blocks = L * layer + H  # and the final norm
     assert count_parameters(model) == blocks + V * H * (1 if tied else 2)
     assert count_parameters(model, embeddings=False) == blocks
+
+
+def test_cli_growth_flags_are_checked_as_given(small2, tmp_path, data_file):
+    # the growth flags reach the arguments before they are checked: MSG masks with --operator random run
+    r = hf_stack("train", "--model", small2, "--data", data_file, "--block-size", 16, "--per-device-train-batch-size",
+                 4, "--grow-at-tokens", 128, "--max-tokens", 640, "--operator", "random", "--factor", 2,
+                 "--mask-steps", 2, "--logging-steps", 1, "--disable-tqdm", "true", "--use-cpu", "true",
+                 "-o", tmp_path / "msg")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    log = json.loads((tmp_path / "msg" / "training_log.json").read_text())["log_history"]
+    assert [e["growth_mask"] for e in log if e.get("phase") == 2 and "loss" in e][:3] == [0.0, 0.5, 1.0]

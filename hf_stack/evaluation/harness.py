@@ -53,12 +53,17 @@ def _data_file(data_dir: Path, task: str) -> tuple[str, Path]:
 
 
 def _check_fields(task: str, builder: str, path: Path) -> None:
-    from datasets import load_dataset
+    import datasets
 
+    shown = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # a check: nothing to show, and a refusal must stay one line
     try:
-        ds = load_dataset(builder, data_files=str(path), split="train")
+        ds = datasets.load_dataset(builder, data_files=str(path), split="train")
     except Exception as e:
         raise HfStackError(f"cannot read {path}: {error_reason(e)}") from None
+    finally:
+        if shown:
+            datasets.enable_progress_bars()
     missing = [f for f in REQUIRED_FIELDS[task] if f not in ds.column_names]
     if missing or len(ds) == 0:
         raise HfStackError(f"{path} lacks the fields {task} needs: {missing or 'no rows'} (has {ds.column_names})")
@@ -91,8 +96,10 @@ def load_model(model, tokenizer=None, revision: str | None = None):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from ..checkpoints.source import resolve_source
+        from ..plans.plan import check_source_shapes
 
         source = resolve_source(model, revision=revision)
+        check_source_shapes(source.config, source.tensor_infos)  # from the headers, before any weight loads
         try:
             loaded = AutoModelForCausalLM.from_pretrained(source.folder, dtype="auto", trust_remote_code=False)
             tokenizer = tokenizer or AutoTokenizer.from_pretrained(source.folder)

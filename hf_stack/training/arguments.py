@@ -113,6 +113,16 @@ class StackingTrainingArguments(TrainingArguments):
                 if not math.isfinite(value) or value <= 0:
                     raise HfStackError(f"{name} must be a positive number of tokens, got {value!r}")
                 setattr(self, name, int(value))
+        self.check_growth()
+        if self.grow_at_tokens is not None and self.max_tokens is not None and self.grow_at_tokens >= self.max_tokens:
+            raise HfStackError(
+                f"grow_at_tokens ({self.grow_at_tokens:.3g}) is beyond the budget max_tokens ({self.max_tokens:.3g}); "
+                "grow earlier or train longer"
+            )
+
+    def check_growth(self) -> None:
+        """Refuse settings the growth cannot honour; run again when `stacked_config` is set after construction (as
+        the CLI does), since a carried optimizer or masks of the wrong growth would corrupt the run."""
         if self.carry_optimizer_state and (
             "width" in self.stacked_config.directions or self.stacked_config.operator in ("random", "learn")
         ):
@@ -126,11 +136,6 @@ class StackingTrainingArguments(TrainingArguments):
             raise HfStackError(
                 "mask_steps ramps in the new parts of growth inside the run: it needs grow_at_tokens and the "
                 "random operator"
-            )
-        if self.grow_at_tokens is not None and self.max_tokens is not None and self.grow_at_tokens >= self.max_tokens:
-            raise HfStackError(
-                f"grow_at_tokens ({self.grow_at_tokens:.3g}) is beyond the budget max_tokens ({self.max_tokens:.3g}); "
-                "grow earlier or train longer"
             )
 
     def to_dict(self):

@@ -8,7 +8,7 @@ from pathlib import Path
 from ..errors import HfStackError, error_reason
 from .arguments import StackingTrainingArguments
 from .log import TRAINING_LOG
-from .trainer import StackingTrainer
+from .trainer import StackingTrainer, check_run
 
 
 def run_training(cli, args: StackingTrainingArguments) -> dict:
@@ -17,10 +17,12 @@ def run_training(cli, args: StackingTrainingArguments) -> dict:
 
     from ..checkpoints.source import resolve_source
     from ..data import build_dataset
+    from ..plans.plan import check_source_shapes
 
     name = cli.model or cli.from_scratch_like
     # resolve_source validates the folder or Hub id (no remote code, safetensors) before anything heavy runs.
     source = resolve_source(name, revision=cli.revision)
+    check_source_shapes(source.config, source.tensor_infos)  # from the headers, before any weight loads
     try:
         tokenizer = AutoTokenizer.from_pretrained(cli.tokenizer or source.folder)
     except Exception as e:
@@ -30,9 +32,11 @@ def run_training(cli, args: StackingTrainingArguments) -> dict:
         cli.data, tokenizer, cli.block_size, seed=args.seed, max_tokens=args.max_tokens,
         validation_fraction=cli.validation_fraction, text_column=cli.text_column,
     )  # fmt: skip
+    config = AutoConfig.from_pretrained(source.folder, trust_remote_code=False)
+    # Then the settings, the context and the run folder, still before the weights load.
+    check_run(args, len(train), cli.block_size, config, cli.resume or None)
     set_seed(args.seed)
     if cli.from_scratch_like:
-        config = AutoConfig.from_pretrained(source.folder, trust_remote_code=False)
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
     else:
         model = AutoModelForCausalLM.from_pretrained(source.folder, trust_remote_code=False)

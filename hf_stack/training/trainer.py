@@ -98,14 +98,6 @@ class StackingTrainer(Trainer):
         a = self.args
         return a.per_device_train_batch_size * a.gradient_accumulation_steps * a.world_size * self._block_size()
 
-    def _check_block_size(self):
-        limit = getattr(self.model.config, "max_position_embeddings", None)
-        if limit is not None and self._block_size() > limit:
-            raise HfStackError(
-                f"block size {self._block_size()} is larger than the model's context ({limit} positions); "
-                "use a smaller --block-size"
-            )
-
     # -- accounting, added to every log entry (so it lands in trainer_state.json and report_to integrations)
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         tokens = self.phase_start["tokens"] + self.state.global_step * self.tokens_per_step()
@@ -157,27 +149,12 @@ class StackingTrainer(Trainer):
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
         args = self.args
         out = self._run_dir = Path(args.output_dir)
-        self._check_block_size()
-        tps = self.tokens_per_step()
+        model_config = self.accelerator.unwrap_model(self.model).config
+        tps, total_steps, grow_step = check_run(
+            args, len(self.train_dataset), self._block_size(), model_config, resume_from_checkpoint,
+            write=self.is_world_process_zero(), wait=self.accelerator.wait_for_everyone,
+        )  # fmt: skip
         n_blocks = len(self.train_dataset)
-        total_steps = self._total_steps(tps)
-        grow_step = None if args.grow_at_tokens is None else math.ceil(args.grow_at_tokens / tps)
-        if grow_step is not None and grow_step >= total_steps:
-            raise HfStackError(
-                f"growth at step {grow_step} ({args.grow_at_tokens:.3g} tokens at {tps} tokens/step) is not "
-                f"before the end of training (step {total_steps})"
-            )
-        if grow_step is not None and args.mask_steps >= total_steps - grow_step:
-            # The masks must reach 1 while training, or the saved (plain) model is not the one that was trained.
-            raise HfStackError(
-                f"mask_steps ({args.mask_steps}) must be fewer than the {total_steps - grow_step} steps after growth"
-            )
-        if grow_step is not None and grow_step * tps // self._block_size() > n_blocks:
-            raise HfStackError(
-                f"the data holds {n_blocks * self._block_size():,} tokens, fewer than grow_at_tokens; add data"
-            )
-        # All checks above run before anything is written.
-        self._check_run_config(out, resume_from_checkpoint, tps, n_blocks)
         self._clock = [time.perf_counter(), 0.0]
         saved = {k: getattr(args, k) for k in ("output_dir", "max_steps", "learning_rate", "warmup_steps",
                                                "lr_scheduler_type", "lr_scheduler_kwargs")}  # fmt: skip
@@ -243,29 +220,6 @@ class StackingTrainer(Trainer):
                 f"the disk is full (or a file-size limit was hit) while writing {folder.name}; the partial folder "
                 f"was removed. Free space and run again with --resume: it continues from {point}"
             ) from None
-
-    def _total_steps(self, tps: int) -> int:
-        if self.args.max_tokens is not None:
-            return max(1, self.args.max_tokens // tps)
-        if self.args.max_steps > 0:
-            return self.args.max_steps
-        raise HfStackError("set max_tokens (or max_steps): the token budget decides where training ends")
-
-    def _check_run_config(self, out: Path, resume, tps: int, n_blocks: int) -> None:
-        """Refuse to resume from, or write over, a folder that belongs to a different run."""
-        args = self.args
-        config = {
-            "grow_at_tokens": args.grow_at_tokens,
-            "max_tokens": args.max_tokens,
-            "stacked_config": args.stacked_config.to_dict() if args.grow_at_tokens is not None else None,
-            "tokens_per_step": tps,
-            "num_blocks": n_blocks,
-            "seed": args.seed,
-            "model": {
-                k: getattr(self.model.config, k, None) for k in ("model_type", "num_hidden_layers", "hidden_size")
-            },
-        }
-        check_run_config(out, config, resume, self.is_world_process_zero(), self.accelerator.wait_for_everyone)
 
     def _grow(self, out: Path, grown_init: Path, grow_step: int, tps: int) -> None:
         small = self.accelerator.unwrap_model(self.model)
@@ -379,6 +333,53 @@ class StackingTrainer(Trainer):
         baseline = self._unigram_baseline()
         baselines = {"unigram_eval_loss": baseline} if baseline is not None else None
         write_final_outputs(out, model, self.processing_class, phases, history, baselines)
+
+
+def check_run(args, n_blocks: int, block_size: int, model_config, resume, write: bool = False, wait=None):
+    """Everything a run is checked for before anything is written: the budget, the growth step, the MSG ramp, the
+    data, the context and the run folder. `hf-stack train` calls it before loading the weights, the trainer again
+    before it starts (where `write` records a new run's settings in the folder).
+
+    Returns:
+        `(tokens_per_step, total_steps, grow_step)`, grow_step None for a run that does not grow.
+    """
+    args.check_growth()  # stacked_config may have been replaced since the arguments were built
+    limit = getattr(model_config, "max_position_embeddings", None)
+    if limit is not None and block_size > limit:
+        raise HfStackError(
+            f"block size {block_size} is larger than the model's context ({limit} positions); use a smaller --block-size"
+        )
+    tps = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size * block_size
+    if args.max_tokens is not None:
+        total_steps = max(1, args.max_tokens // tps)
+    elif args.max_steps > 0:
+        total_steps = args.max_steps
+    else:
+        raise HfStackError("set max_tokens (or max_steps): the token budget decides where training ends")
+    grow_step = None if args.grow_at_tokens is None else math.ceil(args.grow_at_tokens / tps)
+    if grow_step is not None and grow_step >= total_steps:
+        raise HfStackError(
+            f"growth at step {grow_step} ({args.grow_at_tokens:.3g} tokens at {tps} tokens/step) is not "
+            f"before the end of training (step {total_steps})"
+        )
+    if grow_step is not None and args.mask_steps >= total_steps - grow_step:
+        # The masks must reach 1 while training, or the saved (plain) model is not the one that was trained.
+        raise HfStackError(
+            f"mask_steps ({args.mask_steps}) must be fewer than the {total_steps - grow_step} steps after growth"
+        )
+    if grow_step is not None and grow_step * tps // block_size > n_blocks:
+        raise HfStackError(f"the data holds {n_blocks * block_size:,} tokens, fewer than grow_at_tokens; add data")
+    config = {
+        "grow_at_tokens": args.grow_at_tokens,
+        "max_tokens": args.max_tokens,
+        "stacked_config": args.stacked_config.to_dict() if args.grow_at_tokens is not None else None,
+        "tokens_per_step": tps,
+        "num_blocks": n_blocks,
+        "seed": args.seed,
+        "model": {k: getattr(model_config, k, None) for k in ("model_type", "num_hidden_layers", "hidden_size")},
+    }
+    check_run_config(Path(args.output_dir), config, resume, write, wait or (lambda: None))
+    return tps, total_steps, grow_step
 
 
 class _ResumeClock(TrainerCallback):
