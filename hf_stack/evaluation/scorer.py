@@ -3,8 +3,11 @@
 Tokenisation, truncation, rolling windows and metrics are HFLM's own (this class inherits them); only
 `_loglikelihood_tokens` changes. Requests that share a context (the choices of a multiple-choice question) are
 packed into one row: the context once, then every continuation, with a 4-D attention mask so each continuation
-sees the context and its own tokens only, and position ids that restart after the context. Rows are sorted by
-length and batched, and the log-softmax runs in float32 whatever the model dtype.
+sees the context and its own tokens only, and position ids that restart after the context. Sliding-window layers
+get their own mask, the same one narrowed to the window counted in each request's own positions (what transformers
+builds for an unpacked row); transformers uses a custom 4-D mask as it is, so the window must be in it. Rows are
+sorted by length and batched, and the log-softmax runs in float32 whatever the model dtype (HFLM's default is the
+model's dtype; here the requests HFLM's own path scores get float32 too).
 """
 
 from __future__ import annotations
@@ -21,14 +24,19 @@ class PrefixSharingLM(HFLM):
     """HFLM whose log-likelihoods compute each shared context once for all its continuations.
 
     Takes HFLM's arguments (`pretrained` may be a loaded model, with `tokenizer`); `batch_size` counts packed rows.
+    `softmax_dtype` defaults to float32 (HFLM's default is the model's dtype).
     """
+
+    def __init__(self, *args, softmax_dtype=torch.float32, **kwargs):
+        super().__init__(*args, softmax_dtype=softmax_dtype, **kwargs)
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
         if (
             self.backend != "causal"
-            or getattr(self.model.config, "_attn_implementation", "sdpa") == "flash_attention_2"
+            or getattr(self.model.config, "_attn_implementation", "sdpa") not in ("eager", "sdpa")
+            or _attention_layout(self.model.config) is None
         ):
-            # Custom 4-D masks need the eager or SDPA attention path.
+            # Custom 4-D masks need the eager or SDPA attention path, and layers whose attention a mask describes.
             return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
         # Same truncation as HFLM: keep the last max_length + 1 tokens of context + continuation.
         ctxs: list[tuple[int, ...]] = []
@@ -112,10 +120,27 @@ class PrefixSharingLM(HFLM):
             same = (own[:, None] == own[None, :]) | (own[None, :] == -1)
             keep[r, :L, :L] = causal & same
             keep[r, torch.arange(L, width), torch.arange(L, width)] = True  # padding sees itself: no empty rows
+        kinds, window = _attention_layout(self.model.config)
         dtype = self.model.dtype
-        mask = torch.zeros((n, 1, width, width), dtype=dtype).masked_fill_(~keep[:, None], torch.finfo(dtype).min)
+
+        def additive(allowed):
+            blocked = torch.zeros((n, 1, width, width), dtype=dtype).masked_fill_(
+                ~allowed[:, None], torch.finfo(dtype).min
+            )
+            return blocked.to(self.device)
+
+        masks = {}
+        if "full_attention" in kinds:
+            masks["full_attention"] = additive(keep)
+        if "sliding_attention" in kinds:
+            # transformers' sliding window: a query sees the last `window` positions of its own sequence, itself
+            # included. Every key a query may see lies in its own sequence, so the position ids measure the distance.
+            near = (pos[:, :, None] - pos[:, None, :]) < window
+            masks["sliding_attention"] = additive(keep & near)
+        # one kind: a plain 4-D mask, used by every layer; mixed kinds: the per-kind mapping the model's forward takes
+        mask = next(iter(masks.values())) if len(masks) == 1 else masks
         logits = self.model(
-            input_ids=ids.to(self.device), attention_mask=mask.to(self.device), position_ids=pos.to(self.device)
+            input_ids=ids.to(self.device), attention_mask=mask, position_ids=pos.to(self.device)
         ).logits
         logprobs = F.log_softmax(logits.float(), dim=-1)
         for r, (members, _, _, _, reads) in enumerate(layouts):
@@ -123,6 +148,18 @@ class PrefixSharingLM(HFLM):
                 cont = torch.tensor(conts[i], device=logprobs.device)
                 lp = logprobs[r, torch.tensor(where, device=logprobs.device)]
                 yield i, (float(lp.gather(1, cont[:, None]).sum()), bool((lp.argmax(-1) == cont).all()))
+
+
+def _attention_layout(config) -> tuple[set[str], int | None] | None:
+    """The attention kinds of the model's layers ("full_attention", "sliding_attention") and the window, or None
+    when some layer is of another kind (chunked, linear, recurrent): a packed row's mask cannot describe it."""
+    config = config.get_text_config()
+    window = getattr(config, "sliding_window", None)
+    # Models without `layer_types` (Mistral, Mixtral, Phi-3, ...) slide in every layer when `sliding_window` is set.
+    kinds = set(getattr(config, "layer_types", None) or ["sliding_attention" if window else "full_attention"])
+    if not kinds <= {"full_attention", "sliding_attention"} or ("sliding_attention" in kinds and not window):
+        return None
+    return kinds, window
 
 
 def _shared_prefix_groups(ctxs: list[tuple[int, ...]], min_shared: int = 8) -> list[tuple[tuple[int, ...], list[int]]]:
