@@ -10,6 +10,20 @@ CORPUS = ROOT.parent / "shared" / "data" / "corpus"
 WORK = ROOT / "bench" / "work"
 
 
+def save_results(name: str, data: dict) -> Path:
+    """Raw timings of a benchmark, so every README figure can be recomputed: `bench/results/<name>.json`."""
+    import json
+    import os
+    import platform
+
+    path = ROOT / "bench" / "results" / f"{name}.json"
+    path.parent.mkdir(exist_ok=True)
+    machine = {"cpus": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version()}
+    path.write_text(json.dumps({"machine": machine, **data}, indent=2) + "\n")
+    print(f"raw results: {path.relative_to(ROOT)}")
+    return path
+
+
 def corpus_files() -> list[str]:
     files = sorted(glob.glob(str(CORPUS / "*.txt")))
     if not files:

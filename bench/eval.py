@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import WORK, corpus_files, llama, tokenizer  # noqa: E402
+from common import WORK, corpus_files, llama, save_results, tokenizer  # noqa: E402
 
 MULTIPLE_CHOICE = ("arc_challenge", "arc_easy", "logiqa", "piqa", "sciq", "winogrande")
 
@@ -139,6 +139,10 @@ def main() -> None:
     for label, subset in (("multiple choice", MULTIPLE_CHOICE), ("all eight", TASKS)):
         ours, theirs = sum(med["hf-stack"][t] for t in subset), sum(med["lm-eval"][t] for t in subset)
         print(f"| **{label}** | {ours:.2f} | {theirs:.2f} | {theirs / ours:.2f}x |")
+    save_results("eval", {"settings": vars(args), "seconds": times, "medians": med,
+                          "ratio_all": sum(med["lm-eval"].values()) / sum(med["hf-stack"].values()),
+                          "ratio_multiple_choice": sum(med["lm-eval"][t] for t in MULTIPLE_CHOICE)
+                          / sum(med["hf-stack"][t] for t in MULTIPLE_CHOICE)})  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import corpus_files, llama, tokenizer  # noqa: E402
+from common import corpus_files, llama, save_results, tokenizer  # noqa: E402
 
 
 def main() -> None:
@@ -67,6 +67,9 @@ def main() -> None:
         print(f"| {k} | {med[k]:,.0f} | {e2e[k]:,.0f} |")
     loop, total = med["StackingTrainer"] / med["Trainer"], e2e["StackingTrainer"] / e2e["Trainer"]
     print(f"\nStackingTrainer / Trainer: {loop:.3f}x in the loop, {total:.3f}x end to end")
+    save_results("train_throughput", {"settings": vars(args) | {"block": block, "batch": batch},
+                                      "tokens_per_second_loop": rates, "tokens_per_second_end_to_end": end_to_end,
+                                      "ratio_loop": loop, "ratio_end_to_end": total})  # fmt: skip
 
 
 if __name__ == "__main__":
