@@ -335,7 +335,7 @@ def test_lora_on_a_grown_model(small2, tmp_path, data_file):
         (dict(grow_at_tokens=1000, max_tokens=500), "beyond the budget"),
         (dict(grow_at_tokens=-5), "positive number"),
         (dict(max_tokens=64 * 4, grow_at_tokens=64 * 4 - 10), "not before the end"),
-        (dict(grow_at_tokens=64 * 10**4, max_tokens=64 * 10**5), "fewer than grow_at_tokens"),
+        (dict(grow_at_tokens=64 * 10**4, max_tokens=64 * 10**5), "fewer than the last growth point"),
         (dict(), "set max_tokens"),
         (
             dict(

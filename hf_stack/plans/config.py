@@ -230,3 +230,41 @@ class StackedConfig:
 
 
 DTYPES = ("float32", "bfloat16", "float16")
+
+
+def parse_settings(text: str, fields_of: dict[str, str]) -> dict:
+    """`"factor=2,order=middle"` -> `{"factor": 2, "order": "middle"}`, each value typed by its field's annotation.
+
+    Args:
+        text: comma-separated `key=value` pairs.
+        fields_of: allowed key -> its type annotation (as a string: "int | None", "float", "str", ...).
+    """
+    out: dict = {}
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        key, sep, value = (s.strip() for s in part.partition("="))
+        key = key.replace("-", "_")
+        if not sep or key not in fields_of:
+            known = ", ".join(sorted(fields_of))
+            raise HfStackError(f"cannot read {part!r} in {text!r}: write key=value with a key among {known}")
+        kind = fields_of[key]
+        try:
+            if "float" in kind:
+                out[key] = float(value)
+            elif "int" in kind:
+                number = float(value)
+                if not number.is_integer():
+                    raise ValueError
+                out[key] = int(number)
+            else:
+                out[key] = value
+        except ValueError:
+            raise HfStackError(
+                f"{key} takes a {'number' if 'float' in kind else 'whole number'}, got {value!r}"
+            ) from None
+    return out
+
+
+# The keys a StackedConfig can be written with as text ("factor=2,order=middle").
+STACKED_FIELDS = {f.name: str(f.type) for f in fields(StackedConfig) if f.init}

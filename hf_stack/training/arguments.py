@@ -10,13 +10,14 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 from ..errors import HfStackError
-from ..plans.config import StackedConfig
+from ..plans.config import STACKED_FIELDS, StackedConfig, parse_settings
 
 
 @dataclass
 class StackingTrainingArguments(TrainingArguments):
     """`TrainingArguments` plus growth inside the run. `learning_rate`, `warmup_steps` and the optimizer settings
-    apply to the small model (phase 1); the `grown_*` fields to the grown model (phase 2)."""
+    apply to the small model (phase 1); the `grown_*` fields to the grown model (phase 2). Several growths in one run
+    are a `growth_schedule`, of which `grow_at_tokens` with `stacked_config` is the one-growth case."""
 
     # transformers' default (every 500 steps) logs nothing on a short run: no loss in training_log.json, an empty
     # card plot, nothing for `hf-stack compare`. A fraction of each phase's steps logs every run the same number of
@@ -58,6 +59,15 @@ class StackingTrainingArguments(TrainingArguments):
         default=None,
         metadata={
             "help": "Keyword arguments of the schedule after growth, a dict or JSON (default: lr_scheduler_kwargs)."
+        },
+    )
+    growth_schedule: list | str | None = field(
+        default=None,
+        metadata={
+            "help": "Several growths in one run, each starting a phase: a list (or JSON) of {at_tokens, "
+            "stacked_config, and optionally learning_rate, warmup_steps, lr_scheduler_type, lr_scheduler_kwargs for "
+            "the phase it starts}, or as text 'AT:key=value,...;AT:...', e.g. '1e6:factor=2;3e6:factor=2,order=middle' "
+            "(gradual stacking, MIDAS). Unset settings of a phase default to the grown_* ones, then phase 1's."
         },
     )
     mask_steps: int = field(
@@ -110,21 +120,76 @@ class StackingTrainingArguments(TrainingArguments):
         for name in ("grow_at_tokens", "max_tokens"):
             value = getattr(self, name)
             if value is not None:
-                if not math.isfinite(value) or value <= 0:
-                    raise HfStackError(f"{name} must be a positive number of tokens, got {value!r}")
-                setattr(self, name, int(value))
+                setattr(self, name, _tokens(name, value))
+        self.growth_schedule = self._schedule()
         self.check_growth()
-        if self.grow_at_tokens is not None and self.max_tokens is not None and self.grow_at_tokens >= self.max_tokens:
+        last = self.growth_schedule[-1]["at_tokens"] if self.growth_schedule else None
+        if last is not None and self.max_tokens is not None and last >= self.max_tokens:
+            name = "grow_at_tokens" if self.grow_at_tokens is not None else "the last growth of growth_schedule"
             raise HfStackError(
-                f"grow_at_tokens ({self.grow_at_tokens:.3g}) is beyond the budget max_tokens ({self.max_tokens:.3g}); "
-                "grow earlier or train longer"
+                f"{name} ({last:.3g}) is beyond the budget max_tokens ({self.max_tokens:.3g}); grow earlier or train "
+                "longer"
             )
+
+    def _schedule(self) -> list[dict]:
+        """The growths as one normalised list: `{"at_tokens", "stacked_config", "learning_rate", "warmup_steps",
+        "lr_scheduler_type", "lr_scheduler_kwargs"}` each, in order."""
+        schedule = self.growth_schedule
+        if schedule is None or schedule == []:
+            if self.grow_at_tokens is None:
+                return []
+            return [{"at_tokens": self.grow_at_tokens, "stacked_config": self.stacked_config}]
+        if self.grow_at_tokens is not None:
+            raise HfStackError("give either grow_at_tokens (one growth) or growth_schedule (several), not both")
+        if isinstance(schedule, str):
+            schedule = _parse_schedule(schedule)
+        out = []
+        for i, entry in enumerate(schedule):
+            if not isinstance(entry, dict):
+                raise HfStackError(f"growth_schedule entry {i + 1} is not a mapping: {entry!r}")
+            unknown = sorted(set(entry) - set(PHASE_KEYS) - {"at_tokens", "stacked_config"})
+            if unknown or "at_tokens" not in entry:
+                raise HfStackError(
+                    f"growth_schedule entry {i + 1}: {'unknown keys ' + ', '.join(unknown) if unknown else 'no at_tokens'}"
+                    f"; an entry has at_tokens, stacked_config and optionally {', '.join(PHASE_KEYS)}"
+                )
+            stacked = entry.get("stacked_config") or {}
+            stacked = stacked if isinstance(stacked, StackedConfig) else StackedConfig(**stacked)
+            out.append({**entry, "at_tokens": _tokens("at_tokens", entry["at_tokens"]), "stacked_config": stacked})
+        at = [e["at_tokens"] for e in out]
+        if at != sorted(set(at)):
+            raise HfStackError(f"growth_schedule is out of order: growths at {at} tokens; list them earliest first")
+        return out
+
+    def phase_settings(self, phase: int, first: dict | None = None) -> dict:
+        """The learning rate, warmup and schedule of `phase` (1: the small model): a growth's own settings, else the
+        grown_* ones, else phase 1's (`first`, when these arguments have been changed for a later phase since)."""
+        keys = ("learning_rate", "warmup_steps", "lr_scheduler_type", "lr_scheduler_kwargs")
+        base = {k: (first or {}).get(k, getattr(self, k)) for k in keys}
+        if phase == 1:
+            return base
+        grown = {"learning_rate": self.grown_learning_rate, "warmup_steps": self.grown_warmup_steps,
+                 "lr_scheduler_type": self.grown_lr_scheduler_type,
+                 "lr_scheduler_kwargs": self.grown_lr_scheduler_kwargs}  # fmt: skip
+        entry = self.growth_schedule[phase - 2]
+        out = {k: entry.get(k) if entry.get(k) is not None else grown[k] if grown[k] is not None else v
+               for k, v in base.items()}  # fmt: skip
+        if entry.get("lr_scheduler_type") is None and self.grown_lr_scheduler_type is None:
+            return out
+        # a schedule of another type does not take the first one's keyword arguments
+        own = entry.get("lr_scheduler_kwargs") if entry.get("lr_scheduler_type") else self.grown_lr_scheduler_kwargs
+        out["lr_scheduler_kwargs"] = own or {}
+        return out
 
     def check_growth(self) -> None:
         """Refuse settings the growth cannot honour; run again when `stacked_config` is set after construction (as
         the CLI does), since a carried optimizer or masks of the wrong growth would corrupt the run."""
-        if self.carry_optimizer_state and (
-            "width" in self.stacked_config.directions or self.stacked_config.operator in ("random", "learn")
+        if self.grow_at_tokens is not None and self.growth_schedule:
+            # the one growth follows stacked_config, also when it is replaced after construction
+            self.growth_schedule[0]["stacked_config"] = self.stacked_config
+        stacked_configs = [e["stacked_config"] for e in self.growth_schedule]
+        if self.carry_optimizer_state and any(
+            "width" in c.directions or c.operator in ("random", "learn") for c in stacked_configs
         ):
             raise HfStackError(
                 "carry_optimizer_state moves AdamW moments of copied tensors; it supports depth growth with the "
@@ -132,16 +197,17 @@ class StackingTrainingArguments(TrainingArguments):
             )
         if self.mask_steps < 0:
             raise HfStackError(f"mask_steps must be 0 or more, got {self.mask_steps}")
-        if self.mask_steps and (self.grow_at_tokens is None or self.stacked_config.operator != "random"):
+        if self.mask_steps and (len(stacked_configs) != 1 or stacked_configs[0].operator != "random"):
             raise HfStackError(
                 "mask_steps ramps in the new parts of growth inside the run: it needs grow_at_tokens and the "
-                "random operator"
+                "random operator (one growth)"
             )
 
     def to_dict(self):
         d = super().to_dict()
         if isinstance(self.stacked_config, StackedConfig):
             d["stacked_config"] = self.stacked_config.to_dict()
+        d["growth_schedule"] = [{**e, "stacked_config": e["stacked_config"].to_dict()} for e in self.growth_schedule]
         return d
 
 
@@ -150,3 +216,37 @@ def _accelerator_available() -> bool:
 
     accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6: CUDA, XPU, MPS, ... alike
     return accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
+
+
+# Settings of the phase a growth starts, besides its StackedConfig.
+PHASE_KEYS = {"learning_rate": "float", "warmup_steps": "float", "lr_scheduler_type": "str",
+              "lr_scheduler_kwargs": "dict"}  # fmt: skip
+
+
+def _tokens(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise HfStackError(f"{name} must be a positive number of tokens, got {value!r}")
+    return int(value)
+
+
+def _parse_schedule(text: str) -> list[dict]:
+    """`"1e6:factor=2;3e6:factor=2,order=middle,learning_rate=3e-4"` -> schedule entries."""
+    entries = []
+    for part in (p.strip() for p in text.split(";")):
+        if not part:
+            continue
+        at, sep, settings = part.partition(":")
+        try:
+            tokens = float(at)
+        except ValueError:
+            raise HfStackError(
+                f"cannot read growth {part!r}: write AT_TOKENS:key=value,... e.g. 1e6:factor=2"
+            ) from None
+        if not sep:
+            raise HfStackError(f"cannot read growth {part!r}: write AT_TOKENS:key=value,... e.g. 1e6:factor=2")
+        values = parse_settings(settings, {**STACKED_FIELDS, **{k: v for k, v in PHASE_KEYS.items() if v != "dict"}})
+        phase = {k: values.pop(k) for k in list(values) if k in PHASE_KEYS}
+        entries.append({"at_tokens": tokens, "stacked_config": values, **phase})
+    if not entries:
+        raise HfStackError(f"growth_schedule {text!r} names no growth")
+    return entries

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -11,7 +10,7 @@ from pathlib import Path
 from ..checkpoints.card import training_section, update_card
 from ..checkpoints.provenance import write_growth_record
 from .log import TRAINING_LOG, plot, read_curve
-from .run_folder import GROWTH_STATE, write_json_atomic
+from .run_folder import read_growth_state, write_json_atomic
 
 FLOPS_CONVENTION = (
     "6 N D per phase, N = all parameters (embeddings included, tied weights once), or 4 N D + 2 N_trained D when "
@@ -55,7 +54,10 @@ def write_final_outputs(
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     training = training_summary(phases)
-    record = json.loads((out / GROWTH_STATE).read_text())["growth"] if (out / GROWTH_STATE).is_file() else {}
+    growths = read_growth_state(out)["growths"]
+    record = growths[-1] if growths else {}  # the final model's own growth: its layer map, operator, settings
+    if len(growths) > 1:
+        record = {**record, "growths": growths}
     write_growth_record(tmp, {**record, "training": training})
     log = {"training": training, "log_history": history}
     if baselines:

@@ -1,12 +1,14 @@
 """Stage 3, the run folder: which run a folder belongs to, its complete checkpoints, and atomic JSON writes.
 
-Layout of a run with growth:
+Layout of a run with growth (K growths, K + 1 phases):
     output_dir/run_config.json      the settings a resume must match
     output_dir/small/checkpoint-*   phase 1 (small model) checkpoints, the last one at the growth step
-    output_dir/grown-init/          the grown model right after growth (+ growth_config.json)
+    output_dir/phase-P/checkpoint-* phases between two growths (2 <= P <= K), the last one at the next growth
+    output_dir/grown-init-G/        the model right after growth G < K (+ growth_config.json)
+    output_dir/grown-init/          the model right after the last growth
     output_dir/carried_optimizer.pt the AdamW moments moved over the growth (carry_optimizer_state only)
     output_dir/growth_state.json    written last at growth: phase 2 may resume from grown-init/
-    output_dir/checkpoint-*         phase 2 (grown model) checkpoints
+    output_dir/checkpoint-*         the last phase's checkpoints
     output_dir/final/               the final model, tokenizer, card and growth_config.json with both phases
     output_dir/training_log.json    every logged step of both phases with tokens, FLOPs and seconds
 """
@@ -26,6 +28,31 @@ GROWTH_STATE = "growth_state.json"
 SMALL_DIR = "small"
 GROWN_INIT = "grown-init"
 CARRIED_OPTIMIZER = "carried_optimizer.pt"
+
+
+def phase_dir(out: Path, phase: int, growths: int) -> Path:
+    """Where phase `phase` (1: the small model) of a run with `growths` growths keeps its checkpoints."""
+    return out if phase == growths + 1 else out / SMALL_DIR if phase == 1 else out / f"phase-{phase}"
+
+
+def init_dir(out: Path, growth: int, growths: int) -> Path:
+    """The model right after growth `growth` (1-based) of `growths`."""
+    return out / GROWN_INIT if growth == growths else out / f"{GROWN_INIT}-{growth}"
+
+
+def read_growth_state(out: Path) -> dict:
+    """`{"phases": accounting of the finished phases, "growths": their growth records}`, empty before any growth."""
+    path = out / GROWTH_STATE
+    if not path.is_file():
+        return {"phases": [], "growths": []}
+    state = json.loads(path.read_text())
+    if "phases" not in state:  # written by hf_stack 0.1, which grew once
+        return {"phases": [state["phase1"]], "growths": [state["growth"]]}
+    return state
+
+
+def write_growth_state(out: Path, phases: list[dict], growths: list[dict]) -> None:
+    write_json_atomic(out / GROWTH_STATE, {"phases": phases, "growths": growths})
 
 
 def check_run_config(out: Path, config: dict, resume, is_main: bool, wait) -> None:

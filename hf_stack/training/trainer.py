@@ -10,7 +10,6 @@ run folder's layout and bookkeeping are `hf_stack.training.run_folder`, the fina
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -25,22 +24,22 @@ from transformers.trainer_callback import ProgressCallback, TrainerCallback
 from ..checkpoints.in_memory import grow_model, plan_for_model
 from ..checkpoints.provenance import growth_record, write_growth_record
 from ..errors import HfStackError
-from ..plans.timing import training_flops
+from ..plans.plan import resolve_layer_map
 from .accounting import count_parameters, model_flops, phase_record
 from .arguments import StackingTrainingArguments
 from .msg import GrowthMasks, MaskRamp
 from .outputs import write_final_outputs
 from .run_folder import (
     CARRIED_OPTIMIZER,
-    GROWN_INIT,
-    GROWTH_STATE,
-    SMALL_DIR,
     check_run_config,
+    init_dir,
     is_write_failure,
     last_checkpoint,
+    phase_dir,
+    read_growth_state,
     read_history,
     resume_point,
-    write_json_atomic,
+    write_growth_state,
 )
 
 
@@ -67,7 +66,7 @@ class StackingTrainer(Trainer):
         if args is not None and not isinstance(args, StackingTrainingArguments):
             raise HfStackError("StackingTrainer needs StackingTrainingArguments")
         self.peft_config = peft_config
-        if peft_config is not None and args is not None and args.grow_at_tokens is None:
+        if peft_config is not None and args is not None and not args.growth_schedule:
             model = _apply_peft(model, peft_config)
         # Packed blocks all have the same length: stack them, never pad.
         kwargs.setdefault("data_collator", default_data_collator)
@@ -81,6 +80,7 @@ class StackingTrainer(Trainer):
         self._phase_clock_start = 0.0
         self.add_callback(_ResumeClock(self))
         self._last_log = None
+        self.completed_phases: list[dict] = []  # accounting of the phases before the current one
         # MSG masks on the grown model while they ramp in (mask_steps)
         self.mask_ramp = MaskRamp(args.mask_steps) if args is not None and args.mask_steps else None
         if self.mask_ramp is not None:
@@ -145,12 +145,12 @@ class StackingTrainer(Trainer):
                 self._clock[1] += time.perf_counter() - started
             self._eval_started = None
 
-    # -- the two phases
+    # -- the phases: the small model, then one phase after each growth
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
         args = self.args
         out = self._run_dir = Path(args.output_dir)
         model_config = self.accelerator.unwrap_model(self.model).config
-        tps, total_steps, grow_step = check_run(
+        tps, total_steps, grow_steps = check_run(
             args, len(self.train_dataset), self._block_size(), model_config, resume_from_checkpoint,
             write=self.is_world_process_zero(), wait=self.accelerator.wait_for_everyone,
         )  # fmt: skip
@@ -159,51 +159,45 @@ class StackingTrainer(Trainer):
         saved = {k: getattr(args, k) for k in ("output_dir", "max_steps", "learning_rate", "warmup_steps",
                                                "lr_scheduler_type", "lr_scheduler_kwargs")}  # fmt: skip
         full_dataset = self.train_dataset
+        growths = len(grow_steps)
+        bounds = [0, *grow_steps, total_steps]  # phase p trains steps bounds[p - 1] to bounds[p]
         try:
-            if grow_step is None:
+            if not growths:
                 args.max_steps = total_steps
                 result = Trainer.train(self, resume_from_checkpoint=resume_from_checkpoint, **kwargs)
-            else:
-                grown_init = out / GROWN_INIT
-                if not (out / GROWTH_STATE).is_file():
-                    args.output_dir, args.max_steps = str(out / SMALL_DIR), grow_step
-                    resume = last_checkpoint(out / SMALL_DIR, resume_from_checkpoint)
-                    Trainer.train(self, resume_from_checkpoint=resume, **kwargs)
+            state = read_growth_state(out)
+            done = len(state["growths"]) if growths else 0
+            if done:
+                # Before loading: a carried optimizer takes its base learning rate from the settings it is built with.
+                self._use_phase_settings(done + 1, saved)
+                self._load_grown(out, state, growths)
+            for phase in range(done + 1, growths + 2) if growths else ():
+                # Each phase: its model on the blocks that follow, fresh optimizer (unless carried), its schedule.
+                consumed = bounds[phase - 1] * tps // self._block_size()
+                steps = bounds[phase] - bounds[phase - 1]
+                if consumed + steps * tps // self._block_size() > n_blocks:
+                    warnings.warn(f"the data runs out in phase {phase}; it will see blocks again", stacklevel=2)
+                self.train_dataset = _tail(full_dataset, consumed) if consumed else full_dataset
+                self._use_phase_settings(phase, saved)
+                folder = phase_dir(out, phase, growths)
+                args.output_dir, args.max_steps = str(folder), steps
+                result = Trainer.train(self, resume_from_checkpoint=last_checkpoint(folder, resume_from_checkpoint),
+                                       **kwargs)  # fmt: skip
+                if phase <= growths:
                     self._save_checkpoint(self.model, trial=None)  # a checkpoint on the small side of the boundary
-                    # Before growing: a carried optimizer takes its base learning rate from the settings it is built with.
-                    self._use_grown_settings(saved["learning_rate"])
-                    self._grow(out, grown_init, grow_step, tps)
-                else:
-                    self._use_grown_settings(saved["learning_rate"])
-                    self._load_grown(out, grown_init)
-                # Phase 2: the grown model on the blocks that follow, fresh optimizer, re-warmed schedule.
-                consumed = grow_step * tps // self._block_size()
-                if consumed + (total_steps - grow_step) * tps // self._block_size() > n_blocks:
-                    warnings.warn(
-                        "the data runs out before max_tokens; the grown model will see blocks again", stacklevel=2
-                    )
-                self.train_dataset = _tail(full_dataset, consumed)
-                args.output_dir, args.max_steps = str(out), total_steps - grow_step
-                resume = last_checkpoint(out, resume_from_checkpoint)
-                result = Trainer.train(self, resume_from_checkpoint=resume, **kwargs)
+                    self._use_phase_settings(phase + 1, saved)
+                    self._grow(out, phase, steps, tps, growths)
         finally:
             for k, v in saved.items():
                 setattr(args, k, v)
             self.train_dataset = full_dataset
-        self._finish(out, tps)
+        self._finish(out, tps, growths)
         return result
 
-    def _use_grown_settings(self, small_learning_rate: float) -> None:
-        """Phase 2's learning rate, warmup and schedule (the `grown_*` settings, each defaulting to phase 1's)."""
-        args = self.args
-        args.learning_rate = args.grown_learning_rate or small_learning_rate
-        if args.grown_warmup_steps is not None:
-            args.warmup_steps = args.grown_warmup_steps
-        if args.grown_lr_scheduler_type is not None:
-            args.lr_scheduler_type = args.grown_lr_scheduler_type
-            args.lr_scheduler_kwargs = {}
-        if args.grown_lr_scheduler_kwargs is not None:
-            args.lr_scheduler_kwargs = args.grown_lr_scheduler_kwargs
+    def _use_phase_settings(self, phase: int, first: dict) -> None:
+        """The learning rate, warmup and schedule of `phase` (see `StackingTrainingArguments.phase_settings`)."""
+        for k, v in self.args.phase_settings(phase, first).items():
+            setattr(self.args, k, v)
 
     def _save_checkpoint(self, model, trial) -> None:
         """transformers writes checkpoints in place; a checkpoint counts only once its trainer_state.json (written
@@ -215,74 +209,82 @@ class StackingTrainer(Trainer):
             if not is_write_failure(e):
                 raise
             shutil.rmtree(folder, ignore_errors=True)
-            point = resume_point(self._run_dir, self.args.grow_at_tokens is not None)
+            point = resume_point(self._run_dir, bool(self.args.growth_schedule))
             raise HfStackError(
                 f"the disk is full (or a file-size limit was hit) while writing {folder.name}; the partial folder "
                 f"was removed. Free space and run again with --resume: it continues from {point}"
             ) from None
 
-    def _grow(self, out: Path, grown_init: Path, grow_step: int, tps: int) -> None:
+    def _grow(self, out: Path, growth: int, steps: int, tps: int, growths: int) -> None:
+        """Growth number `growth` (1-based), after a phase of `steps` steps."""
         small = self.accelerator.unwrap_model(self.model)
-        grown, plan, learned = grow_model(small, self.args.stacked_config, self.processing_class)
+        stacked = self.args.growth_schedule[growth - 1]["stacked_config"]
+        grown, plan, learned = grow_model(small, stacked, self.processing_class)
         grown.to(self.args.device)
-        phase1 = phase_record(1, small, grow_step, tps, self._phase_seconds())
-        phase1["num_layers"] = plan.source_num_layers
+        seconds = self._phase_seconds() - self.phase_start["train_seconds"]
+        finished = phase_record(growth, small, steps, tps, seconds)
+        finished["num_layers"] = plan.source_num_layers
         if learned is not None:  # LiGO's maps were trained at growth: their compute is part of the run's
-            phase1["growth_flops"] = learned["flops"]
-            phase1["growth_non_embedding_flops"] = learned["non_embedding_flops"]
+            finished["growth_flops"] = learned["flops"]
+            finished["growth_non_embedding_flops"] = learned["non_embedding_flops"]
         new_optimizer = self._grown_optimizer(small, grown, plan) if self.args.carry_optimizer_state else None
         if self.mask_ramp is not None:
             self.mask_ramp.start(GrowthMasks(grown, plan))
-        self._install_model(grown, phase1)
+        phases = [*self.completed_phases, finished]
+        self._install_model(grown, phases)
         self.optimizer, self.lr_scheduler = new_optimizer, None
         if self.is_world_process_zero():
-            source = {"name_or_path": "in-run growth", "phase1": phase1}
-            record = growth_record(plan, self.args.stacked_config, source, learned)
+            source = {"name_or_path": "in-run growth", "growth": growth, "after_phase": finished}
+            record = growth_record(plan, stacked, source, learned)
+            grown_init = init_dir(out, growth, growths)
             tmp = grown_init.with_name(grown_init.name + ".tmp")
             self.accelerator.unwrap_model(self.model).save_pretrained(tmp)
             if self.processing_class is not None:
                 self.processing_class.save_pretrained(tmp)
             write_growth_record(tmp, record)
-            if new_optimizer is not None:  # so a run killed before phase 2's first checkpoint resumes with them
+            if new_optimizer is not None:  # so a run killed before the next checkpoint resumes with them
                 torch.save(new_optimizer.state_dict(), out / CARRIED_OPTIMIZER)
             if grown_init.exists():  # left by a run killed between this rename and the growth state below
                 shutil.rmtree(grown_init)
             os.replace(tmp, grown_init)
-            # Written last: its presence means the growth is complete and phase 2 may resume from it.
-            write_json_atomic(out / GROWTH_STATE, {"phase1": phase1, "growth": record})
+            # Written last: its presence means the growth is complete and the next phase may resume from it.
+            state = read_growth_state(out)
+            write_growth_state(out, phases, [*state["growths"][: growth - 1], record])
         self.accelerator.wait_for_everyone()
 
-    def _load_grown(self, out: Path, grown_init: Path) -> None:
+    def _load_grown(self, out: Path, state: dict, growths: int) -> None:
         from transformers import AutoModelForCausalLM
 
-        state = json.loads((out / GROWTH_STATE).read_text())
+        done = len(state["growths"])
         small = self.accelerator.unwrap_model(self.model)
-        # A growth state written before non-embedding FLOPs were counted: count them from the small model.
-        state["phase1"].setdefault(
-            "non_embedding_flops", training_flops(count_parameters(small, embeddings=False), state["phase1"]["tokens"])
-        )
+        grown_init = init_dir(out, done, growths)
         grown = AutoModelForCausalLM.from_pretrained(grown_init, dtype=self.model.dtype, trust_remote_code=False)
-        if self.mask_ramp is not None:
-            self.mask_ramp.start(GrowthMasks(grown, plan_for_model(small, self.args.stacked_config)))
-        self._install_model(grown.to(self.args.device).train(), state["phase1"])
+        if self.mask_ramp is not None:  # one growth only: the small model is the one it grew from
+            stacked = self.args.growth_schedule[0]["stacked_config"]
+            self.mask_ramp.start(GrowthMasks(grown, plan_for_model(small, stacked)))
+        self._install_model(grown.to(self.args.device).train(), state["phases"])
         self.optimizer, self.lr_scheduler = None, None
         if self.args.carry_optimizer_state:
-            # The moments carried at growth; a phase-2 checkpoint, when there is one, replaces them as Trainer resumes.
+            # The moments carried at growth; a checkpoint of the phase, when there is one, replaces them as Trainer
+            # resumes.
             self.optimizer = self.create_optimizer()
             saved = torch.load(out / CARRIED_OPTIMIZER, map_location=self.args.device, weights_only=True)
             self.optimizer.load_state_dict(saved)
 
-    def _install_model(self, grown, phase1: dict) -> None:
+    def _install_model(self, grown, phases: list[dict]) -> None:
+        """The grown model in place for the phase after `phases`, its accounting starting where theirs ends."""
         if self.peft_config is not None:
             grown = _apply_peft(grown, self.peft_config)
         self.model = self.model_wrapped = grown
-        self.phase = 2
-        self.phase_start = {k: phase1.get(k, 0.0) for k in ("tokens", "flops", "non_embedding_flops")}
-        self.phase_start["flops"] += phase1.get("growth_flops", 0.0)
-        self.phase_start["non_embedding_flops"] += phase1.get("growth_non_embedding_flops", 0.0)
-        self.phase_start["train_seconds"] = phase1.get("train_seconds", 0.0)
+        self.phase = len(phases) + 1
+        self.phase_start = {
+            "tokens": sum(p["tokens"] for p in phases),
+            "flops": sum(p["flops"] + p.get("growth_flops", 0.0) for p in phases),
+            "non_embedding_flops": sum(p["non_embedding_flops"] + p.get("growth_non_embedding_flops", 0.0) for p in phases),
+            "train_seconds": sum(p.get("train_seconds", 0.0) for p in phases),
+        }  # fmt: skip
         self._phase_clock_start = self.train_seconds()
-        self.phase1 = phase1
+        self.completed_phases = phases
 
     def _grown_optimizer(self, small, grown, plan):
         """A new AdamW over the grown parameters whose moments are the small model's, moved by the plan."""
@@ -316,19 +318,18 @@ class StackingTrainer(Trainer):
         vocab = getattr(self.accelerator.unwrap_model(self.model).config, "vocab_size", None)
         return round(unigram_loss(self.train_dataset, evaluation, vocab), 6)
 
-    def _finish(self, out: Path, tps: int) -> None:
+    def _finish(self, out: Path, tps: int, growths: int) -> None:
         if self.is_world_process_zero():
-            self._write_final(out, tps)
+            self._write_final(out, tps, growths)
         self.accelerator.wait_for_everyone()
 
-    def _write_final(self, out: Path, tps: int) -> None:
+    def _write_final(self, out: Path, tps: int, growths: int) -> None:
         model = self.accelerator.unwrap_model(self.model)
-        phases = [self.phase1] if self.phase == 2 else []
-        seconds = self.train_seconds() - self._phase_clock_start
-        phases.append(phase_record(self.phase, model, self.state.global_step, tps, seconds))
+        seconds = self._phase_seconds() - self.phase_start["train_seconds"]
+        phases = [*self.completed_phases, phase_record(self.phase, model, self.state.global_step, tps, seconds)]
         phases[-1]["num_layers"] = model.config.num_hidden_layers
-        # Phase 1's log lives in its last checkpoint; the current phase's in self.state (restored on resume).
-        history = read_history(out / SMALL_DIR) if self.phase == 2 else []
+        # Earlier phases' logs live in their last checkpoints; the current phase's in self.state (restored on resume).
+        history = [e for p in range(1, self.phase) for e in read_history(phase_dir(out, p, growths))]
         history += [e for e in self.state.log_history if "tokens" in e]
         baseline = self._unigram_baseline()
         baselines = {"unigram_eval_loss": baseline} if baseline is not None else None
@@ -336,12 +337,12 @@ class StackingTrainer(Trainer):
 
 
 def check_run(args, n_blocks: int, block_size: int, model_config, resume, write: bool = False, wait=None):
-    """Everything a run is checked for before anything is written: the budget, the growth step, the MSG ramp, the
-    data, the context and the run folder. `hf-stack train` calls it before loading the weights, the trainer again
-    before it starts (where `write` records a new run's settings in the folder).
+    """Everything a run is checked for before anything is written: the budget, the growth steps and the depth each
+    growth starts from, the MSG ramp, the data, the context and the run folder. `hf-stack train` calls it before
+    loading the weights, the trainer again before it starts (where `write` records a new run's settings).
 
     Returns:
-        `(tokens_per_step, total_steps, grow_step)`, grow_step None for a run that does not grow.
+        `(tokens_per_step, total_steps, grow_steps)`, one optimizer step per growth (none for a run that does not grow).
     """
     args.check_growth()  # stacked_config may have been replaced since the arguments were built
     limit = getattr(model_config, "max_position_embeddings", None)
@@ -356,19 +357,36 @@ def check_run(args, n_blocks: int, block_size: int, model_config, resume, write:
         total_steps = args.max_steps
     else:
         raise HfStackError("set max_tokens (or max_steps): the token budget decides where training ends")
-    grow_step = None if args.grow_at_tokens is None else math.ceil(args.grow_at_tokens / tps)
-    if grow_step is not None and grow_step >= total_steps:
+    schedule = args.growth_schedule
+    grow_steps = [math.ceil(e["at_tokens"] / tps) for e in schedule]
+    if len(set(grow_steps)) < len(grow_steps):
         raise HfStackError(
-            f"growth at step {grow_step} ({args.grow_at_tokens:.3g} tokens at {tps} tokens/step) is not "
+            f"growths at {[e['at_tokens'] for e in schedule]} tokens fall on the same step ({tps} tokens a step)"
+        )
+    if grow_steps and grow_steps[-1] >= total_steps:
+        raise HfStackError(
+            f"growth at step {grow_steps[-1]} ({schedule[-1]['at_tokens']:.3g} tokens at {tps} tokens/step) is not "
             f"before the end of training (step {total_steps})"
         )
-    if grow_step is not None and args.mask_steps >= total_steps - grow_step:
+    if grow_steps and args.mask_steps >= total_steps - grow_steps[-1]:
         # The masks must reach 1 while training, or the saved (plain) model is not the one that was trained.
         raise HfStackError(
-            f"mask_steps ({args.mask_steps}) must be fewer than the {total_steps - grow_step} steps after growth"
+            f"mask_steps ({args.mask_steps}) must be fewer than the {total_steps - grow_steps[-1]} steps after growth"
         )
-    if grow_step is not None and grow_step * tps // block_size > n_blocks:
-        raise HfStackError(f"the data holds {n_blocks * block_size:,} tokens, fewer than grow_at_tokens; add data")
+    if grow_steps and grow_steps[-1] * tps // block_size > n_blocks:
+        raise HfStackError(
+            f"the data holds {n_blocks * block_size:,} tokens, fewer than the last growth point; add data"
+        )
+    depth = getattr(model_config, "num_hidden_layers", None)
+    for i, entry in enumerate(schedule):  # each growth starts from the depth the previous one left
+        if depth is None:
+            break
+        try:
+            depth = len(resolve_layer_map(entry["stacked_config"], depth))
+        except HfStackError as e:
+            raise HfStackError(
+                f"growth {i + 1} (at {entry['at_tokens']:.3g} tokens, from {depth} layers): {e}"
+            ) from None
     config = {
         "grow_at_tokens": args.grow_at_tokens,
         "max_tokens": args.max_tokens,
@@ -378,8 +396,10 @@ def check_run(args, n_blocks: int, block_size: int, model_config, resume, write:
         "seed": args.seed,
         "model": {k: getattr(model_config, k, None) for k in ("model_type", "num_hidden_layers", "hidden_size")},
     }
+    if len(schedule) > 1 or (schedule and args.grow_at_tokens is None):
+        config["growth_schedule"] = args.to_dict()["growth_schedule"]
     check_run_config(Path(args.output_dir), config, resume, write, wait or (lambda: None))
-    return tps, total_steps, grow_step
+    return tps, total_steps, grow_steps
 
 
 class _ResumeClock(TrainerCallback):
