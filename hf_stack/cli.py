@@ -193,8 +193,9 @@ def _train_parser():
 
 
 def cmd_train(argv: list[str]) -> int:
-    # `-o DIR` is the short spelling used by every hf-stack command.
-    argv = ["--output_dir" if a == "-o" else a for a in argv]
+    # `-o DIR` is the short spelling used by every hf-stack command; `--grow-schedule` the one the README uses.
+    aliases = {"-o": "--output_dir", "--grow-schedule": "--growth_schedule"}
+    argv = [aliases.get(a, a) for a in argv]
     namespace = vars(_train_parser().parse_args(argv))
     cli, stacked = (cls(**{f.name: namespace[f.name] for f in dataclasses.fields(cls) if f.init})
                     for cls in (TrainCommandArguments, StackedConfig))  # fmt: skip

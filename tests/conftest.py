@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -102,3 +103,21 @@ def accounting(training: dict) -> dict:
     """A training summary without its wall-clock fields: what two runs of the same data and steps must share."""
     phases = [{k: v for k, v in p.items() if k != "train_seconds"} for p in training["phases"]]
     return {**{k: v for k, v in training.items() if k != "total_train_seconds"}, "phases": phases}
+
+
+CORPUS = [TEXT.replace("a", c) for c in "abcdefghijklmnop"]  # 16 distinct documents
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    """Training text: 16 distinct documents, as jsonl."""
+    path = tmp_path_factory.mktemp("data") / "corpus.jsonl"
+    path.write_text("".join(json.dumps({"text": t * 3}) + "\n" for t in CORPUS))
+    return path
+
+
+@pytest.fixture
+def small2(tmp_path):
+    """A 2-layer Llama checkpoint with its tokenizer."""
+    build_checkpoint(tmp_path / "small", "llama", num_layers=2)
+    return tmp_path / "small"

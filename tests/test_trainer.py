@@ -21,22 +21,7 @@ from hf_stack import (
 )
 from hf_stack.analysis.compare import Curve, speedup
 from hf_stack.data import iter_documents, pack, tokenize_documents
-from tests.conftest import TEXT, accounting, build_checkpoint
-
-CORPUS = [TEXT.replace("a", c) for c in "abcdefghijklmnop"]  # 16 distinct documents
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "corpus.jsonl"
-    path.write_text("".join(json.dumps({"text": t * 3}) + "\n" for t in CORPUS))
-    return path
-
-
-@pytest.fixture
-def small2(tmp_path):
-    build_checkpoint(tmp_path / "small", "llama", num_layers=2)
-    return tmp_path / "small"
+from tests.conftest import accounting, build_checkpoint
 
 
 def make_trainer(small, out, data_file, cls=StackingTrainer, callbacks=None, **kw):

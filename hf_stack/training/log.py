@@ -33,6 +33,7 @@ class Curve:
     phase: list[int] = field(default_factory=list)  # 1 before growth, 2 after
     growth_tokens: float | None = None
     unigram_loss: float | None = None  # validation loss of unigram frequencies (the trainer's baseline)
+    growth_points: list[float] = field(default_factory=list)  # FLOPs at every growth of the run, in order
 
     def cost_at_last(self, currency: str) -> float | None:
         """The cost in `currency` at the last logged loss (not the run's total: the two are read together)."""
@@ -61,14 +62,19 @@ def read_curve(run_dir: str | Path, metric: str | None = None) -> Curve:
         raise HfStackError(f"{path} has no {metric!r} entries to compare")
     training = data.get("training", {})
     phases = training.get("phases", [])
-    growth = phases[0]["flops"] if len(phases) > 1 else None
+    # where each phase ended: its FLOPs and those of the growth after it (the learn operator's), cumulated
+    ends, total = [], 0.0
+    for phase in phases[:-1]:
+        total += phase["flops"] + phase.get("growth_flops", 0.0)
+        ends.append(total)
+    growth = ends[0] if ends else None
     cost = {c: [e[c] for e in rows] for c in CURRENCIES[1:] if all(c in e for e in rows)}
     return Curve(
         Path(run_dir).name or str(run_dir), [e["flops"] for e in rows], [e["tokens"] for e in rows],
         [e[metric] for e in rows], metric=metric,
         growth_flops=growth, cost=cost, phase=[e.get("phase", 1) for e in rows],
         growth_tokens=phases[0]["tokens"] if len(phases) > 1 else None,
-        unigram_loss=data.get("baselines", {}).get("unigram_eval_loss"),
+        unigram_loss=data.get("baselines", {}).get("unigram_eval_loss"), growth_points=ends,
     )  # fmt: skip
 
 
@@ -85,8 +91,8 @@ def plot(curves: list[Curve], path: str | Path, title: str = "") -> Path:
         for ax, currency in zip(axes, axes_for):
             xs = c.flops if currency == "flops" else c.tokens if currency == "tokens" else c.cost[currency]
             (line,) = ax.plot(xs, c.loss, label=c.name)
-            if c.growth_flops is not None:
-                i = min(range(len(c.flops)), key=lambda k: abs(c.flops[k] - c.growth_flops))
+            for point in c.growth_points or ([c.growth_flops] if c.growth_flops is not None else []):
+                i = min(range(len(c.flops)), key=lambda k: abs(c.flops[k] - point))
                 ax.axvline(xs[i], color=line.get_color(), linestyle=":", alpha=0.7)
     for ax, currency in zip(axes, axes_for):
         ax.set_xlabel(CURRENCY_LABELS[currency])

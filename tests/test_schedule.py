@@ -1,0 +1,135 @@
+"""Growth schedules: several growths in one run (gradual stacking, MIDAS's middle block), each a phase of its own."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, TrainerCallback
+
+from hf_stack import HfStackError, StackedConfig, StackingTrainingArguments
+from hf_stack.training.log import read_curve
+
+from .test_trainer import Crash, hf_stack, make_trainer
+
+SCHEDULE = [
+    {"at_tokens": 64 * 3, "stacked_config": {"factor": 2}},  # 2 -> 4 layers
+    {"at_tokens": 64 * 6, "stacked_config": {"factor": 2, "order": "middle"}, "learning_rate": 2e-4},  # 4 -> 8
+]
+
+
+class EveryParameterTrains(TrainerCallback):
+    """In every phase, every parameter gets a non-zero gradient and moves (the reference code's gradual stacking
+    adds layers after the optimizer is built, so they never train)."""
+
+    def __init__(self):
+        self.phases = []
+
+    def on_train_begin(self, args, state, control, model=None, **kw):
+        self.start = {n: p.detach().clone() for n, p in model.named_parameters()}
+        self.graded = set()
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
+        self.graded |= {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+
+    def on_train_end(self, args, state, control, model=None, **kw):
+        params = dict(model.named_parameters())
+        moved = {n for n, p in params.items() if not torch.equal(p.detach(), self.start[n])}
+        self.phases.append((model.config.num_hidden_layers, set(params) - self.graded, set(params) - moved))
+
+
+def test_two_growths_train_every_parameter_and_account_every_phase(small2, tmp_path, data_file):
+    out = tmp_path / "r"
+    check = EveryParameterTrains()
+    make_trainer(small2, out, data_file, callbacks=[check], growth_schedule=SCHEDULE, max_tokens=64 * 10,
+                 warmup_steps=0, logging_steps=1, stacked_config=None).train()  # fmt: skip
+    assert [layers for layers, _, _ in check.phases] == [2, 4, 8]
+    for layers, without_grad, unmoved in check.phases:
+        assert not without_grad and not unmoved, (layers, sorted(without_grad)[:3], sorted(unmoved)[:3])
+    final = AutoModelForCausalLM.from_pretrained(out / "final")
+    grown1 = AutoModelForCausalLM.from_pretrained(out / "grown-init-1")
+    assert grown1.config.num_hidden_layers == 4 and final.config.num_hidden_layers == 8
+    # checkpoints on both sides of every growth
+    assert (out / "small" / "checkpoint-3").is_dir() and (out / "phase-2" / "checkpoint-3").is_dir()
+    assert (out / "grown-init").is_dir()
+    record = json.loads((out / "final" / "growth_config.json").read_text())
+    assert [g["target_num_layers"] for g in record["growths"]] == [4, 8]
+    assert record["growths"][1]["layer_map"] == [0, 1, 2, 1, 2, 1, 2, 3]  # MIDAS: first and last kept, middle repeated
+    phases = record["training"]["phases"]
+    assert [(p["phase"], p["num_layers"], p["tokens"]) for p in phases] == [(1, 2, 192), (2, 4, 192), (3, 8, 256)]
+    n = [sum(p.numel() for p in m.parameters()) for m in (AutoModelForCausalLM.from_pretrained(small2), grown1, final)]
+    assert [p["flops"] for p in phases] == [6 * n[0] * 192, 6 * n[1] * 192, 6 * n[2] * 256]
+    assert record["training"]["total_flops"] == sum(p["flops"] for p in phases)
+    log = json.loads((out / "training_log.json").read_text())["log_history"]
+    tokens = [e["tokens"] for e in log if "loss" in e]
+    assert tokens == sorted(tokens) and tokens[-1] == 640 and {e["phase"] for e in log} == {1, 2, 3}
+    # each phase re-warms to its own peak: phase 3 to its 2e-4, phase 2 to grown_learning_rate (5e-4)
+    peak = {p: max(e["learning_rate"] for e in log if e.get("phase") == p and "learning_rate" in e) for p in (2, 3)}
+    assert peak == {2: pytest.approx(5e-4), 3: pytest.approx(2e-4)}
+    curve = read_curve(out, "loss")
+    assert curve.growth_points == [phases[0]["flops"], phases[0]["flops"] + phases[1]["flops"]]
+    card = (out / "final" / "README.md").read_text()
+    assert "| 3 | 8 |" in card  # the card's table of phases
+
+
+def test_a_run_killed_after_its_second_growth_resumes_as_the_twice_grown_model(small2, tmp_path, data_file):
+    settings = dict(growth_schedule=SCHEDULE, max_tokens=64 * 10, stacked_config=None, save_steps=100)
+    make_trainer(small2, tmp_path / "a", data_file, **settings).train()
+
+    class CrashGrown(Crash):
+        def on_step_end(self, args, state, control, model=None, **kw):
+            if model.config.num_hidden_layers == 8 and state.global_step == 2:
+                raise RuntimeError("simulated crash")
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        make_trainer(small2, tmp_path / "b", data_file, callbacks=[CrashGrown(0)], **settings).train()
+    assert (tmp_path / "b" / "grown-init").is_dir() and not (tmp_path / "b" / "final").exists()
+    make_trainer(small2, tmp_path / "b", data_file, **settings).train(resume_from_checkpoint=True)
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "a" / "final").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "b" / "final").state_dict()
+    assert len(a) == len(b)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    la, lb = (json.loads((tmp_path / r / "training_log.json").read_text())["training"] for r in "ab")
+    assert [p["tokens"] for p in la["phases"]] == [p["tokens"] for p in lb["phases"]]
+    assert la["total_flops"] == lb["total_flops"]
+
+
+@pytest.mark.parametrize(
+    ("schedule", "match"),
+    [
+        ([{"at_tokens": 600, "stacked_config": {"factor": 2}}, {"at_tokens": 300, "stacked_config": {}}], "out of order"),
+        ([{"at_tokens": 64 * 20, "stacked_config": {"factor": 2}}], "beyond the budget"),
+        ([{"at_tokens": 128, "stacked_config": {"factor": 2}}, {"at_tokens": 256, "stacked_config": {"layer_map": "0-5"}}],
+         "growth 2 (at 256 tokens, from 4 layers): layer map names source layers [4, 5]"),
+        ([{"at_tokens": 128, "stacked_config": {"factor": 2}, "lr": 1e-3}], "unknown keys lr"),
+        ([{"at_tokens": 100, "stacked_config": {"factor": 2}}, {"at_tokens": 120, "stacked_config": {"factor": 2}}],
+         "fall on the same step"),
+        ("128:fator=2", "cannot read 'fator=2'"),
+        ("128;256:factor=2", "cannot read growth '128'"),
+    ],
+)  # fmt: skip
+def test_bad_schedules_are_refused_before_anything_is_written(small2, tmp_path, data_file, schedule, match):
+    with pytest.raises(HfStackError, match=__import__("re").escape(match)):
+        make_trainer(small2, tmp_path / "r", data_file, growth_schedule=schedule, max_tokens=64 * 10,
+                     stacked_config=None).train()  # fmt: skip
+    assert not (tmp_path / "r").exists() or not any((tmp_path / "r").iterdir())
+
+
+def test_grow_at_tokens_is_the_one_entry_schedule():
+    args = StackingTrainingArguments("x", grow_at_tokens=128, stacked_config=StackedConfig(factor=3), report_to=[])
+    assert [(e["at_tokens"], e["stacked_config"]) for e in args.growth_schedule] == [(128, StackedConfig(factor=3))]
+    with pytest.raises(HfStackError, match="not both"):
+        StackingTrainingArguments("x", grow_at_tokens=128, growth_schedule=SCHEDULE, report_to=[])
+
+
+def test_cli_grow_schedule(small2, tmp_path, data_file):
+    r = hf_stack("train", "--model", small2, "--data", data_file, "--block-size", 16, "--per-device-train-batch-size",
+                 4, "--grow-schedule", "192:factor=2;384:factor=2,order=middle,learning_rate=2e-4",
+                 "--max-tokens", 640, "--disable-tqdm", "true", "--use-cpu", "true", "-o", tmp_path / "run")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    record = json.loads((tmp_path / "run" / "final" / "growth_config.json").read_text())
+    assert [g["target_num_layers"] for g in record["growths"]] == [4, 8]
+    r = hf_stack("train", "--model", small2, "--data", data_file, "--grow-schedule", "192:fator=2",
+                 "--max-tokens", 640, "-o", tmp_path / "bad")  # fmt: skip
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: cannot read 'fator=2'")
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()
