@@ -21,7 +21,7 @@ from hf_stack import (
 )
 from hf_stack.analysis.compare import Curve, speedup
 from hf_stack.data import iter_documents, pack, tokenize_documents
-from tests.conftest import accounting, build_checkpoint
+from tests.conftest import CORPUS, accounting, build_checkpoint
 
 
 def make_trainer(small, out, data_file, cls=StackingTrainer, callbacks=None, **kw):
