@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from .checkpoints.card import apply_updates, update_card
@@ -22,7 +23,34 @@ def resolve_token(token: str | None = None) -> str:
 
 
 def _scrub(text: str, token: str) -> str:
-    return text.replace(token, "***") if token else text
+    """`text` without the token, nor the query of any URL (a signed storage URL is a credential too)."""
+    text = text.replace(token, "***") if token else text
+    return re.sub(r"(https?://[^\s?'\"]+)\?[^\s'\"]*", r"\1", text)
+
+
+def _reason(e: BaseException, token: str) -> str:
+    """`error_reason(e)`, followed by that of the error it was raised from: huggingface_hub's "Error while
+    uploading 'model.safetensors' to the Hub." keeps the HTTP status in its cause."""
+    reason = error_reason(e)
+    if e.__cause__ is not None:
+        reason = f"{reason.rstrip('.')}: {error_reason(e.__cause__)}"
+    return _scrub(reason, token)
+
+
+def _refused_token(e: BaseException) -> bool:
+    """Whether the Hub answered 401, here or in the error this one was raised from: a token it does not know."""
+    while e is not None:
+        if getattr(getattr(e, "response", None), "status_code", None) == 401:
+            return True
+        e = e.__cause__
+    return False
+
+
+def _token_error(doing: str) -> HfStackError:
+    return HfStackError(
+        f"{doing} failed: the Hub refused the token (401 Unauthorized), nothing was committed; set a valid token "
+        "in HF_TOKEN, with `hf auth login` or with --token"
+    )
 
 
 def default_repo_id(name: str, token: str) -> str:
@@ -32,9 +60,9 @@ def default_repo_id(name: str, token: str) -> str:
     try:
         user = HfApi().whoami(token=token)["name"]
     except Exception as e:
-        raise HfStackError(
-            f"cannot find your Hub namespace (whoami failed): {_scrub(error_reason(e), token)}"
-        ) from None
+        if _refused_token(e):
+            raise _token_error("finding your Hub namespace (whoami)") from None
+        raise HfStackError(f"cannot find your Hub namespace (whoami failed): {_reason(e, token)}") from None
     return f"{user}/{name}"
 
 
@@ -88,8 +116,10 @@ def push(
     except HfStackError:
         raise
     except Exception as e:
+        if _refused_token(e):
+            raise _token_error(f"push to {repo_id}") from None
         raise HfStackError(
-            f"push to {repo_id} failed ({_scrub(error_reason(e), token)}); nothing was committed, run the same command again"
+            f"push to {repo_id} failed ({_reason(e, token)}); nothing was committed, run the same command again"
         ) from None
     return str(url)
 
@@ -106,7 +136,7 @@ def push_eval(repo_id: str, results: dict, *, token: str | None = None, revision
         apply_updates(card, repo_id, {"evaluation": results_table(results)}, eval_results(results))
         card.push_to_hub(repo_id, token=token, revision=revision, commit_message="Evaluation results from hf_stack")
     except Exception as e:
-        raise HfStackError(
-            f"pushing results to {repo_id} failed ({_scrub(error_reason(e), token)}); run again"
-        ) from None
+        if _refused_token(e):
+            raise _token_error(f"pushing results to {repo_id}") from None
+        raise HfStackError(f"pushing results to {repo_id} failed ({_reason(e, token)}); run again") from None
     return repo_id

@@ -21,10 +21,10 @@ def test_notebooks_are_committed_without_outputs():
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs(path, tmp_path, monkeypatch):
-    hub = HubServer().start()
+    hub = HubServer(tokens={"hf_notebook_token"}).start()
     # the kernel inherits this environment: the real huggingface_hub client, pointed at the local server
-    for key, value in {"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0", "HF_TOKEN": "hf_notebook_token",
-                       "HF_HOME": str(tmp_path / "hf-home"), "MPLBACKEND": "Agg"}.items():  # fmt: skip
+    for key, value in {**hub.client_env(), "HF_TOKEN": "hf_notebook_token", "HF_HOME": str(tmp_path / "hf-home"),
+                       "MPLBACKEND": "Agg"}.items():  # fmt: skip
         monkeypatch.setenv(key, value)
     try:
         nb = nbformat.read(path, as_version=4)
@@ -35,4 +35,5 @@ def test_notebook_runs(path, tmp_path, monkeypatch):
         hub.stop()
     if path.stem.startswith("03"):
         assert "me/nb-grown-x2" in hub.repos and "README.md" in hub.files("me/nb-grown-x2")
+        assert "model.safetensors" in hub.lfs_files("me/nb-grown-x2")  # through LFS, as from a real notebook
     assert os.environ["HF_HUB_OFFLINE"] == "0"
