@@ -195,6 +195,45 @@ class StackedConfig:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.init and (learn or f.name[:6] != "learn_")}
 
     @classmethod
+    def from_string(cls, text: str) -> StackedConfig:
+        """Settings written as `key=value,key=value` with the field names, e.g. `"operator=zero,factor=4"`."""
+        return cls(**cls.parse_settings(text))
+
+    @classmethod
+    def parse_settings(cls, text: str) -> dict:
+        """The typed settings of `key=value,key=value` text, not yet checked together (see [`from_string`]).
+
+        Each value is read as its field's type (whole number, number, text); a part without `=` continues the
+        value before it, so comma lists such as `layer_map=0-2,1` need no quoting; hyphens may stand for
+        underscores (`width-factor=2`).
+        """
+        known = {f.name: f for f in fields(cls) if f.init}
+        values: dict = {}
+        key = None
+        for part in str(text).split(","):
+            name, sep, value = part.partition("=")
+            if not sep:
+                if key is None or not part.strip():
+                    raise HfStackError(f"cannot read {part!r} in {text!r}: write key=value,key=value")
+                values[key] += "," + part.strip()
+                continue
+            key = name.strip().replace("-", "_")
+            if key not in known:
+                raise HfStackError(f"unknown setting {name.strip()!r} in {text!r}; known: {', '.join(known)}")
+            if key in values:
+                raise HfStackError(f"setting {key!r} is given twice in {text!r}")
+            values[key] = value.strip()
+        typed = {}
+        for key, value in values.items():
+            kind = setting_type(known[key])
+            try:
+                typed[key] = kind(value)
+            except ValueError:
+                what = {int: "a whole number", float: "a number"}[kind]
+                raise HfStackError(f"{key} must be {what}, got {value!r} in {text!r}") from None
+        return typed
+
+    @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **hub_kwargs) -> StackedConfig:
         """Read the growth settings back from a grown model's `growth_config.json` (folder or Hub id).
 
@@ -230,3 +269,8 @@ class StackedConfig:
 
 
 DTYPES = ("float32", "bfloat16", "float16")
+
+
+def setting_type(f) -> type:
+    """The type a setting's text (a CLI flag, a `from_string` value) is read as: int, float or str."""
+    return float if "float" in str(f.type) else int if "int" in str(f.type) else str

@@ -55,7 +55,10 @@ def write_final_outputs(
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     training = training_summary(phases)
-    record = json.loads((out / GROWTH_STATE).read_text())["growth"] if (out / GROWTH_STATE).is_file() else {}
+    if (out / GROWTH_STATE).is_file():  # grown in the run
+        record = json.loads((out / GROWTH_STATE).read_text())["growth"]
+    else:  # grown before it (`from_small_pretrained`), or not grown: {}
+        record = getattr(model, "growth_record", None) or {}
     write_growth_record(tmp, {**record, "training": training})
     log = {"training": training, "log_history": history}
     if baselines:
