@@ -32,6 +32,7 @@ _EXPORTS = {
     "evaluate_model": "evaluation.harness",
     "EvalCallback": "evaluation.harness",
     "compare": "analysis.compare",
+    "trial": "analysis.trial",
     "push": "hub",
 }
 __all__ = ["__version__", *_EXPORTS]

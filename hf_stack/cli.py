@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from .errors import HfStackError
-from .plans.config import StackedConfig
+from .plans.config import StackedConfig, setting_type
 
 GROW_EXAMPLES = """examples:
   hf-stack grow org/small --factor 4 -o grown                      # G_stack, g = 4 (the paper's default)
@@ -20,6 +20,16 @@ GROW_EXAMPLES = """examples:
   hf-stack grow ./small --operator zero --factor 2 --width-factor 2    # deeper and wider in one call
   hf-stack grow ./small --operator learn --factor 2 --learn-data 'text/*.txt' --learn-steps 100  # LiGO
   hf-stack grow org/small --factor 4 --push                        # to <your namespace>/small-stack-x4
+"""
+TRIAL_EXAMPLES = """examples:
+  hf-stack trial ./small --data ./corpus/*.txt --candidates "factor=4" "factor=2" "operator=zero,factor=4" --steps 200 -o trial/
+  hf-stack trial ./small --data ./corpus/*.txt --candidates order=stack order=interpolate order=middle
+  hf-stack trial ./small --data ./corpus/*.txt --candidates factor=2 "operator=direct,width_factor=2" operator=learn,factor=2
+
+Each candidate's run is trial/<candidate>/ (final/ and training_log.json); the best one continues as a normal run:
+  hf-stack train --model trial/factor-4/final --data ./corpus/*.txt --max-tokens 8e6 -o run/
+trial.json holds every row's raw numbers and total_flops, the trial's whole compute (add it to a speed-up's cost).
+A learn candidate without learn_data trains its maps on --data.
 """
 # CLI spellings that differ from the dataclass field names.
 FLAG_NAMES = {"num_layers": "--layers"}
@@ -36,9 +46,13 @@ def add_dataclass_options(parser: argparse.ArgumentParser, cls) -> None:
         if not f.init:
             continue
         flag = FLAG_NAMES.get(f.name, "--" + f.name.replace("_", "-"))
-        kind = float if "float" in str(f.type) else int if "int" in str(f.type) else str
         parser.add_argument(
-            flag, dest=f.name, type=kind, default=None, choices=f.metadata.get("choices"), help=f.metadata.get("help")
+            flag,
+            dest=f.name,
+            type=setting_type(f),
+            default=None,
+            choices=f.metadata.get("choices"),
+            help=f.metadata.get("help"),
         )
 
 
@@ -229,6 +243,19 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_trial(args) -> int:
+    from .analysis.trial import print_trial, trial
+
+    result = trial(
+        args.source, args.data, args.candidates, args.output, steps=args.steps, batch_size=args.batch_size,
+        block_size=args.block_size, learning_rate=args.learning_rate, warmup_steps=args.warmup_steps,
+        lr_scheduler_type=args.lr_scheduler_type, seed=args.seed, validation_fraction=args.validation_fraction,
+        text_column=args.text_column, revision=args.revision, overwrite=args.overwrite, report=print,
+    )  # fmt: skip
+    print_trial(result)
+    return 0
+
+
 def cmd_eval(args) -> int:
     from .evaluation.benchmarks import results_table
     from .evaluation.harness import evaluate_model, print_table
@@ -346,6 +373,47 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compare.add_argument("-o", "--output", help="PNG to write (default: <grown>/compare.png).")
     compare.set_defaults(func=cmd_compare)
+
+    tr = sub.add_parser(
+        "trial",
+        help="grow with each candidate setting, train each briefly on the same blocks, pick the best",
+        description=(
+            "Landscape-Aware Growing (arXiv 2406.02469): the loss right after growth is a poor guide, a short run "
+            "after growth picks the best growth. Each candidate is grown, evaluated on held-out blocks, trained "
+            "--steps steps on the same blocks with the same settings, and evaluated again; the table, trial.json "
+            "and one run folder per candidate go to the output folder, which appears only when the trial is done."
+        ),
+        epilog=TRIAL_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    tr.add_argument("source", help="Small model: a local folder or a Hub repo id.")
+    tr.add_argument("--data", nargs="+", required=True, help="Training text: files, globs or a Hub dataset id.")
+    tr.add_argument(
+        "--candidates", nargs="+", required=True, metavar="SETTINGS",
+        help="Growth settings, one per candidate: key=value,key=value with the growth flags' names "
+        "(factor, num_layers, operator, order, layer_map, width_factor, ...), e.g. operator=zero,factor=4.",
+    )  # fmt: skip
+    tr.add_argument("--steps", type=int, default=200, help="Optimizer steps per candidate (default 200).")
+    tr.add_argument("--batch-size", type=int, default=8, help="Blocks per step (default 8).")
+    tr.add_argument("--block-size", type=int, default=256, help="Tokens per block (default 256).")
+    tr.add_argument("--learning-rate", type=float, default=3e-4, help="Peak learning rate (default 3e-4).")
+    tr.add_argument(
+        "--warmup-steps", type=float, default=0.1, help="Warmup steps, or below 1 a fraction of --steps (default 0.1)."
+    )
+    tr.add_argument(
+        "--lr-scheduler-type", default="constant_with_warmup",
+        help="transformers schedule (default constant_with_warmup: the start of a longer run, not an annealed one).",
+    )  # fmt: skip
+    tr.add_argument("--seed", type=int, default=0, help="Seed of the block order and of training (default 0).")
+    tr.add_argument(
+        "--validation-fraction", type=float, default=0.1,
+        help="Tail of the token stream held out for the losses after growth and after the trial (default 0.1).",
+    )  # fmt: skip
+    tr.add_argument("--text-column", default="text", help="Text column of jsonl/parquet/Hub data.")
+    tr.add_argument("--revision", help="Hub revision of the source.")
+    tr.add_argument("-o", "--output", default="trial", help="Trial folder (default: trial).")
+    tr.add_argument("--overwrite", action="store_true", help="Replace an existing trial folder.")
+    tr.set_defaults(func=cmd_trial)
 
     ev = sub.add_parser(
         "eval",

@@ -171,6 +171,11 @@ def build_dataset(
     budget = None if max_tokens is None else int(max_tokens / (1 - validation_fraction)) + block_size
     tokens = tokenize_documents(iter_documents(sources, text_column, split), tokenizer, budget)
     n_val = int(len(tokens) * validation_fraction)
+    if 0 < n_val < block_size:
+        raise HfStackError(
+            f"the validation tail ({validation_fraction:g} of {len(tokens):,} tokens) is shorter than one block of "
+            f"{block_size}; add data or hold out a larger fraction"
+        )
     train_tokens, val_tokens = tokens[: len(tokens) - n_val], tokens[len(tokens) - n_val :]
     train = pack(train_tokens, block_size, seed)
     validation = pack(val_tokens, block_size, seed, shuffle=False) if n_val else None

@@ -104,7 +104,7 @@ def test_a_run_killed_after_its_second_growth_resumes_as_the_twice_grown_model(s
         ([{"at_tokens": 128, "stacked_config": {"factor": 2}, "lr": 1e-3}], "unknown keys lr"),
         ([{"at_tokens": 100, "stacked_config": {"factor": 2}}, {"at_tokens": 120, "stacked_config": {"factor": 2}}],
          "fall on the same step"),
-        ("128:fator=2", "cannot read 'fator=2'"),
+        ("128:fator=2", "unknown setting 'fator' in 'fator=2'"),
         ("128;256:factor=2", "cannot read growth '128'"),
     ],
 )  # fmt: skip
@@ -131,5 +131,5 @@ def test_cli_grow_schedule(small2, tmp_path, data_file):
     assert [g["target_num_layers"] for g in record["growths"]] == [4, 8]
     r = hf_stack("train", "--model", small2, "--data", data_file, "--grow-schedule", "192:fator=2",
                  "--max-tokens", 640, "-o", tmp_path / "bad")  # fmt: skip
-    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: cannot read 'fator=2'")
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: unknown setting 'fator'")
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()

@@ -195,6 +195,17 @@ class StackedConfig:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.init and (learn or f.name[:6] != "learn_")}
 
     @classmethod
+    def from_string(cls, text: str) -> StackedConfig:
+        """Settings written as `key=value,key=value` with the field names, e.g. `"operator=zero,factor=4"`."""
+        return cls(**cls.parse_settings(text))
+
+    @classmethod
+    def parse_settings(cls, text: str) -> dict:
+        """The typed settings of `key=value,key=value` text, not yet checked together (see [`from_string`] and the
+        module's `parse_settings`)."""
+        return parse_settings(text, {f.name: setting_type(f) for f in fields(cls) if f.init})
+
+    @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **hub_kwargs) -> StackedConfig:
         """Read the growth settings back from a grown model's `growth_config.json` (folder or Hub id).
 
@@ -232,39 +243,41 @@ class StackedConfig:
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-def parse_settings(text: str, fields_of: dict[str, str]) -> dict:
-    """`"factor=2,order=middle"` -> `{"factor": 2, "order": "middle"}`, each value typed by its field's annotation.
+def setting_type(f) -> type:
+    """The type a setting's text (a CLI flag, a `from_string` value) is read as: int, float or str."""
+    return float if "float" in str(f.type) else int if "int" in str(f.type) else str
 
-    Args:
-        text: comma-separated `key=value` pairs.
-        fields_of: allowed key -> its type annotation (as a string: "int | None", "float", "str", ...).
+
+def parse_settings(text: str, known: dict[str, type]) -> dict:
+    """The typed settings of `key=value,key=value` text (`known`: each allowed key and its type).
+
+    A part without `=` continues the value before it, so comma lists such as `layer_map=0-2,1` need no quoting;
+    hyphens may stand for underscores (`width-factor=2`); whole numbers may be written `1e6`.
     """
-    out: dict = {}
-    for part in (p.strip() for p in text.split(",")):
-        if not part:
+    values: dict = {}
+    key = None
+    for part in str(text).split(","):
+        name, sep, value = part.partition("=")
+        if not sep:
+            if key is None or not part.strip():
+                raise HfStackError(f"cannot read {part!r} in {text!r}: write key=value,key=value")
+            values[key] += "," + part.strip()
             continue
-        key, sep, value = (s.strip() for s in part.partition("="))
-        key = key.replace("-", "_")
-        if not sep or key not in fields_of:
-            known = ", ".join(sorted(fields_of))
-            raise HfStackError(f"cannot read {part!r} in {text!r}: write key=value with a key among {known}")
-        kind = fields_of[key]
+        key = name.strip().replace("-", "_")
+        if key not in known:
+            raise HfStackError(f"unknown setting {name.strip()!r} in {text!r}; known: {', '.join(known)}")
+        if key in values:
+            raise HfStackError(f"setting {key!r} is given twice in {text!r}")
+        values[key] = value.strip()
+    typed = {}
+    for key, value in values.items():
+        kind = known[key]
         try:
-            if "float" in kind:
-                out[key] = float(value)
-            elif "int" in kind:
-                number = float(value)
-                if not number.is_integer():
-                    raise ValueError
-                out[key] = int(number)
-            else:
-                out[key] = value
+            number = float(value) if kind is not str else None
+            if kind is int and not number.is_integer():
+                raise ValueError
+            typed[key] = value if kind is str else kind(number)
         except ValueError:
-            raise HfStackError(
-                f"{key} takes a {'number' if 'float' in kind else 'whole number'}, got {value!r}"
-            ) from None
-    return out
-
-
-# The keys a StackedConfig can be written with as text ("factor=2,order=middle").
-STACKED_FIELDS = {f.name: str(f.type) for f in fields(StackedConfig) if f.init}
+            what = {int: "a whole number", float: "a number"}[kind]
+            raise HfStackError(f"{key} must be {what}, got {value!r} in {text!r}") from None
+    return typed

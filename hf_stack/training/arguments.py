@@ -6,11 +6,12 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
+from dataclasses import fields as dataclass_fields
 
 from transformers import TrainingArguments
 
 from ..errors import HfStackError
-from ..plans.config import STACKED_FIELDS, StackedConfig, parse_settings
+from ..plans.config import StackedConfig, parse_settings, setting_type
 
 
 @dataclass
@@ -244,7 +245,9 @@ def _parse_schedule(text: str) -> list[dict]:
             ) from None
         if not sep:
             raise HfStackError(f"cannot read growth {part!r}: write AT_TOKENS:key=value,... e.g. 1e6:factor=2")
-        values = parse_settings(settings, {**STACKED_FIELDS, **{k: v for k, v in PHASE_KEYS.items() if v != "dict"}})
+        known = {f.name: setting_type(f) for f in dataclass_fields(StackedConfig) if f.init}
+        values = parse_settings(settings, {**known, "learning_rate": float, "warmup_steps": float,
+                                           "lr_scheduler_type": str})  # fmt: skip
         phase = {k: values.pop(k) for k in list(values) if k in PHASE_KEYS}
         entries.append({"at_tokens": tokens, "stacked_config": values, **phase})
     if not entries:

@@ -55,7 +55,9 @@ def write_final_outputs(
         tokenizer.save_pretrained(tmp)
     training = training_summary(phases)
     growths = read_growth_state(out)["growths"]
-    record = growths[-1] if growths else {}  # the final model's own growth: its layer map, operator, settings
+    # grown in the run: the final model's own growth (its layer map, operator, settings), with every growth when
+    # there were several; grown before it (`from_small_pretrained`): that record; not grown: {}
+    record = growths[-1] if growths else getattr(model, "growth_record", None) or {}
     if len(growths) > 1:
         record = {**record, "growths": growths}
     write_growth_record(tmp, {**record, "training": training})
