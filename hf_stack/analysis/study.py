@@ -67,7 +67,10 @@ DEFAULTS = {
 ARM_RESULT = "arm_result.json"
 # Keys an ablation row may change; rows that change the target (its depth, width or tying) get their own scratch.
 ABLATION_KEYS = {"small_layers", "factor", "operator", "order", "grow_at_tokens", "small_schedule",
-                 "tie_word_embeddings", "total_tokens"}  # fmt: skip
+                 "tie_word_embeddings", "total_tokens", "growths"}  # fmt: skip
+# A row with `growths` grows several times (gradual stacking, MIDAS): a list of {"at": multiple of grow_at_tokens,
+# "factor": g, "order": ...}; the phases before the last keep the small model's schedule and learning rate, the last
+# takes the grown one (swept like a one-shot growth's).
 # Keys only operator rows use (absent means: depth growth, no MSG masks, LiGO's default steps). For "width" the
 # small model has the target's depth (`small_layers`) and half its hidden size and heads; `factor` is not used.
 OPERATOR_KEYS = {"direction", "mask_steps", "learn_steps"}
@@ -101,6 +104,13 @@ def load_recipe(recipe: dict) -> dict:
 
 
 def _check_setting(s: dict) -> None:
+    at = [g.get("at") for g in s.get("growths", [])]
+    if at and (at[0] != 1 or at != sorted(set(at)) or not all(isinstance(g.get("factor"), int) for g in s["growths"])):
+        raise HfStackError(
+            f"growths {s['growths']!r}: the first at 1 (x grow_at_tokens), then later, each with a factor"
+        )
+    if at and not at[-1] * s["grow_at_tokens"] < s["total_tokens"]:
+        raise HfStackError(f"the last growth ({at[-1]} x grow_at_tokens) must be inside total_tokens")
     if not 0 < s["grow_at_tokens"] < s["total_tokens"]:
         raise HfStackError(f"grow_at_tokens ({s['grow_at_tokens']:.3g}) must be inside total_tokens")
     steps = _steps(s["grow_at_tokens"], s)
@@ -150,7 +160,22 @@ def prepare_data(recipe: dict, files, work: Path) -> dict:
 
 
 def target_layers(s: dict) -> int:
+    if s.get("growths"):
+        return s["small_layers"] * math.prod(g["factor"] for g in s["growths"])
     return s["small_layers"] * (s["factor"] if s.get("direction", "depth") == "depth" else 1)
+
+
+def _schedule_of(s: dict, tps: int, grown_lr: float) -> list[dict]:
+    """The growth schedule of a row with several growths (see ABLATION_KEYS)."""
+    out = []
+    for i, g in enumerate(s["growths"]):
+        last = i == len(s["growths"]) - 1
+        schedule = s["schedule"] if last else s["small_schedule"]
+        out.append({"at_tokens": _steps(g["at"] * s["grow_at_tokens"], s) * tps,
+                    "stacked_config": {"operator": s["operator"], "factor": g["factor"], "order": g.get("order", s["order"])},
+                    "learning_rate": grown_lr if last else None, "warmup_steps": s["grown_warmup"] if last else 0,
+                    "lr_scheduler_type": schedule, "lr_scheduler_kwargs": _schedule_kwargs(schedule, s)})  # fmt: skip
+    return out
 
 
 def small_model(s: dict, vocab: int, seed: int):
@@ -208,6 +233,11 @@ def sizes(s: dict, vocab: int) -> dict:
     n = {"small": count_parameters(small), "small_non_embedding": count_parameters(small, embeddings=False),
          "target": count_parameters(big), "target_non_embedding": count_parameters(big, embeddings=False)}  # fmt: skip
     n["grown_flops"] = training_flops(n["small"], d) + training_flops(n["target"], total - d)
+    if s.get("growths"):  # each phase at its own size
+        ends = [g["at_tokens"] for g in _schedule_of(s, _tps(s), 0.0)] + [total]
+        layers = [s["small_layers"] * math.prod(g["factor"] for g in s["growths"][:i]) for i in range(len(ends))]
+        n["grown_flops"] = sum(training_flops(count_parameters(model_for(s, n_layers, vocab, 0)), b - a)
+                               for n_layers, a, b in zip(layers, [0, *ends[:-1]], ends))  # fmt: skip
     n["d"], n["total_tokens"] = d, total
     n["target_non_embedding_share"] = n["target_non_embedding"] / n["target"]
     n["tokens_per_small_parameter"] = d / n["small"]
@@ -271,7 +301,12 @@ def _train_arm(arm: dict, spec: dict, out: Path, done: Path) -> dict:
         seed=seed, weight_decay=0.1, adam_beta2=0.95, max_grad_norm=1.0, disable_tqdm=True,
         max_tokens=arm["tokens"], learning_rate=arm["lr"], warmup_steps=s["warmup"], dataloader_num_workers=0,
     )  # fmt: skip
-    if role == "grown":
+    if role == "grown" and s.get("growths"):
+        args = StackingTrainingArguments(
+            str(out), growth_schedule=_schedule_of(s, tps, arm["grown_lr"]), lr_scheduler_type=s["small_schedule"],
+            lr_scheduler_kwargs=_schedule_kwargs(s["small_schedule"], s), **common,
+        )  # fmt: skip
+    elif role == "grown":
         args = StackingTrainingArguments(
             str(out), grow_at_tokens=_steps(s["grow_at_tokens"], s) * tps, grown_learning_rate=arm["grown_lr"],
             grown_warmup_steps=s["grown_warmup"], lr_scheduler_type=s["small_schedule"],
