@@ -67,13 +67,13 @@ DEFAULTS = {
 ARM_RESULT = "arm_result.json"
 # Keys an ablation row may change; rows that change the target (its depth, width or tying) get their own scratch.
 ABLATION_KEYS = {"small_layers", "factor", "operator", "order", "grow_at_tokens", "small_schedule",
-                 "tie_word_embeddings", "total_tokens", "growths"}  # fmt: skip
+                 "tie_word_embeddings", "total_tokens"}  # fmt: skip
+# Keys only some rows use (absent means: depth growth, no MSG masks, LiGO's default steps, one growth). For "width" the
+# small model has the target's depth (`small_layers`) and half its hidden size and heads; `factor` is not used.
 # A row with `growths` grows several times (gradual stacking, MIDAS): a list of {"at": multiple of grow_at_tokens,
 # "factor": g, "order": ...}; the phases before the last keep the small model's schedule and learning rate, the last
 # takes the grown one (swept like a one-shot growth's).
-# Keys only operator rows use (absent means: depth growth, no MSG masks, LiGO's default steps). For "width" the
-# small model has the target's depth (`small_layers`) and half its hidden size and heads; `factor` is not used.
-OPERATOR_KEYS = {"direction", "mask_steps", "learn_steps"}
+OPERATOR_KEYS = {"direction", "mask_steps", "learn_steps", "growths"}
 # Rows with the same target share its scratch runs, at budgets set by the first such row's grown run.
 TARGET_KEYS = ("tie_word_embeddings", "hidden_size", "num_attention_heads")
 
@@ -166,7 +166,7 @@ def target_layers(s: dict) -> int:
 
 
 def _schedule_of(s: dict, tps: int, grown_lr: float) -> list[dict]:
-    """The growth schedule of a row with several growths (see ABLATION_KEYS)."""
+    """The growth schedule of a row with several growths (see OPERATOR_KEYS)."""
     out = []
     for i, g in enumerate(s["growths"]):
         last = i == len(s["growths"]) - 1
