@@ -253,3 +253,13 @@ def test_verify_catches_a_wrong_width_builder(operator, tmp_path, monkeypatch):
     with pytest.raises(HfStackError, match="verification failed"):
         grow(tmp_path / "s", tmp_path / "bad", stacked, verify=True)
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("operator", ["direct", "zero"])
+def test_verify_passes_sixteen_bit_width_growth(operator, tmp_path):
+    """Each noisy copy is rounded to bfloat16 on its own: verify allows that rounding and no more."""
+    build_checkpoint(tmp_path / "s", "llama", num_layers=2)
+    grow(
+        tmp_path / "s", tmp_path / "g", StackedConfig(operator=operator, width_factor=2, dtype="bfloat16"), verify=True
+    )
+    assert json.loads((tmp_path / "g" / "config.json").read_text())["dtype"] == "bfloat16"
