@@ -209,10 +209,16 @@ def _train_parser():
 def cmd_train(argv: list[str]) -> int:
     # `-o DIR` is the short spelling used by every hf-stack command; `--grow-schedule` the one the README uses.
     aliases = {"-o": "--output_dir", "--grow-schedule": "--growth_schedule"}
-    argv = [aliases.get(a, a) for a in argv]
+    argv = [aliases.get(a.partition("=")[0], a.partition("=")[0]) + a.partition("=")[1] + a.partition("=")[2]
+            if a.startswith("-") else a for a in argv]  # fmt: skip
     namespace = vars(_train_parser().parse_args(argv))
     cli, stacked = (cls(**{f.name: namespace[f.name] for f in dataclasses.fields(cls) if f.init})
                     for cls in (TrainCommandArguments, StackedConfig))  # fmt: skip
+    if namespace["growth_schedule"] is not None and stacked != StackedConfig():
+        raise HfStackError(
+            "the growth flags (--factor, --operator, ...) describe --grow-at-tokens' one growth; with --grow-schedule "
+            "give each growth's settings in the schedule, e.g. '1e6:factor=2,operator=zero'"
+        )
     from .training.arguments import StackingTrainingArguments
 
     settings = {f.name: namespace[f.name] for f in dataclasses.fields(StackingTrainingArguments) if f.init}

@@ -117,7 +117,7 @@ def test_bad_schedules_are_refused_before_anything_is_written(small2, tmp_path, 
 
 def test_grow_at_tokens_is_the_one_entry_schedule():
     args = StackingTrainingArguments("x", grow_at_tokens=128, stacked_config=StackedConfig(factor=3), report_to=[])
-    assert [(e["at_tokens"], e["stacked_config"]) for e in args.growth_schedule] == [(128, StackedConfig(factor=3))]
+    assert [(e["at_tokens"], e["stacked_config"]) for e in args.growths] == [(128, StackedConfig(factor=3))]
     with pytest.raises(HfStackError, match="not both"):
         StackingTrainingArguments("x", grow_at_tokens=128, growth_schedule=SCHEDULE, report_to=[])
 
@@ -133,3 +133,51 @@ def test_cli_grow_schedule(small2, tmp_path, data_file):
                  "--max-tokens", 640, "-o", tmp_path / "bad")  # fmt: skip
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: unknown setting 'fator'")
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()
+
+
+def test_schedule_settings_checked_and_read_as_given():
+    base = dict(report_to=[], lr_scheduler_type="constant_with_warmup")
+    args = StackingTrainingArguments("x", **base)
+    args.grow_at_tokens = 128  # set after construction: the one growth follows it
+    args.check_growth()
+    assert [e["at_tokens"] for e in args.growths] == [128]
+    with pytest.raises(HfStackError, match="unknown growth_schedule entry 1's lr_scheduler_type 'cosin'"):
+        StackingTrainingArguments("x", growth_schedule="128:factor=2,lr_scheduler_type=cosin", **base)
+    as_json = StackingTrainingArguments("x", growth_schedule=json.dumps(SCHEDULE), **base)
+    assert [e["stacked_config"].order for e in as_json.growths] == ["stack", "middle"]
+    # a phase's own schedule arguments are its own; another type than phase 1's starts without phase 1's
+    args = StackingTrainingArguments("x", grown_lr_scheduler_type="cosine_with_min_lr", grown_lr_scheduler_kwargs={"min_lr_rate": 0.1},
+                                     growth_schedule=[{"at_tokens": 64, "stacked_config": {}, "lr_scheduler_kwargs": {"min_lr": 1e-5}},
+                                                      {"at_tokens": 128, "stacked_config": {}},
+                                                      {"at_tokens": 192, "stacked_config": {}, "lr_scheduler_type": "linear"}],
+                                     **base)  # fmt: skip
+    assert [args.phase_settings(p)["lr_scheduler_kwargs"] for p in (2, 3, 4)] == [
+        {"min_lr": 1e-5},
+        {"min_lr_rate": 0.1},
+        {},
+    ]
+    assert [args.phase_settings(p)["lr_scheduler_type"] for p in (1, 2, 4)] == [
+        "constant_with_warmup",
+        "cosine_with_min_lr",
+        "linear",
+    ]
+
+
+def test_peft_with_several_growths_is_refused(small2, tmp_path, data_file):
+    from peft import LoraConfig
+
+    trainer = make_trainer(small2, tmp_path / "r", data_file, growth_schedule=SCHEDULE, max_tokens=64 * 10,
+                           stacked_config=None)  # fmt: skip
+    trainer.peft_config = LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM")
+    with pytest.raises(HfStackError, match="give it one growth, not several"):
+        trainer.train()
+
+
+def test_cli_growth_flags_with_a_schedule_are_refused(small2, tmp_path, data_file):
+    r = hf_stack("train", "--model", small2, "--data", data_file, "--grow-schedule=192:factor=2", "--operator", "zero",
+                 "--max-tokens", 640, "-o", tmp_path / "bad")  # fmt: skip
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr[-2000:]
+    assert (
+        "with --grow-schedule give each growth's settings in the schedule" in r.stderr
+        and not (tmp_path / "bad").exists()
+    )

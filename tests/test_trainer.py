@@ -409,20 +409,30 @@ def test_two_processes_with_torchrun_grow_together(small2, tmp_path, data_file):
 
 
 def test_resume_point_names_what_a_resume_continues_from(tmp_path):
-    from hf_stack.training.run_folder import resume_point
+    from hf_stack.training.run_folder import resume_point, write_growth_state
 
     def complete(folder):
         folder.mkdir(parents=True)
         (folder / "trainer_state.json").write_text("{}")
 
-    assert resume_point(tmp_path, grows=True) == "the beginning (no checkpoint is complete yet)"
+    assert resume_point(tmp_path, 1) == "the beginning (no checkpoint is complete yet)"
     complete(tmp_path / "small" / "checkpoint-4")
     (tmp_path / "small" / "checkpoint-8").mkdir()  # partial: never resumed from
-    assert resume_point(tmp_path, grows=True) == str(tmp_path / "small" / "checkpoint-4")
-    (tmp_path / "growth_state.json").write_text("{}")
-    assert resume_point(tmp_path, grows=True).startswith(f"the grown model in {tmp_path / 'grown-init'}")
+    assert resume_point(tmp_path, 1) == str(tmp_path / "small" / "checkpoint-4")
+    write_growth_state(tmp_path, [{}], [{}])
+    assert (
+        resume_point(tmp_path, 1)
+        == f"the grown model in {tmp_path / 'grown-init'} (grown from {tmp_path / 'small' / 'checkpoint-4'})"
+    )
     complete(tmp_path / "checkpoint-2")
-    assert resume_point(tmp_path, grows=True) == str(tmp_path / "checkpoint-2")
+    assert resume_point(tmp_path, 1) == str(tmp_path / "checkpoint-2")
+    # two growths: after the first, phase 2 keeps its checkpoints in phase-2/ and grew into grown-init-1/
+    assert (
+        resume_point(tmp_path, 2)
+        == f"the grown model in {tmp_path / 'grown-init-1'} (grown from {tmp_path / 'small' / 'checkpoint-4'})"
+    )
+    complete(tmp_path / "phase-2" / "checkpoint-3")
+    assert resume_point(tmp_path, 2) == str(tmp_path / "phase-2" / "checkpoint-3")
 
 
 def test_a_short_cli_run_logs_about_fifty_points_per_phase_by_default(small2, tmp_path, data_file):

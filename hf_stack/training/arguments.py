@@ -100,15 +100,7 @@ class StackingTrainingArguments(TrainingArguments):
                     f"grown_lr_scheduler_kwargs is not JSON: {self.grown_lr_scheduler_kwargs!r}"
                 ) from None
         if self.grown_lr_scheduler_type is not None:
-            from transformers.trainer_utils import SchedulerType
-
-            try:
-                SchedulerType(self.grown_lr_scheduler_type)
-            except ValueError:
-                names = ", ".join(t.value for t in SchedulerType)
-                raise HfStackError(
-                    f"unknown grown_lr_scheduler_type {self.grown_lr_scheduler_type!r}; choose one of {names}"
-                ) from None
+            _scheduler_type(self.grown_lr_scheduler_type, "grown_lr_scheduler_type")
         if isinstance(self.stacked_config, str):
             try:
                 self.stacked_config = json.loads(self.stacked_config)
@@ -122,9 +114,8 @@ class StackingTrainingArguments(TrainingArguments):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, _tokens(name, value))
-        self.growth_schedule = self._schedule()
         self.check_growth()
-        last = self.growth_schedule[-1]["at_tokens"] if self.growth_schedule else None
+        last = self.growths[-1]["at_tokens"] if self.growths else None
         if last is not None and self.max_tokens is not None and last >= self.max_tokens:
             name = "grow_at_tokens" if self.grow_at_tokens is not None else "the last growth of growth_schedule"
             raise HfStackError(
@@ -143,7 +134,13 @@ class StackingTrainingArguments(TrainingArguments):
         if self.grow_at_tokens is not None:
             raise HfStackError("give either grow_at_tokens (one growth) or growth_schedule (several), not both")
         if isinstance(schedule, str):
-            schedule = _parse_schedule(schedule)
+            if schedule.lstrip().startswith("["):
+                try:
+                    schedule = json.loads(schedule)
+                except json.JSONDecodeError:
+                    raise HfStackError(f"growth_schedule is not JSON: {schedule!r}") from None
+            else:
+                schedule = _parse_schedule(schedule)
         out = []
         for i, entry in enumerate(schedule):
             if not isinstance(entry, dict):
@@ -154,6 +151,8 @@ class StackingTrainingArguments(TrainingArguments):
                     f"growth_schedule entry {i + 1}: {'unknown keys ' + ', '.join(unknown) if unknown else 'no at_tokens'}"
                     f"; an entry has at_tokens, stacked_config and optionally {', '.join(PHASE_KEYS)}"
                 )
+            if entry.get("lr_scheduler_type") is not None:
+                _scheduler_type(entry["lr_scheduler_type"], f"growth_schedule entry {i + 1}'s lr_scheduler_type")
             stacked = entry.get("stacked_config") or {}
             stacked = stacked if isinstance(stacked, StackedConfig) else StackedConfig(**stacked)
             out.append({**entry, "at_tokens": _tokens("at_tokens", entry["at_tokens"]), "stacked_config": stacked})
@@ -172,23 +171,23 @@ class StackingTrainingArguments(TrainingArguments):
         grown = {"learning_rate": self.grown_learning_rate, "warmup_steps": self.grown_warmup_steps,
                  "lr_scheduler_type": self.grown_lr_scheduler_type,
                  "lr_scheduler_kwargs": self.grown_lr_scheduler_kwargs}  # fmt: skip
-        entry = self.growth_schedule[phase - 2]
+        entry = self.growths[phase - 2]
         out = {k: entry.get(k) if entry.get(k) is not None else grown[k] if grown[k] is not None else v
                for k, v in base.items()}  # fmt: skip
-        if entry.get("lr_scheduler_type") is None and self.grown_lr_scheduler_type is None:
-            return out
-        # a schedule of another type does not take the first one's keyword arguments
-        own = entry.get("lr_scheduler_kwargs") if entry.get("lr_scheduler_type") else self.grown_lr_scheduler_kwargs
-        out["lr_scheduler_kwargs"] = own or {}
+        # a schedule of another type than phase 1's does not take phase 1's keyword arguments
+        if entry.get("lr_scheduler_kwargs") is None:
+            if entry.get("lr_scheduler_type") is not None:
+                out["lr_scheduler_kwargs"] = {}
+            elif self.grown_lr_scheduler_type is not None:
+                out["lr_scheduler_kwargs"] = self.grown_lr_scheduler_kwargs or {}
         return out
 
     def check_growth(self) -> None:
         """Refuse settings the growth cannot honour; run again when `stacked_config` is set after construction (as
         the CLI does), since a carried optimizer or masks of the wrong growth would corrupt the run."""
-        if self.grow_at_tokens is not None and self.growth_schedule:
-            # the one growth follows stacked_config, also when it is replaced after construction
-            self.growth_schedule[0]["stacked_config"] = self.stacked_config
-        stacked_configs = [e["stacked_config"] for e in self.growth_schedule]
+        # Rebuilt on every check: grow_at_tokens and stacked_config may have been set after construction.
+        self.growths = self._schedule()
+        stacked_configs = [e["stacked_config"] for e in self.growths]
         if self.carry_optimizer_state and any(
             "width" in c.directions or c.operator in ("random", "learn") for c in stacked_configs
         ):
@@ -208,7 +207,7 @@ class StackingTrainingArguments(TrainingArguments):
         d = super().to_dict()
         if isinstance(self.stacked_config, StackedConfig):
             d["stacked_config"] = self.stacked_config.to_dict()
-        d["growth_schedule"] = [{**e, "stacked_config": e["stacked_config"].to_dict()} for e in self.growth_schedule]
+        d["growth_schedule"] = [{**e, "stacked_config": e["stacked_config"].to_dict()} for e in self.growths]
         return d
 
 
@@ -253,3 +252,13 @@ def _parse_schedule(text: str) -> list[dict]:
     if not entries:
         raise HfStackError(f"growth_schedule {text!r} names no growth")
     return entries
+
+
+def _scheduler_type(name: str, what: str) -> None:
+    from transformers.trainer_utils import SchedulerType
+
+    try:
+        SchedulerType(name)
+    except ValueError:
+        names = ", ".join(t.value for t in SchedulerType)
+        raise HfStackError(f"unknown {what} {name!r}; choose one of {names}") from None

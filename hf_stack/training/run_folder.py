@@ -6,7 +6,7 @@ Layout of a run with growth (K growths, K + 1 phases):
     output_dir/phase-P/checkpoint-* phases between two growths (2 <= P <= K), the last one at the next growth
     output_dir/grown-init-G/        the model right after growth G < K (+ growth_config.json)
     output_dir/grown-init/          the model right after the last growth
-    output_dir/carried_optimizer.pt the AdamW moments moved over the growth (carry_optimizer_state only)
+    output_dir/carried_optimizer-G.pt the AdamW moments moved over growth G (carry_optimizer_state only)
     output_dir/growth_state.json    written last at growth: phase 2 may resume from grown-init/
     output_dir/checkpoint-*         the last phase's checkpoints
     output_dir/final/               the final model, tokenizer, card and growth_config.json with both phases
@@ -27,7 +27,6 @@ RUN_CONFIG = "run_config.json"
 GROWTH_STATE = "growth_state.json"
 SMALL_DIR = "small"
 GROWN_INIT = "grown-init"
-CARRIED_OPTIMIZER = "carried_optimizer.pt"
 
 
 def phase_dir(out: Path, phase: int, growths: int) -> Path:
@@ -38,6 +37,11 @@ def phase_dir(out: Path, phase: int, growths: int) -> Path:
 def init_dir(out: Path, growth: int, growths: int) -> Path:
     """The model right after growth `growth` (1-based) of `growths`."""
     return out / GROWN_INIT if growth == growths else out / f"{GROWN_INIT}-{growth}"
+
+
+def carried_optimizer(out: Path, growth: int) -> Path:
+    """The AdamW state moved over growth `growth` (one file per growth: a kill during the next growth leaves it)."""
+    return out / f"carried_optimizer-{growth}.pt"
 
 
 def read_growth_state(out: Path) -> dict:
@@ -71,7 +75,7 @@ def check_run_config(out: Path, config: dict, resume, is_main: bool, wait) -> No
     if previous is not None:
         if not resume:
             raise HfStackError(f"{out} already holds a training run; resume it (--resume) or choose another folder")
-        diff = sorted(k for k in config if previous.get(k) != config[k])
+        diff = sorted(k for k in set(config) | set(previous) if previous.get(k) != config.get(k))
         if diff:
             raise HfStackError(f"cannot resume from {out}: it belongs to another run ({', '.join(diff)} differ)")
     elif resume:
@@ -112,16 +116,16 @@ def last_checkpoint(folder: Path, resume) -> str | None:
     return str(max(complete, key=lambda p: int(p.name[11:]))) if complete else None
 
 
-def resume_point(out: Path, grows: bool) -> str:
-    """What `--resume` would continue from in the run folder `out`, in words for an error message."""
-    last = last_checkpoint(out, True)  # the grown phase's checkpoints (or those of a run that does not grow)
+def resume_point(out: Path, growths: int) -> str:
+    """What `--resume` would continue from in the run folder `out` of a run with `growths` growths, in words."""
+    done = len(read_growth_state(out)["growths"]) if growths else 0
+    last = last_checkpoint(phase_dir(out, done + 1, growths), True)
     if last is not None:
         return last
-    if grows and (out / GROWTH_STATE).is_file():
-        small = last_checkpoint(out / SMALL_DIR, True)
-        return f"the grown model in {out / GROWN_INIT} (grown from {small})"
-    small = last_checkpoint(out / SMALL_DIR, True) if grows else None
-    return small or "the beginning (no checkpoint is complete yet)"
+    if done:
+        before = last_checkpoint(phase_dir(out, done, growths), True)
+        return f"the grown model in {init_dir(out, done, growths)} (grown from {before})"
+    return "the beginning (no checkpoint is complete yet)"
 
 
 def read_history(small_dir: Path) -> list[dict]:

@@ -25,12 +25,13 @@ from ..checkpoints.in_memory import grow_model, plan_for_model
 from ..checkpoints.provenance import growth_record, write_growth_record
 from ..errors import HfStackError
 from ..plans.plan import resolve_layer_map
+from ..plans.timing import training_flops
 from .accounting import count_parameters, model_flops, phase_record
 from .arguments import StackingTrainingArguments
 from .msg import GrowthMasks, MaskRamp
 from .outputs import write_final_outputs
 from .run_folder import (
-    CARRIED_OPTIMIZER,
+    carried_optimizer,
     check_run_config,
     init_dir,
     is_write_failure,
@@ -66,7 +67,7 @@ class StackingTrainer(Trainer):
         if args is not None and not isinstance(args, StackingTrainingArguments):
             raise HfStackError("StackingTrainer needs StackingTrainingArguments")
         self.peft_config = peft_config
-        if peft_config is not None and args is not None and not args.growth_schedule:
+        if peft_config is not None and args is not None and not args.growths:
             model = _apply_peft(model, peft_config)
         # Packed blocks all have the same length: stack them, never pad.
         kwargs.setdefault("data_collator", default_data_collator)
@@ -153,6 +154,7 @@ class StackingTrainer(Trainer):
         tps, total_steps, grow_steps = check_run(
             args, len(self.train_dataset), self._block_size(), model_config, resume_from_checkpoint,
             write=self.is_world_process_zero(), wait=self.accelerator.wait_for_everyone,
+            peft=self.peft_config is not None,
         )  # fmt: skip
         n_blocks = len(self.train_dataset)
         self._clock = [time.perf_counter(), 0.0]
@@ -181,8 +183,10 @@ class StackingTrainer(Trainer):
                 self._use_phase_settings(phase, saved)
                 folder = phase_dir(out, phase, growths)
                 args.output_dir, args.max_steps = str(folder), steps
-                result = Trainer.train(self, resume_from_checkpoint=last_checkpoint(folder, resume_from_checkpoint),
-                                       **kwargs)  # fmt: skip
+                resume = resume_from_checkpoint
+                if isinstance(resume, (str, os.PathLike)) and Path(resume).parent != folder:
+                    resume = True  # a checkpoint path given for another phase: this one resumes from its own folder
+                result = Trainer.train(self, resume_from_checkpoint=last_checkpoint(folder, resume), **kwargs)
                 if phase <= growths:
                     self._save_checkpoint(self.model, trial=None)  # a checkpoint on the small side of the boundary
                     self._use_phase_settings(phase + 1, saved)
@@ -209,7 +213,7 @@ class StackingTrainer(Trainer):
             if not is_write_failure(e):
                 raise
             shutil.rmtree(folder, ignore_errors=True)
-            point = resume_point(self._run_dir, bool(self.args.growth_schedule))
+            point = resume_point(self._run_dir, len(self.args.growths))
             raise HfStackError(
                 f"the disk is full (or a file-size limit was hit) while writing {folder.name}; the partial folder "
                 f"was removed. Free space and run again with --resume: it continues from {point}"
@@ -218,7 +222,7 @@ class StackingTrainer(Trainer):
     def _grow(self, out: Path, growth: int, steps: int, tps: int, growths: int) -> None:
         """Growth number `growth` (1-based), after a phase of `steps` steps."""
         small = self.accelerator.unwrap_model(self.model)
-        stacked = self.args.growth_schedule[growth - 1]["stacked_config"]
+        stacked = self.args.growths[growth - 1]["stacked_config"]
         grown, plan, learned = grow_model(small, stacked, self.processing_class)
         grown.to(self.args.device)
         seconds = self._phase_seconds() - self.phase_start["train_seconds"]
@@ -228,28 +232,28 @@ class StackingTrainer(Trainer):
             finished["growth_flops"] = learned["flops"]
             finished["growth_non_embedding_flops"] = learned["non_embedding_flops"]
         new_optimizer = self._grown_optimizer(small, grown, plan) if self.args.carry_optimizer_state else None
-        if self.mask_ramp is not None:
-            self.mask_ramp.start(GrowthMasks(grown, plan))
         phases = [*self.completed_phases, finished]
-        self._install_model(grown, phases)
-        self.optimizer, self.lr_scheduler = new_optimizer, None
-        if self.is_world_process_zero():
+        if self.is_world_process_zero():  # the plain grown model, before masks or PEFT adapters wrap it
             source = {"name_or_path": "in-run growth", "growth": growth, "after_phase": finished}
             record = growth_record(plan, stacked, source, learned)
             grown_init = init_dir(out, growth, growths)
             tmp = grown_init.with_name(grown_init.name + ".tmp")
-            self.accelerator.unwrap_model(self.model).save_pretrained(tmp)
+            grown.save_pretrained(tmp)
             if self.processing_class is not None:
                 self.processing_class.save_pretrained(tmp)
             write_growth_record(tmp, record)
             if new_optimizer is not None:  # so a run killed before the next checkpoint resumes with them
-                torch.save(new_optimizer.state_dict(), out / CARRIED_OPTIMIZER)
+                torch.save(new_optimizer.state_dict(), carried_optimizer(out, growth))
             if grown_init.exists():  # left by a run killed between this rename and the growth state below
                 shutil.rmtree(grown_init)
             os.replace(tmp, grown_init)
             # Written last: its presence means the growth is complete and the next phase may resume from it.
             state = read_growth_state(out)
             write_growth_state(out, phases, [*state["growths"][: growth - 1], record])
+        if self.mask_ramp is not None:
+            self.mask_ramp.start(GrowthMasks(grown, plan))
+        self._install_model(grown, phases)
+        self.optimizer, self.lr_scheduler = new_optimizer, None
         self.accelerator.wait_for_everyone()
 
     def _load_grown(self, out: Path, state: dict, growths: int) -> None:
@@ -257,10 +261,14 @@ class StackingTrainer(Trainer):
 
         done = len(state["growths"])
         small = self.accelerator.unwrap_model(self.model)
+        for phase in state["phases"]:  # a growth state written before non-embedding FLOPs were counted (one growth)
+            phase.setdefault(
+                "non_embedding_flops", training_flops(count_parameters(small, embeddings=False), phase["tokens"])
+            )
         grown_init = init_dir(out, done, growths)
         grown = AutoModelForCausalLM.from_pretrained(grown_init, dtype=self.model.dtype, trust_remote_code=False)
         if self.mask_ramp is not None:  # one growth only: the small model is the one it grew from
-            stacked = self.args.growth_schedule[0]["stacked_config"]
+            stacked = self.args.growths[0]["stacked_config"]
             self.mask_ramp.start(GrowthMasks(grown, plan_for_model(small, stacked)))
         self._install_model(grown.to(self.args.device).train(), state["phases"])
         self.optimizer, self.lr_scheduler = None, None
@@ -268,7 +276,7 @@ class StackingTrainer(Trainer):
             # The moments carried at growth; a checkpoint of the phase, when there is one, replaces them as Trainer
             # resumes.
             self.optimizer = self.create_optimizer()
-            saved = torch.load(out / CARRIED_OPTIMIZER, map_location=self.args.device, weights_only=True)
+            saved = torch.load(carried_optimizer(out, done), map_location=self.args.device, weights_only=True)
             self.optimizer.load_state_dict(saved)
 
     def _install_model(self, grown, phases: list[dict]) -> None:
@@ -336,7 +344,7 @@ class StackingTrainer(Trainer):
         write_final_outputs(out, model, self.processing_class, phases, history, baselines)
 
 
-def check_run(args, n_blocks: int, block_size: int, model_config, resume, write: bool = False, wait=None):
+def check_run(args, n_blocks: int, block_size: int, model_config, resume, write=False, wait=None, peft=False):
     """Everything a run is checked for before anything is written: the budget, the growth steps and the depth each
     growth starts from, the MSG ramp, the data, the context and the run folder. `hf-stack train` calls it before
     loading the weights, the trainer again before it starts (where `write` records a new run's settings).
@@ -345,6 +353,8 @@ def check_run(args, n_blocks: int, block_size: int, model_config, resume, write:
         `(tokens_per_step, total_steps, grow_steps)`, one optimizer step per growth (none for a run that does not grow).
     """
     args.check_growth()  # stacked_config may have been replaced since the arguments were built
+    if peft and len(args.growths) > 1:
+        raise HfStackError("peft_config trains adapters on the grown model: give it one growth, not several")
     limit = getattr(model_config, "max_position_embeddings", None)
     if limit is not None and block_size > limit:
         raise HfStackError(
@@ -357,7 +367,7 @@ def check_run(args, n_blocks: int, block_size: int, model_config, resume, write:
         total_steps = args.max_steps
     else:
         raise HfStackError("set max_tokens (or max_steps): the token budget decides where training ends")
-    schedule = args.growth_schedule
+    schedule = args.growths
     grow_steps = [math.ceil(e["at_tokens"] / tps) for e in schedule]
     if len(set(grow_steps)) < len(grow_steps):
         raise HfStackError(
@@ -373,7 +383,7 @@ def check_run(args, n_blocks: int, block_size: int, model_config, resume, write:
         raise HfStackError(
             f"mask_steps ({args.mask_steps}) must be fewer than the {total_steps - grow_steps[-1]} steps after growth"
         )
-    if grow_steps and grow_steps[-1] * tps // block_size > n_blocks:
+    if grow_steps and grow_steps[-1] * tps // block_size >= n_blocks:
         raise HfStackError(
             f"the data holds {n_blocks * block_size:,} tokens, fewer than the last growth point; add data"
         )
