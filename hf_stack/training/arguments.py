@@ -188,8 +188,9 @@ class StackingTrainingArguments(TrainingArguments):
         # Rebuilt on every check: grow_at_tokens and stacked_config may have been set after construction.
         self.growths = self._schedule()
         stacked_configs = [e["stacked_config"] for e in self.growths]
-        if self.carry_optimizer_state and any(
-            "width" in c.directions or c.operator in ("random", "learn") for c in stacked_configs
+        if self.carry_optimizer_state and any(  # (stacked_config alone: the growth it would carry over, if set later)
+            "width" in c.directions or c.operator in ("random", "learn")
+            for c in stacked_configs or [self.stacked_config]
         ):
             raise HfStackError(
                 "carry_optimizer_state moves AdamW moments of copied tensors; it supports depth growth with the "
