@@ -105,6 +105,9 @@ def test_a_run_killed_after_its_second_growth_resumes_as_the_twice_grown_model(s
         ([{"at_tokens": 100, "stacked_config": {"factor": 2}}, {"at_tokens": 120, "stacked_config": {"factor": 2}}],
          "fall on the same step"),
         ("128:fator=2", "unknown setting 'fator' in 'fator=2'"),
+        ([{"at_tokens": 128, "stacked_config": {"operator": "zero", "width_factor": 1.5}},
+          {"at_tokens": 256, "stacked_config": {"operator": "zero", "width_factor": 1.5}}],
+         "growth 2 (at 256 tokens, from 2 layers): width factor 1.5 gives 4.5 key/value heads from 3"),
         ("128;256:factor=2", "cannot read growth '128'"),
     ],
 )  # fmt: skip

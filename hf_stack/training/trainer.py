@@ -26,6 +26,7 @@ from ..checkpoints.provenance import growth_record, write_growth_record
 from ..errors import HfStackError
 from ..plans.plan import resolve_layer_map
 from ..plans.timing import training_flops
+from ..plans.width import grow_width_config, width_dims
 from .accounting import count_parameters, model_flops, phase_record
 from .arguments import StackingTrainingArguments
 from .msg import GrowthMasks, MaskRamp
@@ -387,12 +388,17 @@ def check_run(args, n_blocks: int, block_size: int, model_config, resume, write=
         raise HfStackError(
             f"the data holds {n_blocks * block_size:,} tokens, fewer than the last growth point; add data"
         )
-    depth = getattr(model_config, "num_hidden_layers", None)
-    for i, entry in enumerate(schedule):  # each growth starts from the depth the previous one left
+    # Each growth starts from the model the previous one left: its depth and, after width growth, its sizes.
+    shape = model_config.to_dict() if hasattr(model_config, "to_dict") else dict(vars(model_config))
+    for i, entry in enumerate(schedule):
+        stacked, depth = entry["stacked_config"], shape.get("num_hidden_layers")
         if depth is None:
             break
         try:
-            depth = len(resolve_layer_map(entry["stacked_config"], depth))
+            if "width" in stacked.directions:
+                dims = width_dims(shape, stacked.width_factor)
+                shape = grow_width_config(shape, dims)
+            shape["num_hidden_layers"] = len(resolve_layer_map(stacked, depth))
         except HfStackError as e:
             raise HfStackError(
                 f"growth {i + 1} (at {entry['at_tokens']:.3g} tokens, from {depth} layers): {e}"
