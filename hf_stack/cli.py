@@ -209,8 +209,11 @@ def _train_parser():
 def cmd_train(argv: list[str]) -> int:
     # `-o DIR` is the short spelling used by every hf-stack command; `--grow-schedule` the one the README uses.
     aliases = {"-o": "--output_dir", "--grow-schedule": "--growth_schedule"}
-    argv = [aliases.get(a.partition("=")[0], a.partition("=")[0]) + a.partition("=")[1] + a.partition("=")[2]
-            if a.startswith("-") else a for a in argv]  # fmt: skip
+    spelled = []
+    for arg in argv:  # also in the --flag=value form
+        flag, eq, value = arg.partition("=")
+        spelled.append(aliases.get(flag, flag) + eq + value if arg.startswith("-") else arg)
+    argv = spelled
     namespace = vars(_train_parser().parse_args(argv))
     cli, stacked = (cls(**{f.name: namespace[f.name] for f in dataclasses.fields(cls) if f.init})
                     for cls in (TrainCommandArguments, StackedConfig))  # fmt: skip

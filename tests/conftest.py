@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -121,3 +122,24 @@ def small2(tmp_path):
     """A 2-layer Llama checkpoint with its tokenizer."""
     build_checkpoint(tmp_path / "small", "llama", num_layers=2)
     return tmp_path / "small"
+
+
+def snapshot(root) -> dict:
+    """Every path under `root` with its size and modification time: equal before and after means nothing written."""
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(Path(root).rglob("*"))}
+
+
+def refusal(argv: list[str], capsys) -> str:
+    """Run the CLI in this process on a command it must refuse: exit status 2, exactly one `error:` line on stderr
+    and no traceback. Returns that line and the whole of stderr."""
+    from hf_stack.cli import main
+
+    try:
+        status = main(argv)
+    except SystemExit as e:  # argparse's own refusals
+        status = e.code
+    err = capsys.readouterr().err
+    assert status == 2, err[-2000:]
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err[-2000:]
+    return lines[0], err

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_stack import HfStackError, StackedConfig, StackedModelForCausalLM, StackingTrainer, trial
 from hf_stack.cli import main
-from tests.conftest import TEXT, build_checkpoint
+from tests.conftest import TEXT, build_checkpoint, refusal, snapshot
 
 # 16 documents of the tokenizer's words in shuffled order: no two 16-token windows alike
 CORPUS = [" ".join(random.Random(i).sample(TEXT.split() * 3, k=3 * len(TEXT.split()))) for i in range(16)]
@@ -160,10 +160,6 @@ def test_candidate_text_is_typed_per_field():
             StackedConfig.parse_settings(text)
 
 
-def snapshot(root: Path) -> dict:
-    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))}
-
-
 TRIAL = ["trial", "{small}", "--data", "{corpus}/*.txt", "--steps", "2", "--batch-size", "2", "--block-size", "16",
          "-o", "{out}"]  # fmt: skip
 
@@ -192,14 +188,8 @@ def test_bad_trials_give_one_error_line_and_write_nothing(world, extra, message,
     places = {"small": world / "small", "corpus": world / "corpus", "out": world / "bad-out"}
     argv = [a.format(**places) for a in TRIAL + extra]
     before = snapshot(world)
-    try:
-        status = main(argv)
-    except SystemExit as e:  # argparse's own refusals
-        status = e.code
-    err = capsys.readouterr().err
-    assert status == 2, err[-2000:]
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err[-2000:]
+    line, _ = refusal(argv, capsys)
+    assert message in line
     assert snapshot(world) == before and not (world / "bad-out").exists()
 
 

@@ -12,7 +12,7 @@ from ..plans.plan import build_plan
 from .folders import copy_aux_files
 from .models import instantiate
 from .provenance import growth_record, source_info, write_growth_record
-from .source import refuse_nonfinite, resolve_source, source_tokenizer
+from .source import planned_source, source_tokenizer
 
 
 class StackedModelForCausalLM:
@@ -68,16 +68,10 @@ class StackedModelForCausalLM:
         stacked = stacked_config or StackedConfig()
         if dtype is not None:
             stacked = StackedConfig(**{**stacked.to_dict(), "dtype": dtype})
-        source = resolve_source(
-            pretrained_model_name_or_path,
-            revision=revision,
-            token=token,
-            cache_dir=cache_dir,
-            allow_pickle=allow_pickle,
-        )
-        plan = build_plan(source.config, source.tensor_infos, stacked)
-        if not allow_nonfinite:
-            refuse_nonfinite(source, (t.source for t in plan.tensors))
+        source, plan = planned_source(
+            pretrained_model_name_or_path, stacked, revision=revision, token=token, cache_dir=cache_dir,
+            allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite,
+        )  # fmt: skip
         tensors, learned = grown_tensors(plan, TensorReader(source), stacked, source_tokenizer(source))
         model = instantiate(plan, tensors)
         if (source.folder / "generation_config.json").is_file():

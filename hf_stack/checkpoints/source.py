@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import HfStackError, error_reason
-from ..plans.plan import check_source_config
+from ..plans.plan import build_plan, check_source_config
 from ..remote import validate_repo_id
 
 SAFE_INDEX = "model.safetensors.index.json"
@@ -216,6 +216,26 @@ def resolve_source(
 # Exponent bits of each float format: a value is NaN or Inf exactly when they are all ones.
 _EXPONENT_MASKS = {"F16": ("<u2", 0x7C00), "BF16": ("<u2", 0x7F80), "F32": ("<u4", 0x7F800000),
                    "F64": ("<u8", 0x7FF0000000000000)}  # fmt: skip
+
+
+def planned_source(
+    pretrained_model_name_or_path,
+    stacked,
+    *,
+    revision=None,
+    token=None,
+    cache_dir=None,
+    allow_pickle=False,
+    allow_nonfinite=False,
+):
+    """The resolved source and its growth plan, NaN/Inf weights refused unless allowed: the start of every growth."""
+    source = resolve_source(
+        pretrained_model_name_or_path, revision=revision, token=token, cache_dir=cache_dir, allow_pickle=allow_pickle
+    )
+    plan = build_plan(source.config, source.tensor_infos, stacked)
+    if not allow_nonfinite:
+        refuse_nonfinite(source, (t.source for t in plan.tensors))
+    return source, plan
 
 
 def nonfinite_tensors(source: SourceCheckpoint, names) -> list[str]:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..errors import HfStackError
 from ..plans.config import StackedConfig
-from ..plans.plan import GrowthPlan, build_plan
+from ..plans.plan import GrowthPlan
 from .card import update_card
 from .folders import atomic_output_dir, check_free_space, copy_aux_files, parse_size
 from .provenance import growth_record, source_info, write_growth_record
@@ -24,8 +24,7 @@ from .source import (
     SAFE_INDEX,
     SAFE_SINGLE,
     SourceCheckpoint,
-    refuse_nonfinite,
-    resolve_source,
+    planned_source,
     source_tokenizer,
 )
 
@@ -214,12 +213,10 @@ def grow(
     if out.exists() and not overwrite:
         raise HfStackError(f"output folder {out} already exists; pass --overwrite (overwrite=True) to replace it")
     shard_limit = parse_size(max_shard_size)
-    source = resolve_source(
-        pretrained_model_name_or_path, revision=revision, token=token, cache_dir=cache_dir, allow_pickle=allow_pickle
-    )
-    plan = build_plan(source.config, source.tensor_infos, stacked)
-    if not allow_nonfinite:
-        refuse_nonfinite(source, (t.source for t in plan.tensors))
+    source, plan = planned_source(
+        pretrained_model_name_or_path, stacked, revision=revision, token=token, cache_dir=cache_dir,
+        allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite,
+    )  # fmt: skip
     computed, learned = None, None
     if any(entry.op == "learn" for entry in plan.tensors):
         # Trained operators need every tensor at once; the streaming writer then only serialises them.

@@ -220,8 +220,7 @@ def _accelerator_available() -> bool:
 
 
 # Settings of the phase a growth starts, besides its StackedConfig.
-PHASE_KEYS = {"learning_rate": "float", "warmup_steps": "float", "lr_scheduler_type": "str",
-              "lr_scheduler_kwargs": "dict"}  # fmt: skip
+PHASE_KEYS = {"learning_rate": float, "warmup_steps": float, "lr_scheduler_type": str, "lr_scheduler_kwargs": dict}
 
 
 def _tokens(name: str, value) -> int:
@@ -246,8 +245,8 @@ def _parse_schedule(text: str) -> list[dict]:
         if not sep:
             raise HfStackError(f"cannot read growth {part!r}: write AT_TOKENS:key=value,... e.g. 1e6:factor=2")
         known = {f.name: setting_type(f) for f in dataclass_fields(StackedConfig) if f.init}
-        values = parse_settings(settings, {**known, "learning_rate": float, "warmup_steps": float,
-                                           "lr_scheduler_type": str})  # fmt: skip
+        # every phase key but the kwargs dict can be written as text
+        values = parse_settings(settings, {**known, **{k: t for k, t in PHASE_KEYS.items() if t is not dict}})
         phase = {k: values.pop(k) for k in list(values) if k in PHASE_KEYS}
         entries.append({"at_tokens": tokens, "stacked_config": values, **phase})
     if not entries:
