@@ -134,10 +134,10 @@ def _output_tensors(
         target_dtype = out_dtype or entry.dtype
         nbytes = math.prod(entry.shape) * DTYPE_SIZES[target_dtype]
         if computed is not None:
-            from .tensors import tensor_bytes
+            from .tensors import tensor_buffer
 
             def write(f, t=computed[entry.target]):
-                f.write(tensor_bytes(t))
+                f.write(tensor_buffer(t))
         elif target_dtype == entry.dtype and not source.pickle and entry.op == "copy" and not entry.widened:
             if loc.file not in fds:
                 fds[loc.file] = os.open(loc.file, os.O_RDONLY)
@@ -151,13 +151,13 @@ def _output_tensors(
                 _write_zeros(n, f)
         else:
             # Decoding needed (width growth, random init, dtype cast or pickle source): torch is imported only here.
-            from .tensors import TORCH_DTYPES, TensorReader, materialize_blocks, tensor_bytes
+            from .tensors import TORCH_DTYPES, TensorReader, materialize_blocks, tensor_buffer
 
             reader = reader or TensorReader(source)
 
             def write(f, entry=entry, reader=reader):
                 for block in materialize_blocks(entry, reader, plan, TORCH_DTYPES.get(dtype)):
-                    f.write(tensor_bytes(block))
+                    f.write(tensor_buffer(block))
 
         result.append(OutputTensor(entry.target, target_dtype, entry.shape, nbytes, write))
     return result
