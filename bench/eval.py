@@ -1,20 +1,27 @@
-"""The prefix-sharing scorer against lm-eval's own HFLM: same model, data and batch size, side by side on CPU.
+"""The prefix-sharing scorer against lm-eval's own HFLM: same models, data and batch size, side by side on CPU.
 
-    .venv/bin/python bench/eval.py --items 100 --reps 2
+    .venv/bin/python bench/eval.py --items 60 --reps 2
+    .venv/bin/python bench/eval.py --shapes 12x768x8192 --items 30 --reps 1   # one shape
 
 Task files in each benchmark's schema are synthesised from the public-domain corpus (../shared/data/corpus/), so
-prompt lengths are realistic and no benchmark item is copied; the model is a 6-layer Llama (hidden 384, about 14M parameters) with a BPE
-tokenizer trained on the corpus. Both backends score every task through `evaluate_model`, interleaved; the
-script asserts every metric is identical and reports wall-time ratios overall and on the multiple-choice tasks.
+prompt lengths are realistic and no benchmark item is copied. Each model shape (layers x hidden x vocabulary: a
+Llama with a BPE tokenizer of that vocabulary trained on the corpus, fp32, 512 positions) is saved once under
+bench/work/. Every (repetition, shape, backend) runs in its own process, interleaved, scoring all eight tasks
+through `evaluate_model`; per task it records wall time, peak RSS (the kernel's high-water mark, reset before each
+task) and time per stage (tokenising, layout, forward, head, log-softmax: the scorer's own counters; for HFLM its
+`tok_encode` and `_model_call`, the rest of `_loglikelihood_tokens` being the log-softmax and gathers). The script
+asserts every metric is identical between the backends and writes everything to bench/results/eval.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import re
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -88,61 +95,163 @@ def synthesise(folder: Path, n: int, seed: int = 0) -> None:
         (folder / f"{task}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in items))
 
 
+SHAPES = ("6x384x4096", "4x256x8192", "12x768x8192")
+BACKENDS = ("hf-stack", "lm-eval")
+
+
+def model_folder(shape: str) -> Path:
+    """The shape's model, built and saved once (random weights: timings do not depend on training)."""
+    folder = WORK / f"eval-model-{shape}"
+    if not (folder / "config.json").is_file():
+        import torch
+
+        layers, hidden, vocab = map(int, shape.split("x"))
+        tok = tokenizer(vocab)
+        torch.manual_seed(0)
+        llama(tok, layers, hidden).save_pretrained(folder)
+        tok.save_pretrained(folder)
+    return folder
+
+
+def peak_rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM")
+
+
+def reset_peak_rss() -> None:
+    Path("/proc/self/clear_refs").write_text("5")  # resets the high-water mark to the current RSS
+
+
+def timed(lm, f, stage: str):
+    def call(*args, **kwargs):
+        t0 = time.perf_counter()
+        out = f(*args, **kwargs)
+        lm.stage_seconds[stage] += time.perf_counter() - t0
+        return out
+
+    return call
+
+
+def worker(shape: str, backend: str, batch_size: int, data: Path) -> dict:
+    """One backend, one shape, every task: timings, peaks, stages and metrics, in this (fresh) process."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hf_stack.evaluation import harness
+    from hf_stack.evaluation.benchmarks import TASKS
+
+    harness._task_manager()  # index lm-eval's tasks once, outside the timings
+    folder = model_folder(shape)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(folder)
+    with torch.no_grad():  # a process's first forward passes set up threads and kernels: outside the timings
+        for _ in range(2):
+            model(torch.zeros((16, 64), dtype=torch.long))
+    made = []
+    real_make_lm = harness.make_lm
+
+    def make_lm(*args, **kwargs):
+        lm = real_make_lm(*args, **kwargs)
+        if backend == "lm-eval":  # HFLM has no stage counters: time its tokenising and forward calls
+            lm.stage_seconds = {"tokenise": 0.0, "forward": 0.0}
+            for name, stage in (("tok_encode", "tokenise"), ("_model_call", "forward")):
+                setattr(lm, name, timed(lm, getattr(lm, name), stage))
+        made.append(lm)
+        return lm
+
+    harness.make_lm = make_lm
+    out = {}
+    for task in TASKS:
+        reset_peak_rss()
+        t0 = time.perf_counter()
+        r = harness.evaluate_model(model, tok, tasks=task, data_dir=data, batch_size=batch_size, backend=backend,
+                                   bootstrap_iters=0)  # fmt: skip
+        wall = time.perf_counter() - t0
+        stages = dict(made[-1].stage_seconds)
+        if backend == "lm-eval":
+            stages["log-softmax and gathers"] = max(0.0, wall - sum(stages.values()))
+        out[task] = {"seconds": wall, "peak_rss_mb": peak_rss_mb(), "stages": stages,
+                     "metrics": {k: v for k, v in r["results"][task].items() if k.endswith(",none") and "stderr" not in k}}  # fmt: skip
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--items", type=int, default=60)
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--layers", type=int, default=6)
-    parser.add_argument("--hidden", type=int, default=384)
+    parser.add_argument("--shapes", default=",".join(SHAPES), help="layers x hidden x vocabulary, comma-separated")
+    parser.add_argument("--worker", nargs=2, metavar=("SHAPE", "BACKEND"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-
-    import torch
+    data = WORK / "eval-data"
+    if args.worker:
+        print(json.dumps(worker(*args.worker, args.batch_size, data)))
+        return
 
     from hf_stack.evaluation.benchmarks import TASKS
-    from hf_stack.evaluation.harness import _task_manager, evaluate_model
 
-    _task_manager()  # index lm-eval's tasks once, outside the timings (both backends share it)
-    torch.manual_seed(0)
-    tok = tokenizer()
-    model = llama(tok, args.layers, args.hidden).eval()
-    data = WORK / "eval-data"
     synthesise(data, args.items)
-    times: dict[str, dict[str, list[float]]] = {b: {t: [] for t in TASKS} for b in ("hf-stack", "lm-eval")}
-    metrics = {}
+    shapes = args.shapes.split(",")
+    for shape in shapes:
+        model_folder(shape)
+    runs: dict = {s: {b: [] for b in BACKENDS} for s in shapes}
     for rep in range(args.reps):
+        for shape in shapes:
+            for backend in BACKENDS:
+                cmd = [sys.executable, __file__, "--worker", shape, backend, "--items", str(args.items),
+                       "--batch-size", str(args.batch_size)]  # fmt: skip
+                p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+                if p.returncode:
+                    raise SystemExit(p.stderr[-3000:])
+                runs[shape][backend].append(json.loads(p.stdout.strip().splitlines()[-1]))
+                total = sum(t["seconds"] for t in runs[shape][backend][-1].values())
+                print(f"rep {rep + 1}/{args.reps} {shape} {backend}: {total:.1f} s", flush=True)
+    summary = {}
+    for shape in shapes:
+        ours_runs, ref_runs = runs[shape]["hf-stack"], runs[shape]["lm-eval"]
         for task in TASKS:
-            for backend in times:
-                t0 = time.perf_counter()
-                r = evaluate_model(model, tok, tasks=task, data_dir=data, batch_size=args.batch_size, backend=backend,
-                                   bootstrap_iters=0)  # fmt: skip
-                times[backend][task].append(time.perf_counter() - t0)
-                values = {k: v for k, v in r["results"][task].items() if k.endswith(",none") and "stderr" not in k}
-                metrics.setdefault((task, backend), values)
-                assert metrics[(task, backend)] == values
-        print(f"rep {rep + 1}/{args.reps} done", flush=True)
-    for task in TASKS:
-        a, b = metrics[(task, "hf-stack")], metrics[(task, "lm-eval")]
-        # accuracies must match exactly; perplexities (exp of a mean) to float precision
-        assert a.keys() == b.keys() and all(
-            a[k] == b[k] if k.startswith("acc") else abs(a[k] - b[k]) <= 1e-6 * abs(b[k]) for k in a
-        ), (task, a, b)
-    med = {b: {t: statistics.median(v) for t, v in per.items()} for b, per in times.items()}
-    print(
-        f"\n{args.items} items per task, batch size {args.batch_size}, medians of {args.reps}; accuracies identical, perplexities within 1e-6\n"
-    )
-    print("| task | hf-stack s | lm-eval HFLM s | speed-up |\n|---|---|---|---|")
-    for t in TASKS:
-        print(
-            f"| {t} | {med['hf-stack'][t]:.2f} | {med['lm-eval'][t]:.2f} | {med['lm-eval'][t] / med['hf-stack'][t]:.2f}x |"
+            a, b = ours_runs[0][task]["metrics"], ref_runs[0][task]["metrics"]
+            # accuracies must match exactly; perplexities (exp of a mean) to float precision
+            assert a.keys() == b.keys() and all(
+                a[k] == b[k] if k.startswith("acc") else abs(a[k] - b[k]) <= 1e-6 * abs(b[k]) for k in a
+            ), (shape, task, a, b)
+
+        def med(rs, task, key):
+            return statistics.median(r[task][key] for r in rs)
+
+        rows = {t: {b: {"seconds": med(rs, t, "seconds"), "peak_rss_mb": med(rs, t, "peak_rss_mb")}
+                    for b, rs in (("hf-stack", ours_runs), ("lm-eval", ref_runs))} for t in TASKS}  # fmt: skip
+        print(f"\n### {shape} (layers x hidden x vocab), {args.items} items per task, batch {args.batch_size}, "
+              f"medians of {args.reps}; accuracies identical, perplexities within 1e-6\n")  # fmt: skip
+        print("| task | hf-stack s | HFLM s | speed-up | hf-stack peak MB | HFLM peak MB | memory ratio |")
+        print("|---|---|---|---|---|---|---|")
+        for t in TASKS:
+            o, r = rows[t]["hf-stack"], rows[t]["lm-eval"]
+            print(f"| {t} | {o['seconds']:.2f} | {r['seconds']:.2f} | {r['seconds'] / o['seconds']:.2f}x | "
+                  f"{o['peak_rss_mb']:.0f} | {r['peak_rss_mb']:.0f} | {o['peak_rss_mb'] / r['peak_rss_mb']:.2f} |")  # fmt: skip
+        subsets = {"multiple choice": MULTIPLE_CHOICE, "all eight": TASKS}
+        ratios = {}
+        for label, subset in subsets.items():
+            ours = sum(rows[t]["hf-stack"]["seconds"] for t in subset)
+            theirs = sum(rows[t]["lm-eval"]["seconds"] for t in subset)
+            ratios[label] = theirs / ours
+            print(f"| **{label}** | {ours:.2f} | {theirs:.2f} | {theirs / ours:.2f}x | | | |")
+        peak = max(rows[t]["hf-stack"]["peak_rss_mb"] for t in TASKS) / max(
+            rows[t]["lm-eval"]["peak_rss_mb"] for t in TASKS
         )
-    for label, subset in (("multiple choice", MULTIPLE_CHOICE), ("all eight", TASKS)):
-        ours, theirs = sum(med["hf-stack"][t] for t in subset), sum(med["lm-eval"][t] for t in subset)
-        print(f"| **{label}** | {ours:.2f} | {theirs:.2f} | {theirs / ours:.2f}x |")
-    save_results("eval", {"settings": vars(args), "seconds": times, "medians": med,
-                          "ratio_all": sum(med["lm-eval"].values()) / sum(med["hf-stack"].values()),
-                          "ratio_multiple_choice": sum(med["lm-eval"][t] for t in MULTIPLE_CHOICE)
-                          / sum(med["hf-stack"][t] for t in MULTIPLE_CHOICE)})  # fmt: skip
+        print(f"\npeak RSS over the eight, hf-stack / HFLM: {peak:.2f}")
+        print("\nstages, seconds summed over the eight (first repetition):")
+        for b, rs in (("hf-stack", ours_runs), ("lm-eval", ref_runs)):
+            stages: dict[str, float] = {}
+            for t in TASKS:
+                for k, v in rs[0][t]["stages"].items():
+                    stages[k] = stages.get(k, 0.0) + v
+            print(f"- {b}: " + ", ".join(f"{k} {v:.2f}" for k, v in stages.items()))
+        summary[shape] = {"per_task": rows, "ratio_all": ratios["all eight"],
+                          "ratio_multiple_choice": ratios["multiple choice"], "peak_rss_ratio": peak}  # fmt: skip
+    save_results("eval", {"settings": vars(args), "runs": runs, "summary": summary})
 
 
 if __name__ == "__main__":

@@ -273,7 +273,7 @@ def cmd_eval(args) -> int:
         raise HfStackError("--push sends results to a Hub model; push the folder first with `hf-stack push`")
     results = evaluate_model(
         args.model, tasks=args.tasks, data_dir=args.data_dir, limit=args.limit, batch_size=args.batch_size,
-        backend=args.backend, output=args.output, revision=args.revision,
+        backend=args.backend, output=args.output, revision=args.revision, add_bos_token=args.add_bos_token,
     )  # fmt: skip
     print_table(results)
     if args.output:
@@ -442,6 +442,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "--backend", default="hf-stack", choices=("hf-stack", "lm-eval"), help="Scorer (default hf-stack)."
     )
+    ev.add_argument(
+        "--add-bos-token", action="store_true",
+        help="Prepend BOS to every request (plain lm_eval >= 0.4.9.2 does for tokenizers that add it); default off, "
+        "as the paper-era harness. Recorded in the results.",
+    )  # fmt: skip
     ev.add_argument("-o", "--output", help="Write lm-eval's results JSON here (and a bar chart PNG beside it).")
     ev.add_argument("--revision", help="Hub revision of the model.")
     ev.add_argument("--token", help="Hub token for --push (default: HF_TOKEN or the saved login).")

@@ -41,12 +41,28 @@ def _instances(tasks):
     return out
 
 
-def test_per_request_loglikelihoods_match_hflm(scorer_model):
+def _bos_tokenizer(folder):
+    """The fixture's tokenizer, made to prepend BOS (as Llama's and Gemma's do): the case where the BOS setting
+    changes every request."""
+    from tokenizers import processors
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.bos_token_id)]
+    )
+    assert tok("a b")["input_ids"][0] == tok.bos_token_id
+    return tok
+
+
+@pytest.mark.parametrize("add_bos_token", [False, True])
+def test_per_request_loglikelihoods_match_hflm(scorer_model, add_bos_token):
     """Every request of every task type: multiple choice, Winogrande's partial scoring (many contexts, one
-    continuation), Lambada's greedy match and Wikitext's rolling windows."""
+    continuation), Lambada's greedy match and Wikitext's rolling windows; without BOS and with it, from a tokenizer
+    that adds one."""
     model = AutoModelForCausalLM.from_pretrained(scorer_model).eval()
-    tok = AutoTokenizer.from_pretrained(scorer_model)
-    fast, ref = make_lm(model, tok, "hf-stack", batch_size=3), make_lm(model, tok, "lm-eval", batch_size=3)
+    tok = _bos_tokenizer(scorer_model)
+    fast = make_lm(model, tok, "hf-stack", batch_size=3, add_bos_token=add_bos_token)
+    ref = make_lm(model, tok, "lm-eval", batch_size=3, add_bos_token=add_bos_token)
     n_checked = 0
     for name, insts in _instances(list(TASKS)).items():
         kind = insts[0].request_type
@@ -85,7 +101,7 @@ def sliding_checkpoints(tmp_path_factory):
 
 def _rolling_instances():
     """Wikitext-style documents: the sample pages (two rolling windows each) and their sentences (40-60 tokens, one
-    window each; their identical one-token contexts pack two to a row)."""
+    window each)."""
     pages = [inst.args[0] for inst in _instances(["wikitext"])["wikitext"]]
     texts = pages + [s for page in pages for s in re.split(r"(?<=\.)\s+", page) if len(s) > 60]
     return [Instance("loglikelihood_rolling", {}, (text,), i) for i, text in enumerate(texts)]
@@ -133,11 +149,11 @@ def test_sliding_window_layers_match_hflm(sliding_checkpoints, arch, attn):
         assert ga == gb
     packed = [length for length, members in rows if members > 1]
     assert len(packed) >= 10 and min(packed) > 3 * WINDOW and max(packed) >= 100
-    fast = make_lm(model, tok, "hf-stack", batch_size=16)  # every window in one call: first windows share rows
+    # Windows are rows of their own (a one-token shared context is not worth a mask): transformers' own window.
+    fast = make_lm(model, tok, "hf-stack", batch_size=16)
     rows = _spy_rows(fast)
     assert fast.loglikelihood_rolling(rolling) == pytest.approx(ref_rolling, abs=1e-4)
-    packed = [length for length, members in rows if members > 1]
-    assert packed and min(packed) > 3 * WINDOW
+    assert rows and all(members == 1 for _, members in rows) and max(length for length, _ in rows) > 3 * WINDOW
 
 
 def test_bfloat16_scores_keep_float32_log_softmax(scorer_model):
@@ -214,7 +230,8 @@ def test_prefix_sharing_runs_fewer_tokens(scorer_model):
     def count(module, args, kwargs):
         counted["n"] += int((kwargs.get("input_ids", args[0] if args else None) != -1).sum())
 
-    handle = model.register_forward_pre_hook(count, with_kwargs=True)
+    # on the decoder: HFLM calls it through the model's forward, the scorer directly (its head runs on read positions)
+    handle = model.get_decoder().register_forward_pre_hook(count, with_kwargs=True)
     insts = _instances(["arc_easy"])["arc_easy"]
     fast, ref = make_lm(model, tok, "hf-stack", batch_size=1), make_lm(model, tok, "lm-eval", batch_size=1)
     fast.loglikelihood(insts)
@@ -257,11 +274,14 @@ def test_eval_cli(scorer_model, tmp_path):
     saved = json.loads((tmp_path / "res.json").read_text())
     assert saved["results"]["arc_easy"]["sample_len"] == 3
     r = subprocess.run(
-        [*cmd[:-2], "--backend", "lm-eval", "-o", str(tmp_path / "ref.json")], capture_output=True, text=True
-    )
+        [*cmd[:-2], "--backend", "lm-eval", "--add-bos-token", "-o", str(tmp_path / "ref.json")],
+        capture_output=True, text=True,
+    )  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     ref = json.loads((tmp_path / "ref.json").read_text())
-    assert ref["hf_stack"]["backend"] == "lm-eval"
+    assert ref["hf_stack"]["backend"] == "lm-eval" and ref["hf_stack"]["add_bos_token"] is True
+    assert saved["hf_stack"]["add_bos_token"] is False
+    # (this tokenizer adds no BOS, so the setting leaves the scores as they are)
     assert ref["results"]["arc_easy"]["acc,none"] == saved["results"]["arc_easy"]["acc,none"]
     card = (folder / "README.md").read_text()
     assert card.count("<!-- hf_stack:evaluation -->") == 1
@@ -312,3 +332,64 @@ def test_only_full_official_splits_go_to_the_model_index(scorer_model, tmp_path)
     entries = {e.dataset_name: e for e in eval_results(full)}
     assert entries["arc_easy"].dataset_type == "allenai/ai2_arc" and entries["arc_easy"].dataset_split == "test"
     assert entries["wikitext"].metric_type == "word_perplexity"
+
+
+def _requests_seen(lm, instances, rolling=False):
+    """The token-level requests the LM's `loglikelihood` (or rolling) hands to `_loglikelihood_tokens`."""
+    seen = []
+    real = lm._loglikelihood_tokens
+
+    def spy(requests, *args, **kwargs):
+        seen.extend((list(ctx), list(cont)) for _, ctx, cont in requests)
+        return real(requests, *args, **kwargs)
+
+    lm._loglikelihood_tokens = spy
+    (lm.loglikelihood_rolling if rolling else lm.loglikelihood)(instances)
+    return seen
+
+
+@pytest.mark.parametrize("add_bos_token", [False, True, None])
+def test_batched_tokenising_gives_hflms_tokens(scorer_model, add_bos_token):
+    """The scorer tokenises all requests in batched calls; the tokens must be exactly HFLM's one-by-one encoding
+    (trailing spaces moved to the continuation, BOS as set, or the tokenizer's choice), rolling windows included."""
+    model = AutoModelForCausalLM.from_pretrained(scorer_model).eval()
+    tok = _bos_tokenizer(scorer_model)
+    fast = make_lm(model, tok, "hf-stack", batch_size=4, add_bos_token=add_bos_token)
+    ref = make_lm(model, tok, "lm-eval", batch_size=4, add_bos_token=add_bos_token)
+    by_task = _instances(list(TASKS))
+    choices = [i for name, insts in by_task.items() if name != "wikitext" for i in insts]
+    ours, theirs = _requests_seen(fast, choices), _requests_seen(ref, choices)
+    assert len(ours) == len(choices) and ours == theirs
+    with_bos = sum(ctx[0] == tok.bos_token_id for ctx, _ in ours)
+    assert with_bos == (len(ours) if add_bos_token in (True, None) else 0)
+    rolling = _rolling_instances()
+    ours, theirs = _requests_seen(fast, rolling, True), _requests_seen(ref, rolling, True)
+    assert len(ours) > len(rolling) and sorted(ours) == sorted(theirs)  # one call, sorted: order may differ
+
+
+def test_head_on_read_positions_falls_back_when_the_forward_changes_the_logits(scorer_model):
+    """The scorer runs the output embeddings on the positions it reads, which is right only where the model's
+    logits are the head of the decoder's states. A model that changes them after the head (here a hook scaling
+    them, as logit soft-capping or a logit scale does) must be scored through its full forward, as HFLM does."""
+    model = AutoModelForCausalLM.from_pretrained(scorer_model).eval()
+    tok = AutoTokenizer.from_pretrained(scorer_model)
+    insts = _instances(["arc_easy", "lambada_openai"])
+    requests = insts["arc_easy"] + insts["lambada_openai"]
+    plain = make_lm(model, tok, "hf-stack", batch_size=4)
+    before = plain.loglikelihood(requests)
+    assert plain._split_head is True
+
+    def scale(module, args, output):
+        output.logits = output.logits * 0.5
+        return output
+
+    handle = model.register_forward_hook(scale)
+    try:
+        fast, ref = make_lm(model, tok, "hf-stack", batch_size=4), make_lm(model, tok, "lm-eval", batch_size=4)
+        ours, theirs = fast.loglikelihood(requests), ref.loglikelihood(requests)
+    finally:
+        handle.remove()
+    assert fast._split_head is False
+    assert max(abs(a[0] - b[0]) for a, b in zip(before, theirs)) > 0.05  # the hook does change the scores
+    for (la, ga), (lb, gb) in zip(ours, theirs, strict=True):
+        assert la == pytest.approx(lb, abs=1e-4) and ga == gb

@@ -4,9 +4,9 @@
 from __future__ import annotations
 
 import math
+import threading
 import zlib
 from collections import deque
-import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path

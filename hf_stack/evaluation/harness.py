@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from functools import lru_cache
 from importlib.metadata import version
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from transformers import TrainerCallback
 from ..errors import HfStackError, error_reason
 from .benchmarks import GROUP, REQUIRED_FIELDS, TASKS_DIR, headline, parse_tasks
 
-# Pinned: lm-eval >= 0.4.9.2 defaults to the tokenizer's BOS choice; the paper-era harness added no BOS.
+# The default: no BOS, as the paper-era harness; lm-eval >= 0.4.9.2 follows the tokenizer (`add_bos_token=None`).
 ADD_BOS_TOKEN = False
 BACKENDS = ("hf-stack", "lm-eval")
 
@@ -42,6 +43,34 @@ def _task_manager():
         (folder / f"{_RUN_GROUP}.yaml").write_text(yaml.safe_dump({"group": _RUN_GROUP, "task": ["arc_easy"]}))
         _MANAGER.update(manager=TaskManager(include_path=str(folder)), folder=folder)
     return _MANAGER["manager"], _MANAGER["folder"]
+
+
+def _memoize_lm_eval_overheads() -> None:
+    """Two costs of every lm-eval run that do not depend on the model, paid once per process instead: lm-eval
+    compiles a task's Jinja template anew for every document it renders, and runs `pip list` and friends for the
+    results' environment info on every `simple_evaluate` (0.3 s each time; `EvalCallback` calls it repeatedly).
+    The rendered prompts and the recorded info are the same."""
+    import lm_eval.evaluator
+    import lm_eval.loggers.utils
+    import lm_eval.utils
+
+    if getattr(lm_eval.utils.apply_template, "_hf_stack", False):
+        return
+    compile_template = lru_cache(maxsize=4096)(lm_eval.utils.env.from_string)
+
+    def apply_template(template: str, doc: dict) -> str:
+        return compile_template(template).render(**doc)
+
+    env_info: dict = {}
+
+    def add_env_info(storage: dict) -> None:
+        if not env_info:
+            lm_eval.loggers.utils.add_env_info(env_info)
+        storage.update(env_info)
+
+    apply_template._hf_stack = add_env_info._hf_stack = True
+    lm_eval.utils.apply_template = apply_template
+    lm_eval.evaluator.add_env_info = add_env_info
 
 
 def _data_file(data_dir: Path, task: str) -> tuple[str, Path]:
@@ -115,7 +144,8 @@ def load_model(model, tokenizer=None, revision: str | None = None):
     return model.eval(), tokenizer
 
 
-def make_lm(model, tokenizer, backend: str = "hf-stack", batch_size: int = 16, max_length: int | None = None):
+def make_lm(model, tokenizer, backend: str = "hf-stack", batch_size: int = 16, max_length: int | None = None,
+            add_bos_token: bool | None = ADD_BOS_TOKEN):  # fmt: skip
     """The lm-eval LM object: our prefix-sharing backend or lm-eval's own HFLM, same arguments."""
     if backend not in BACKENDS:
         raise HfStackError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
@@ -124,7 +154,7 @@ def make_lm(model, tokenizer, backend: str = "hf-stack", batch_size: int = 16, m
     from .scorer import PrefixSharingLM
 
     cls = PrefixSharingLM if backend == "hf-stack" else HFLM
-    return cls(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, add_bos_token=ADD_BOS_TOKEN,
+    return cls(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, add_bos_token=add_bos_token,
                max_length=max_length)  # fmt: skip
 
 
@@ -140,6 +170,7 @@ def evaluate_model(
     output: str | os.PathLike | None = None,
     revision: str | None = None,
     bootstrap_iters: int = 100000,
+    add_bos_token: bool | None = ADD_BOS_TOKEN,
 ) -> dict:
     """Score a model on the paper's eight benchmarks (or a subset) with lm-evaluation-harness, zero-shot.
 
@@ -154,6 +185,8 @@ def evaluate_model(
         output: write lm-eval's results JSON here, with a bar chart PNG beside it.
         revision: Hub revision when `model` is a Hub id.
         bootstrap_iters: lm-eval's bootstrap iterations for standard errors (0 skips them).
+        add_bos_token: prepend BOS to every request: `False` (default) as the paper-era harness, `True`, or `None`
+            for the tokenizer's own choice (plain `lm_eval` >= 0.4.9.2). Recorded in the results.
 
     Returns:
         lm-eval's results dict (`results`, `groups`, `configs`, ...), plus `hf_stack` settings (BOS, backend).
@@ -174,10 +207,11 @@ def evaluate_model(
         raise HfStackError(f"limit must be at least 1, got {limit}")
     specs = _task_specs(names, data_dir)  # validates data before the model loads
     model, tokenizer = load_model(model, tokenizer, revision)
-    lm = make_lm(model, tokenizer, backend, batch_size)
+    lm = make_lm(model, tokenizer, backend, batch_size, add_bos_token=add_bos_token)
 
     import lm_eval
 
+    _memoize_lm_eval_overheads()
     manager, folder = _task_manager()
     group = {"group": _RUN_GROUP, "task": specs, "metadata": {"version": 1.0},
              "aggregate_metric_list": [{"metric": "acc", "aggregation": "mean", "weight_by_size": False}]}  # fmt: skip
@@ -190,7 +224,7 @@ def evaluate_model(
     if _RUN_GROUP in results.get("groups", {}):
         results["groups"][GROUP] = {**results["groups"].pop(_RUN_GROUP), "alias": GROUP, "name": GROUP}
         results["results"].pop(_RUN_GROUP, None)
-    results["hf_stack"] = {"backend": backend, "add_bos_token": ADD_BOS_TOKEN, "lm_eval_version": version("lm_eval"),
+    results["hf_stack"] = {"backend": backend, "add_bos_token": add_bos_token, "lm_eval_version": version("lm_eval"),
                            "data_dir": str(data_dir) if data_dir else None, "limit": limit, "batch_size": batch_size}  # fmt: skip
     if output is not None:
         write_results(results, output)
@@ -250,7 +284,8 @@ class EvalCallback(TrainerCallback):
 
     Args:
         tokenizer: the model's tokenizer.
-        tasks, data_dir, limit, batch_size: as for [`evaluate_model`] (keep `limit` small: it runs in the loop).
+        tasks, data_dir, limit, batch_size, add_bos_token: as for [`evaluate_model`] (keep `limit` small: it runs
+            in the loop).
         every_n_steps: score every N optimizer steps; by default at each checkpoint save.
         trainer: the trainer whose `log` receives the scores (so `report_to` integrations see them).
 
@@ -262,15 +297,16 @@ class EvalCallback(TrainerCallback):
     """
 
     def __init__(self, tokenizer, tasks="hf_stack_8", data_dir=None, limit: int | None = 20, batch_size: int = 16,
-                 every_n_steps: int | None = None, trainer=None):  # fmt: skip
+                 every_n_steps: int | None = None, trainer=None, add_bos_token: bool | None = ADD_BOS_TOKEN):  # fmt: skip
         self.tokenizer, self.tasks, self.data_dir, self.limit = tokenizer, parse_tasks(tasks), data_dir, limit
+        self.add_bos_token = add_bos_token
         self.batch_size, self.every_n_steps, self.trainer = batch_size, every_n_steps, trainer
         self.history: list[dict] = []
 
     def _score(self, state, model):
         was_training = model.training
         results = evaluate_model(model, self.tokenizer, tasks=self.tasks, data_dir=self.data_dir, limit=self.limit,
-                                 batch_size=self.batch_size, bootstrap_iters=0)  # fmt: skip
+                                 batch_size=self.batch_size, bootstrap_iters=0, add_bos_token=self.add_bos_token)  # fmt: skip
         model.train(was_training)
         logs = {f"bench/{k.replace(' (acc)', '')}": float(v) for k, v in headline(results).items()}
         self.history.append({"step": state.global_step, **logs})
