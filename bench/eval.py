@@ -8,7 +8,7 @@ prompt lengths are realistic and no benchmark item is copied. Each model shape (
 Llama with a BPE tokenizer of that vocabulary trained on the corpus, fp32, 512 positions) is saved once under
 bench/work/. Every (repetition, shape, backend) runs in its own process, interleaved, scoring all eight tasks
 through `evaluate_model`; per task it records wall time, peak RSS (the kernel's high-water mark, reset before each
-task) and time per stage (tokenising, layout, forward, head, log-softmax: the scorer's own counters; for HFLM its
+task, after a warm-up forward pass and a two-item evaluation outside the timings) and time per stage (tokenising, layout, forward, head, log-softmax: the scorer's own counters; for HFLM its
 `tok_encode` and `_model_call`, the rest of `_loglikelihood_tokens` being the log-softmax and gathers). The script
 asserts every metric is identical between the backends and writes everything to bench/results/eval.json.
 """
@@ -129,6 +129,9 @@ def timed(lm, f, stage: str):
         t0 = time.perf_counter()
         out = f(*args, **kwargs)
         lm.stage_seconds[stage] += time.perf_counter() - t0
+        if stage == "forward":  # HFLM's head projects every position its decoder ran
+            lm.stage_tokens["forward"] += args[0].numel()
+            lm.stage_tokens["head"] += args[0].numel()
         return out
 
     return call
@@ -156,12 +159,15 @@ def worker(shape: str, backend: str, batch_size: int, data: Path) -> dict:
         lm = real_make_lm(*args, **kwargs)
         if backend == "lm-eval":  # HFLM has no stage counters: time its tokenising and forward calls
             lm.stage_seconds = {"tokenise": 0.0, "forward": 0.0}
+            lm.stage_tokens = {"forward": 0, "head": 0}
             for name, stage in (("tok_encode", "tokenise"), ("_model_call", "forward")):
                 setattr(lm, name, timed(lm, getattr(lm, name), stage))
         made.append(lm)
         return lm
 
     harness.make_lm = make_lm
+    # a process's first evaluation imports and sets up lm-eval's and datasets' machinery: outside the timings too
+    harness.evaluate_model(model, tok, tasks="piqa", data_dir=data, limit=2, backend=backend, bootstrap_iters=0)
     out = {}
     for task in TASKS:
         reset_peak_rss()
@@ -169,10 +175,10 @@ def worker(shape: str, backend: str, batch_size: int, data: Path) -> dict:
         r = harness.evaluate_model(model, tok, tasks=task, data_dir=data, batch_size=batch_size, backend=backend,
                                    bootstrap_iters=0)  # fmt: skip
         wall = time.perf_counter() - t0
-        stages = dict(made[-1].stage_seconds)
+        stages, tokens = dict(made[-1].stage_seconds), dict(made[-1].stage_tokens)
         if backend == "lm-eval":
             stages["log-softmax and gathers"] = max(0.0, wall - sum(stages.values()))
-        out[task] = {"seconds": wall, "peak_rss_mb": peak_rss_mb(), "stages": stages,
+        out[task] = {"seconds": wall, "peak_rss_mb": peak_rss_mb(), "stages": stages, "tokens": tokens,
                      "metrics": {k: v for k, v in r["results"][task].items() if k.endswith(",none") and "stderr" not in k}}  # fmt: skip
     return out
 
@@ -249,6 +255,11 @@ def main() -> None:
                 for k, v in rs[0][t]["stages"].items():
                     stages[k] = stages.get(k, 0.0) + v
             print(f"- {b}: " + ", ".join(f"{k} {v:.2f}" for k, v in stages.items()))
+        print("\npositions through the decoder (padding included) / the head, summed over the eight:")
+        for b, rs in (("hf-stack", ours_runs), ("lm-eval", ref_runs)):
+            n_fwd = sum(rs[0][t]["tokens"]["forward"] for t in TASKS)
+            n_head = sum(rs[0][t]["tokens"]["head"] for t in TASKS)
+            print(f"- {b}: {n_fwd} / {n_head}")
         summary[shape] = {"per_task": rows, "ratio_all": ratios["all eight"],
                           "ratio_multiple_choice": ratios["multiple choice"], "peak_rss_ratio": peak}  # fmt: skip
     save_results("eval", {"settings": vars(args), "runs": runs, "summary": summary})

@@ -1,6 +1,7 @@
 """Every registered operator x direction x architecture: a standard checkpoint whose function matches the claim."""
 
 import json
+from concurrent.futures import Future
 
 import pytest
 import torch
@@ -263,3 +264,50 @@ def test_verify_passes_sixteen_bit_width_growth(operator, tmp_path):
         tmp_path / "s", tmp_path / "g", StackedConfig(operator=operator, width_factor=2, dtype="bfloat16"), verify=True
     )
     assert json.loads((tmp_path / "g" / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def _noise_written_out(name, r0, rows, axis, std, plan):
+    """The zero-sum noise as first written (a dense scatter per block): the reference the sliced and gathered
+    builder must reproduce bit for bit."""
+    from hf_stack.checkpoints.tensors import _generator
+
+    first: dict[int, int] = {}
+    later = [k for k, j in enumerate(axis.index) if j >= 0 and first.setdefault(j, k) != k]
+    noise = torch.zeros(rows, axis.target_size)
+    if later:
+        eps = torch.randn(rows, len(later), generator=_generator(plan, "noise", name, r0)) * std
+        sums = torch.zeros(rows, axis.source_size).index_add_(1, torch.tensor([axis.index[k] for k in later]), eps)
+        noise[:, later] = eps
+        noise[:, list(first.values())] = -sums[:, list(first)]
+    return noise
+
+
+@pytest.mark.parametrize("layout", ["appended x2", "appended x3", "shuffled x3 with new units"])
+def test_width_noise_by_slices_and_gathers_is_the_dense_formula(layout):
+    """The block builder adds the noise with slices (a few contiguous runs) or gathers (many), and sums over up to
+    two later copies by rank: each must give the bytes of the plain dense formula, for the same seed."""
+    from types import SimpleNamespace
+
+    from hf_stack.checkpoints.tensors import _add_zero_sum_noise, _Columns
+    from hf_stack.plans.width import Axis
+
+    g = torch.Generator().manual_seed(0)
+    source = 96
+    if layout == "appended x2":
+        index = list(range(source)) * 2
+    elif layout == "appended x3":
+        index = list(range(source)) * 3
+    else:
+        index = [*range(source), *torch.randint(0, source, (200,), generator=g).tolist(), -1, -1]
+        index = [index[k] for k in torch.randperm(len(index), generator=g).tolist()]
+    axis = Axis("hidden_in", source, tuple(index), (1.0,) * len(index), noise=0.01)
+    plan = SimpleNamespace(seed=7)
+    block = torch.randn(5, len(index), generator=g)
+    expected = block + _noise_written_out("w", 10, 5, axis, 0.01 * 0.3, plan)
+    std = Future()
+    std.set_result(0.3)
+    got = block.clone()
+    _add_zero_sum_noise(got, "w", 10, axis, std, plan)
+    assert torch.equal(got, expected)
+    runs = _Columns(list(range(len(index))), [max(j, 0) for j in index]).runs
+    assert (runs is None) == (layout.startswith("shuffled"))  # both ways of applying a map are exercised

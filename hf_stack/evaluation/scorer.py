@@ -36,6 +36,8 @@ from tqdm.auto import tqdm
 HEAD_CHUNK = 4096
 # Requests are packed into one row only where sharing their prefix saves at least this fraction of their tokens.
 MIN_SAVED = 0.1
+# A row joins a batch only if padding it to the batch's width adds at most this fraction of that width.
+MAX_PADDING = 0.25
 
 
 @register_model("hf-stack")
@@ -45,12 +47,14 @@ class PrefixSharingLM(HFLM):
     Takes HFLM's arguments (`pretrained` may be a loaded model, with `tokenizer`); `batch_size` counts rows (a row
     is one request, or one shared context with all its continuations). `softmax_dtype` defaults to float32.
 
-    `stage_seconds` accumulates wall time per stage (tokenising, layout, forward, head, log-softmax) for profiling.
+    For profiling, `stage_seconds` accumulates wall time per stage (tokenise, layout, forward, head, log-softmax)
+    and `stage_tokens` the positions the decoder ran ("forward", padding included) and the head projected ("head").
     """
 
     def __init__(self, *args, softmax_dtype=torch.float32, **kwargs):
         super().__init__(*args, softmax_dtype=softmax_dtype, **kwargs)
         self.stage_seconds: dict[str, float] = defaultdict(float)
+        self.stage_tokens: dict[str, int] = defaultdict(int)
         self._split_head: bool | None = None  # decided by the probe on first use
 
     # -- tokenising ---------------------------------------------------------------------------------------------
@@ -155,7 +159,14 @@ class PrefixSharingLM(HFLM):
         batch_size = int(override_bs or (self.batch_size if self.batch_size != "auto" else 16) or 1)
         batches, current = [], []
         for row in rows:
-            if current and (len(current) == batch_size or (len(current[0][1]) > 1) != (len(row[1]) > 1)):
+            # a new batch when this one is full, changes kind, or would pad this row by more than MAX_PADDING of
+            # the batch's width (a short last rolling window beside full ones): a forward pass less does not pay
+            # for that much padding
+            if current and (
+                len(current) == batch_size
+                or (len(current[0][1]) > 1) != (len(row[1]) > 1)
+                or _row_length(row, ctxs, conts) < (1 - MAX_PADDING) * _row_length(current[0], ctxs, conts)
+            ):
                 batches.append(current)
                 current = []
             current.append(row)
@@ -232,6 +243,8 @@ class PrefixSharingLM(HFLM):
         start = time.perf_counter()
         if self._split_head is None:
             self._split_head = self._probe_split_head()
+        self.stage_tokens["forward"] += n * width
+        self.stage_tokens["head"] += len(targets) if self._split_head else n * width
         inputs = dict(input_ids=ids.to(self.device), attention_mask=mask, position_ids=pos.to(self.device),
                       use_cache=False)  # fmt: skip
         rows, cols = torch.tensor(row_index, device=self.device), torch.tensor(col_index, device=self.device)
