@@ -266,22 +266,29 @@ def test_eval_cli(scorer_model, tmp_path):
 
     folder = tmp_path / "m"
     shutil.copytree(scorer_model, folder)
+    _bos_tokenizer(folder).save_pretrained(folder)  # one that adds BOS: `--add-bos-token` changes every request
     cmd = [sys.executable, "-m", "hf_stack.cli", "eval", str(folder), "--data-dir", str(SAMPLES_DIR),
-           "--tasks", "arc_easy,winogrande", "--limit", "3", "-o", str(tmp_path / "res.json")]  # fmt: skip
+           "--tasks", "arc_easy,winogrande,wikitext", "--limit", "3", "-o", str(tmp_path / "res.json")]  # fmt: skip
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "arc_easy" in r.stdout and "average" in r.stdout
     saved = json.loads((tmp_path / "res.json").read_text())
     assert saved["results"]["arc_easy"]["sample_len"] == 3
-    r = subprocess.run(
-        [*cmd[:-2], "--backend", "lm-eval", "--add-bos-token", "-o", str(tmp_path / "ref.json")],
-        capture_output=True, text=True,
-    )  # fmt: skip
-    assert r.returncode == 0, r.stderr[-3000:]
-    ref = json.loads((tmp_path / "ref.json").read_text())
-    assert ref["hf_stack"]["backend"] == "lm-eval" and ref["hf_stack"]["add_bos_token"] is True
-    assert saved["hf_stack"]["add_bos_token"] is False
-    # (this tokenizer adds no BOS, so the setting leaves the scores as they are)
+    runs = {}
+    for name, extra in (("ref", ["--backend", "lm-eval"]), ("bos", []), ("ref_bos", ["--backend", "lm-eval"])):
+        flag = ["--add-bos-token"] if name.endswith("bos") else []
+        r = subprocess.run([*cmd[:-2], *extra, *flag, "-o", str(tmp_path / f"{name}.json")], capture_output=True,
+                           text=True)  # fmt: skip
+        assert r.returncode == 0, r.stderr[-3000:]
+        runs[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    ref = runs["ref"]
+    assert ref["hf_stack"]["backend"] == "lm-eval" and saved["hf_stack"]["backend"] == "hf-stack"
+    assert runs["bos"]["hf_stack"]["add_bos_token"] is True and saved["hf_stack"]["add_bos_token"] is False
+    ppl = {k: v["results"]["wikitext"]["word_perplexity,none"] for k, v in {**runs, "saved": saved}.items()}
+    assert ppl["saved"] == pytest.approx(ppl["ref"], rel=1e-6) and ppl["bos"] == pytest.approx(
+        ppl["ref_bos"], rel=1e-6
+    )
+    assert abs(ppl["bos"] - ppl["saved"]) > 1e-3 * ppl["saved"]  # the flag reaches the scorer
     assert ref["results"]["arc_easy"]["acc,none"] == saved["results"]["arc_easy"]["acc,none"]
     card = (folder / "README.md").read_text()
     assert card.count("<!-- hf_stack:evaluation -->") == 1
@@ -358,10 +365,16 @@ def test_batched_tokenising_gives_hflms_tokens(scorer_model, add_bos_token):
     ref = make_lm(model, tok, "lm-eval", batch_size=4, add_bos_token=add_bos_token)
     by_task = _instances(list(TASKS))
     choices = [i for name, insts in by_task.items() if name != "wikitext" for i in insts]
+    # edge cases HFLM has rules for: a context already starting with BOS, trailing spaces, an empty context, and
+    # (where BOS is added: HFLM refuses it without) a context of spaces only
+    edges = [("<s>Question: a b\nAnswer:", " c d"), ("Question: a b  ", "c d"), ("", "c d e")]
+    edges += [("  ", "c d")] if add_bos_token is not False else []
+    choices += [Instance("loglikelihood", {}, args, k) for k, args in enumerate(edges)]
     ours, theirs = _requests_seen(fast, choices), _requests_seen(ref, choices)
     assert len(ours) == len(choices) and ours == theirs
-    with_bos = sum(ctx[0] == tok.bos_token_id for ctx, _ in ours)
-    assert with_bos == (len(ours) if add_bos_token in (True, None) else 0)
+    with_bos = sum(ctx[0] == tok.bos_token_id for ctx, _ in ours[: -len(edges)])
+    assert with_bos == (len(ours) - len(edges) if add_bos_token in (True, None) else 0)
+    assert ours[-len(edges)][0].count(tok.bos_token_id) == 1  # BOS in the text: not added twice
     rolling = _rolling_instances()
     ours, theirs = _requests_seen(fast, rolling, True), _requests_seen(ref, rolling, True)
     assert len(ours) > len(rolling) and sorted(ours) == sorted(theirs)  # one call, sorted: order may differ

@@ -282,13 +282,80 @@ def _noise_written_out(name, r0, rows, axis, std, plan):
     return noise
 
 
-@pytest.mark.parametrize("layout", ["appended x2", "appended x3", "shuffled x3 with new units"])
+def _widen_block_written_out(entry, src, plan, r0, r1, std):
+    """The widened rows r0:r1 as first written (per-block index lists, dense noise): the reference for the
+    sliced, gathered, threaded builder."""
+    from hf_stack.checkpoints.tensors import _fill
+
+    work = torch.promote_types(src.dtype, torch.float32)
+    names = list(entry.axes) + [None] * (2 - len(entry.axes))
+    row_axis, col_axis = (plan.width[n] if n else None for n in names[:2])
+    shape = (r1 - r0, *entry.shape[1:])
+    new_rows = new_cols = None
+    if row_axis is not None:
+        index = torch.tensor(row_axis.index[r0:r1])
+        block = src.index_select(0, index.clamp(min=0)).to(work)
+        block *= torch.tensor(row_axis.scale[r0:r1], dtype=work).view(-1, *([1] * (block.ndim - 1)))
+        new_rows = index < 0
+    else:
+        block = src[r0:r1].to(work)
+    if col_axis is not None:
+        index = torch.tensor(col_axis.index)
+        block = block.index_select(1, index.clamp(min=0)) * torch.tensor(col_axis.scale, dtype=work)
+        if col_axis.noise:
+            block += _noise_written_out(entry.target, r0, r1 - r0, col_axis, col_axis.noise * std, plan)
+        new_cols = index < 0
+    if new_rows is not None and new_rows.any():
+        block[new_rows] = _fill(entry.target, r0, (int(new_rows.sum()), *shape[1:]), row_axis.fill, plan).to(work)
+    if new_cols is not None and new_cols.any():
+        block[:, new_cols] = _fill(
+            "cols:" + entry.target, r0, (shape[0], int(new_cols.sum())), col_axis.fill, plan
+        ).to(work)
+    return block
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float64"])
+@pytest.mark.parametrize("operator, factor", [("direct", 3), ("zero", 2)])
+def test_threaded_width_blocks_are_the_formula_written_out(operator, factor, dtype, tmp_path, monkeypatch):
+    """Width growth in many small blocks (so tensors are built ahead on worker threads, with reused buffers and
+    the std arriving while the first blocks are drawn): every tensor must be, bit for bit, the per-block formula
+    as first written, for unit and non-unit scales, up to two later copies, new units and three dtypes."""
+    import math
+
+    from hf_stack.checkpoints import tensors
+    from hf_stack.checkpoints.source import resolve_source
+    from hf_stack.plans.plan import build_plan
+
+    build_checkpoint(tmp_path / "s", num_layers=1, dtype=dtype)
+    source = resolve_source(str(tmp_path / "s"))
+    stacked = StackedConfig(operator=operator, width_factor=factor, width_noise=0.01)
+    plan = build_plan(source.config, source.tensor_infos, stacked)
+    read = tensors.TensorReader(source)
+    monkeypatch.setattr(tensors, "BLOCK_ELEMENTS", 500)
+    n_blocks = 0
+    for entry in plan.tensors:
+        got = tensors.materialize(entry, read, plan)
+        src = read(entry.source)
+        if not entry.widened:
+            assert torch.equal(got, src)
+            continue
+        shape = entry.shape
+        step = max(1, 500 // max(1, math.prod(shape[1:]))) if len(shape) > 1 else shape[0]
+        std = float(src.std()) if any(n and plan.width[n].noise for n in entry.axes) else 0.0
+        blocks = [_widen_block_written_out(entry, src, plan, r0, min(shape[0], r0 + step), std)
+                  for r0 in range(0, shape[0], step)]  # fmt: skip
+        n_blocks += len(blocks)
+        assert torch.equal(got, torch.cat(blocks).to(got.dtype)), entry.target
+    assert n_blocks > 10 * len(plan.tensors)
+
+
+@pytest.mark.parametrize("layout", ["appended x2", "appended x3", "interleaved x2", "shuffled x3 with new units"])
 def test_width_noise_by_slices_and_gathers_is_the_dense_formula(layout):
     """The block builder adds the noise with slices (a few contiguous runs) or gathers (many), and sums over up to
     two later copies by rank: each must give the bytes of the plain dense formula, for the same seed."""
     from types import SimpleNamespace
 
-    from hf_stack.checkpoints.tensors import _add_zero_sum_noise, _Columns
+    from hf_stack.checkpoints.tensors import _add_zero_sum_noise, _axis_tensors
     from hf_stack.plans.width import Axis
 
     g = torch.Generator().manual_seed(0)
@@ -297,6 +364,8 @@ def test_width_noise_by_slices_and_gathers_is_the_dense_formula(layout):
         index = list(range(source)) * 2
     elif layout == "appended x3":
         index = list(range(source)) * 3
+    elif layout == "interleaved x2":  # each unit next to its copy: 96 runs of one
+        index = [j for j in range(source) for _ in range(2)]
     else:
         index = [*range(source), *torch.randint(0, source, (200,), generator=g).tolist(), -1, -1]
         index = [index[k] for k in torch.randperm(len(index), generator=g).tolist()]
@@ -309,5 +378,7 @@ def test_width_noise_by_slices_and_gathers_is_the_dense_formula(layout):
     got = block.clone()
     _add_zero_sum_noise(got, "w", 10, axis, std, plan)
     assert torch.equal(got, expected)
-    runs = _Columns(list(range(len(index))), [max(j, 0) for j in index]).runs
-    assert (runs is None) == (layout.startswith("shuffled"))  # both ways of applying a map are exercised
+    maps = _axis_tensors(axis)
+    # both ways of applying a map are exercised: slices for appended copies, gathers for scattered ones
+    assert (maps.later.runs is None) == (layout == "interleaved x2")
+    assert (maps.first.runs is None) == (layout in ("interleaved x2", "shuffled x3 with new units"))

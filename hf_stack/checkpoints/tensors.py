@@ -140,7 +140,7 @@ class _AxisTensors:
         source = [max(j, 0) for j in index]
         self.source = torch.tensor(source, dtype=torch.long)
         self.columns = _Columns(list(range(len(index))), source)
-        self.scale = torch.tensor(axis.scale)
+        self.scale = torch.tensor(axis.scale, dtype=torch.float64)  # rounded to the work dtype where used
         self.unit_scale = all(s == 1.0 for s in axis.scale)  # x * 1.0 == x: the multiply can be skipped
         self.new = torch.tensor([j < 0 for j in index])
         self.any_new = any(j < 0 for j in index)
@@ -178,7 +178,7 @@ def _add_zero_sum_noise(block: torch.Tensor, name: str, r0: int, axis, std: Futu
     if not t.n_later:
         return
     rows = block.shape[0]
-    eps = _scratch("noise", (rows, t.n_later), block.dtype)
+    eps = _scratch("noise", (rows, t.n_later), torch.float32)  # drawn in float32 whatever the work dtype
     torch.randn(rows, t.n_later, generator=_generator(plan, "noise", name, r0), out=eps)
     eps.mul_(axis.noise * std.result())
     t.later.add(block, eps)
@@ -193,7 +193,8 @@ def _add_zero_sum_noise(block: torch.Tensor, name: str, r0: int, axis, std: Futu
 
 
 def _widen_block(entry, src: torch.Tensor, plan, r0: int, r1: int, std: Future) -> torch.Tensor:
-    """Rows r0:r1 of the widened tensor: gather source units, scale them, add noise, fill new units.
+    """Rows r0:r1 of the widened tensor: gather source units, scale them, add noise, fill new units. The result
+    may be this thread's work buffer: valid until the thread builds its next block.
 
     Cells of a new column take the column axis's fill; other cells of a new row the row axis's, so e.g. G_zero
     gets zero rows for new units except where they meet new (randomly initialised) columns.
@@ -278,14 +279,21 @@ def materialize_blocks(entry, reader, plan, dtype: torch.dtype | None = None):
         yield build(0)
         return
     pool, workers = _pool()
-    ahead = deque(pool.submit(build, r0) for r0 in starts[:workers])
-    set_std()
-    for r0 in starts[workers:]:
-        block = ahead.popleft().result()
-        ahead.append(pool.submit(build, r0))
-        yield block
-    while ahead:
-        yield ahead.popleft().result()
+    ahead: deque = deque()
+    try:
+        ahead.extend(pool.submit(build, r0) for r0 in starts[:workers])
+        set_std()
+        for r0 in starts[workers:]:
+            block = ahead.popleft().result()
+            ahead.append(pool.submit(build, r0))
+            yield block
+        while ahead:
+            yield ahead.popleft().result()
+    finally:  # interrupted, or the consumer stopped early: no worker may wait for the std forever
+        if not std.done():
+            std.set_exception(HfStackError("growth interrupted"))
+        for future in ahead:
+            future.cancel()
 
 
 def materialize(entry, reader, plan, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -49,7 +49,8 @@ def _memoize_lm_eval_overheads() -> None:
     """Two costs of every lm-eval run that do not depend on the model, paid once per process instead: lm-eval
     compiles a task's Jinja template anew for every document it renders, and runs `pip list` and friends for the
     results' environment info on every `simple_evaluate` (0.3 s each time; `EvalCallback` calls it repeatedly).
-    The rendered prompts and the recorded info are the same."""
+    The rendered prompts are the same; the environment info is the first call's (so a later change of the
+    working directory's git commit is not seen). Process-wide: other lm-eval callers in the process share both."""
     import lm_eval.evaluator
     import lm_eval.loggers.utils
     import lm_eval.utils

@@ -36,6 +36,8 @@ from tqdm.auto import tqdm
 HEAD_CHUNK = 4096
 # Requests are packed into one row only where sharing their prefix saves at least this fraction of their tokens.
 MIN_SAVED = 0.1
+# Config fields of a transform some models apply after the output embeddings (Gemma 2/3, Cohere, Granite).
+POST_HEAD_CONFIG_KEYS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 # A row joins a batch only if padding it to the batch's width adds at most this fraction of that width.
 MAX_PADDING = 0.25
 
@@ -82,24 +84,27 @@ class PrefixSharingLM(HFLM):
     def loglikelihood(self, requests, disable_tqdm: bool = False):
         if self.backend != "causal" or getattr(self, "enable_thinking", False):
             return super().loglikelihood(requests, disable_tqdm)
-        pairs = []
+        pairs = []  # None for an empty context, else HFLM's `_encode_pair` split
         for req in requests:
             context, continuation = req.args
             if context:
-                # HFLM's `_encode_pair`: trailing spaces of the context move to the continuation
+                # trailing spaces of the context move to the continuation (a context of spaces becomes "")
                 n_spaces = len(context) - len(context.rstrip())
                 if n_spaces:
                     context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
-            pairs.append((context, continuation))
-        unique = sorted({s for c, x in pairs if c for s in (c, c + x)})
+                pairs.append((context, continuation))
+            else:
+                pairs.append(None)
+        unique = sorted({s for pair in pairs if pair for s in (pair[0], pair[0] + pair[1])})
         encoded = dict(zip(unique, self._encode_many(unique)))
         new_reqs = []
-        for req, (context, continuation) in zip(requests, pairs):
-            if context:
+        for req, pair in zip(requests, pairs):
+            if pair is not None:
+                context, continuation = pair
                 context_enc = encoded[context]
                 continuation_enc = encoded[context + continuation][len(context_enc) :]
             else:  # an empty context: HFLM conditions on its prefix token
-                cont = self.tok_encode(continuation, add_special_tokens=False)
+                cont = self.tok_encode(req.args[1], add_special_tokens=False)
                 context_enc, continuation_enc = (
                     ([self.prefix_token_id], cont) if self.prefix_token_id != cont[0] else (cont[:1], cont[1:])
                 )
@@ -186,17 +191,28 @@ class PrefixSharingLM(HFLM):
         return results
 
     def _probe_split_head(self) -> bool:
-        """Whether decoder + output embeddings reproduce the model's logits (no soft-capping or scaling after the
-        head), checked once on a short input."""
+        """Whether decoder + output embeddings reproduce the model's logits, checked once: no transform after the
+        head in the config (soft-capping, a logit scale), and the same logits, bit for bit, on a short input (the
+        same kernels run either way; a tolerance would let a small soft-cap pass on small logits)."""
+        config = self.model.config.get_text_config()
+        if any(getattr(config, k, None) not in (None, 1, 1.0) for k in POST_HEAD_CONFIG_KEYS):
+            return False
         try:
             decoder, head = self.model.get_decoder(), self.model.get_output_embeddings()
-            ids = torch.arange(1, 9, device=self.device)[None] % self.model.config.get_text_config().vocab_size
-            ref = self.model(input_ids=ids, use_cache=False).logits.float()
-            ours = head(decoder(input_ids=ids, use_cache=False).last_hidden_state).float()
+            ids = torch.arange(1, 9, device=self.device)[None] % config.vocab_size
+            with self._autocast():
+                ref = self.model(input_ids=ids, use_cache=False).logits.float()
+                ours = head(decoder(input_ids=ids, use_cache=False).last_hidden_state).float()
         except Exception:  # an exotic wrapper: the full forward is always right
             return False
-        return ours.shape == ref.shape and bool(
-            torch.allclose(ours, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+        return ours.shape == ref.shape and bool(torch.equal(ours, ref))
+
+    def _autocast(self):
+        """HFLM's forward-pass context: autocast to `mixed_precision_dtype` when one is set."""
+        return torch.autocast(
+            device_type=self.device.type,
+            dtype=self.mixed_precision_dtype,
+            enabled=self.mixed_precision_dtype is not None,
         )
 
     @torch.no_grad()
@@ -248,12 +264,13 @@ class PrefixSharingLM(HFLM):
         inputs = dict(input_ids=ids.to(self.device), attention_mask=mask, position_ids=pos.to(self.device),
                       use_cache=False)  # fmt: skip
         rows, cols = torch.tensor(row_index, device=self.device), torch.tensor(col_index, device=self.device)
-        if self._split_head:
-            hidden = self.model.get_decoder()(**inputs).last_hidden_state[rows, cols]
-            head = self.model.get_output_embeddings()
-        else:
-            hidden = self.model(**inputs).logits[rows, cols]
-            head = None
+        with self._autocast():
+            if self._split_head:
+                hidden = self.model.get_decoder()(**inputs).last_hidden_state[rows, cols]
+                head = self.model.get_output_embeddings()
+            else:
+                hidden = self.model(**inputs).logits[rows, cols]
+                head = None
         self.stage_seconds["forward"] += time.perf_counter() - start
 
         # Log-probabilities of the targets, a chunk of positions at a time: float32 logits of HEAD_CHUNK
@@ -264,7 +281,9 @@ class PrefixSharingLM(HFLM):
         for c0 in range(0, len(targets), HEAD_CHUNK):
             start = time.perf_counter()
             part = hidden[c0 : c0 + HEAD_CHUNK]
-            logits = (head(part) if head is not None else part).to(self.softmax_dtype or torch.float32)
+            with self._autocast():
+                logits = head(part) if head is not None else part
+            logits = logits.to(self.softmax_dtype or torch.float32)
             t = targets_t[c0 : c0 + HEAD_CHUNK]
             self.stage_seconds["head"] += time.perf_counter() - start
             start = time.perf_counter()
