@@ -165,8 +165,8 @@ class PrefixSharingLM(HFLM):
         batches, current = [], []
         for row in rows:
             # a new batch when this one is full, changes kind, or would pad this row by more than MAX_PADDING of
-            # the batch's width (a short last rolling window beside full ones): a forward pass less does not pay
-            # for that much padding
+            # the batch's width (a short document's only window beside full-length ones): a forward pass less does
+            # not pay for that much padding
             if current and (
                 len(current) == batch_size
                 or (len(current[0][1]) > 1) != (len(row[1]) > 1)
