@@ -12,6 +12,7 @@ from transformers import TrainingArguments
 
 from ..errors import HfStackError
 from ..plans.config import StackedConfig, parse_settings, setting_type
+from .ladder import COOLDOWN_TYPES
 
 
 @dataclass
@@ -78,6 +79,25 @@ class StackingTrainingArguments(TrainingArguments):
             "growth (MSG masks; 0: no masks)."
         },
     )
+    cooldown_budgets: list | str | None = field(
+        default=None,
+        metadata={
+            "help": "Annealed end points at several budgets from one run (warmup-stable-decay): total token budgets, "
+            "a list or text like '1e6,2e6,4e6'; max_tokens (the largest, if unset) is one of them. The last phase "
+            "trains at its peak rate after warmup and each budget gets its own cooldown branch from the state at its "
+            "decay start, with its own final/ and training_log.json in cooldown-<tokens>/ (the largest: the run "
+            "folder itself). The last phase's lr_scheduler_type is not used."
+        },
+    )
+    cooldown_fraction: float = field(
+        default=0.2, metadata={"help": "Each budget's cooldown as a fraction of its steps (default 0.2)."}
+    )
+    cooldown_type: str = field(
+        default="linear", metadata={"help": "Shape of the cooldown: linear (default), 1-sqrt or cosine."}
+    )
+    cooldown_min_lr_rate: float = field(
+        default=0.0, metadata={"help": "Where the cooldown ends, as a fraction of the peak rate (default 0)."}
+    )
     carry_optimizer_state: bool = field(
         default=False,
         metadata={
@@ -114,6 +134,20 @@ class StackingTrainingArguments(TrainingArguments):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, _tokens(name, value))
+        if self.cooldown_budgets is not None:
+            self.cooldown_budgets = _budgets(self.cooldown_budgets)
+            self.max_tokens = self.max_tokens or max(self.cooldown_budgets)
+            if max(self.cooldown_budgets) > self.max_tokens:
+                raise HfStackError(
+                    f"cooldown budget {max(self.cooldown_budgets):.3g} is beyond max_tokens ({self.max_tokens:.3g})"
+                )
+            self.cooldown_budgets = sorted({*self.cooldown_budgets, self.max_tokens})
+            if self.cooldown_type not in COOLDOWN_TYPES:
+                raise HfStackError(f"cooldown_type must be one of {', '.join(COOLDOWN_TYPES)}, got {self.cooldown_type!r}")
+            if not 0 <= self.cooldown_min_lr_rate < 1:
+                raise HfStackError(f"cooldown_min_lr_rate must be in [0, 1), got {self.cooldown_min_lr_rate}")
+            if self.save_total_limit:
+                raise HfStackError("cooldown_budgets branches from a checkpoint at each decay start; unset save_total_limit")
         self.check_growth()
         last = self.growths[-1]["at_tokens"] if self.growths else None
         if last is not None and self.max_tokens is not None and last >= self.max_tokens:
@@ -227,6 +261,20 @@ def _tokens(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise HfStackError(f"{name} must be a positive number of tokens, got {value!r}")
     return int(value)
+
+
+def _budgets(value) -> list[int]:
+    """`[1e6, 2e6]`, `"1e6,2e6"` or a JSON list -> token budgets."""
+    items = value
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            items = json.loads(text) if text.startswith("[") else [float(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise HfStackError(f"cannot read cooldown_budgets {value!r}: write token budgets like 1e6,2e6,4e6") from None
+    if not isinstance(items, (list, tuple)) or not items:
+        raise HfStackError(f"cooldown_budgets must list token budgets, got {value!r}")
+    return [_tokens("a cooldown budget", v) for v in items]
 
 
 def _parse_schedule(text: str) -> list[dict]:

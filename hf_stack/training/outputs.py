@@ -36,7 +36,8 @@ def training_summary(phases: list[dict]) -> dict:
 
 
 def write_final_outputs(
-    out: Path, model, tokenizer, phases: list[dict], history: list[dict], baselines: dict | None = None
+    out: Path, model, tokenizer, phases: list[dict], history: list[dict], baselines: dict | None = None,
+    growths: list[dict] | None = None, extra: dict | None = None,
 ) -> None:
     """Write `out/final/` (model, tokenizer, growth_config.json with both phases, card, loss plot) and
     `out/training_log.json`; `final/` is built beside and renamed into place, so it is whole or absent.
@@ -48,13 +49,15 @@ def write_final_outputs(
         phases: one accounting record per phase ([`~hf_stack.training.accounting.phase_record`]).
         history: every logged step of every phase.
         baselines: e.g. `{"unigram_eval_loss": ...}`, the floor `hf-stack compare`'s health check reads.
+        growths: the run's growth records (default: read from `out`'s growth state).
+        extra: more top-level keys of `training_log.json` (e.g. `cooldowns`, a ladder's end points).
     """
     final, tmp = out / "final", out / "final.tmp"
     model.save_pretrained(tmp)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     training = training_summary(phases)
-    growths = read_growth_state(out)["growths"]
+    growths = read_growth_state(out)["growths"] if growths is None else growths
     # grown in the run: the final model's own growth (its layer map, operator, settings), with every growth when
     # there were several; grown before it (`from_small_pretrained`): that record; not grown: {}
     record = growths[-1] if growths else getattr(model, "growth_record", None) or {}
@@ -64,6 +67,7 @@ def write_final_outputs(
     log = {"training": training, "log_history": history}
     if baselines:
         log["baselines"] = baselines
+    log.update(extra or {})
     write_json_atomic(out / TRAINING_LOG, log)
     loss_plot = None
     if any("loss" in e for e in history):

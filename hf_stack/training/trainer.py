@@ -10,6 +10,7 @@ run folder's layout and bookkeeping are `hf_stack.training.run_folder`, the fina
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -29,8 +30,10 @@ from ..plans.timing import training_flops
 from ..plans.width import grow_width_config, width_dims
 from .accounting import count_parameters, model_flops, phase_record
 from .arguments import StackingTrainingArguments
+from .ladder import branch_summary, cooldown_dir, cooldown_ladder
+from .log import TRAINING_LOG
 from .msg import GrowthMasks, MaskRamp
-from .outputs import write_final_outputs
+from .outputs import training_summary, write_final_outputs
 from .run_folder import (
     carried_optimizer,
     check_run_config,
@@ -164,10 +167,12 @@ class StackingTrainer(Trainer):
         full_dataset = self.train_dataset
         growths = len(grow_steps)
         bounds = [0, *grow_steps, total_steps]  # phase p trains steps bounds[p - 1] to bounds[p]
+        self._ladder = run_ladder(args, tps, grow_steps, total_steps)
+        self._cooldowns = []
+        self._full_train_dataset = full_dataset
         try:
             if not growths:
-                args.max_steps = total_steps
-                result = Trainer.train(self, resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+                result = self._train_last_phase(out, 0, total_steps, resume_from_checkpoint, growths, tps, kwargs)
             state = read_growth_state(out)
             done = len(state["growths"]) if growths else 0
             if done:
@@ -187,7 +192,10 @@ class StackingTrainer(Trainer):
                 resume = resume_from_checkpoint
                 if isinstance(resume, (str, os.PathLike)) and Path(resume).parent != folder:
                     resume = True  # a checkpoint path given for another phase: this one resumes from its own folder
-                result = Trainer.train(self, resume_from_checkpoint=last_checkpoint(folder, resume), **kwargs)
+                if phase == growths + 1:
+                    result = self._train_last_phase(out, bounds[-2], steps, resume, growths, tps, kwargs)
+                else:
+                    result = Trainer.train(self, resume_from_checkpoint=last_checkpoint(folder, resume), **kwargs)
                 if phase <= growths:
                     self._save_checkpoint(self.model, trial=None)  # a checkpoint on the small side of the boundary
                     self._use_phase_settings(phase + 1, saved)
@@ -196,7 +204,54 @@ class StackingTrainer(Trainer):
             for k, v in saved.items():
                 setattr(args, k, v)
             self.train_dataset = full_dataset
-        self._finish(out, tps, growths)
+        self._finish(out, out, tps, growths)
+        return result
+
+    def _train_last_phase(self, out: Path, offset: int, steps: int, resume, growths: int, tps: int, kwargs: dict):
+        """The last phase: to the end of its schedule, or, with `cooldown_budgets`, the stable run to the largest
+        budget's decay start and then one cooldown branch per budget (see `hf_stack.training.ladder`)."""
+        args = self.args
+        if not self._ladder:
+            args.max_steps = steps
+            return Trainer.train(self, resume_from_checkpoint=last_checkpoint(out, resume) if growths else resume,
+                                 **kwargs)  # fmt: skip
+        # Phase-local steps: a phase's Trainer counts its own steps from 0.
+        rungs = [{**r, "start": r["decay_start"] - offset, "end": r["steps"] - offset} for r in self._ladder]
+        warmup = rungs[0]["warmup_steps"]
+        ladder = _LadderCallback()
+        self.add_callback(ladder)
+        result = None
+        try:
+            args.warmup_steps = warmup
+            stable = _complete_checkpoints(out) if resume else {}
+            if rungs[-1]["start"] not in stable:
+                ladder.save_at = {r["start"] for r in rungs}
+                args.max_steps, args.lr_scheduler_type, args.lr_scheduler_kwargs = rungs[-1]["start"], "constant_with_warmup", {}
+                self.lr_scheduler = None
+                begin = max((k for k in stable if k <= rungs[-1]["start"]), default=None)
+                result = Trainer.train(self, resume_from_checkpoint=stable.get(begin), **kwargs)
+                ladder.save_at = set()
+            for i, rung in enumerate(rungs):
+                largest = i == len(rungs) - 1
+                dest = cooldown_dir(out, rung, largest)
+                if not largest and (dest / "final").is_dir() and (dest / TRAINING_LOG).is_file():
+                    self._cooldowns.append(branch_summary(rung, json.loads((dest / TRAINING_LOG).read_text()), dest.name))
+                    continue
+                own = {k: p for k, p in _complete_checkpoints(dest).items() if k > rung["start"]}
+                begin = own[max(own)] if own else str(out / f"checkpoint-{rung['start']}")
+                args.output_dir, args.max_steps = str(dest), rung["end"]
+                args.lr_scheduler_type = "warmup_stable_decay"
+                args.lr_scheduler_kwargs = {"num_stable_steps": rung["start"] - warmup, "num_decay_steps": rung["cooldown_steps"],
+                                            "decay_type": args.cooldown_type, "min_lr_ratio": args.cooldown_min_lr_rate}  # fmt: skip
+                self.optimizer = self.lr_scheduler = None  # both restored from the decay start's checkpoint
+                result = Trainer.train(self, resume_from_checkpoint=begin, **kwargs)
+                if not largest:
+                    self._finish(dest, out, tps, growths)
+                    if self.is_world_process_zero():
+                        self._cooldowns.append(branch_summary(rung, json.loads((dest / TRAINING_LOG).read_text()), dest.name))
+        finally:
+            self.remove_callback(ladder)
+            args.output_dir = str(out)
         return result
 
     def _use_phase_settings(self, phase: int, first: dict) -> None:
@@ -316,23 +371,27 @@ class StackingTrainer(Trainer):
         return optimizer
 
     def _unigram_baseline(self) -> float | None:
-        """The validation loss of unigram frequencies, the floor `hf-stack compare`'s health check reads."""
+        """The validation loss of unigram frequencies, the floor `hf-stack compare`'s health check reads (counted
+        on all of the run's training data, whichever phase or branch asks)."""
         from ..data import unigram_loss
 
-        evaluation = self.eval_dataset
+        evaluation, train = self.eval_dataset, getattr(self, "_full_train_dataset", self.train_dataset)
         if evaluation is None or isinstance(evaluation, dict) or not hasattr(evaluation, "with_format"):
             return None
-        if not hasattr(self.train_dataset, "with_format") or "input_ids" not in evaluation.column_names:
+        if not hasattr(train, "with_format") or "input_ids" not in evaluation.column_names:
             return None
-        vocab = getattr(self.accelerator.unwrap_model(self.model).config, "vocab_size", None)
-        return round(unigram_loss(self.train_dataset, evaluation, vocab), 6)
+        if getattr(self, "_baseline", None) is None:
+            vocab = getattr(self.accelerator.unwrap_model(self.model).config, "vocab_size", None)
+            self._baseline = round(unigram_loss(train, evaluation, vocab), 6)
+        return self._baseline
 
-    def _finish(self, out: Path, tps: int, growths: int) -> None:
+    def _finish(self, dest: Path, out: Path, tps: int, growths: int) -> None:
+        """The final outputs of the run (`dest` is `out`) or of one of its cooldown branches (`dest` inside it)."""
         if self.is_world_process_zero():
-            self._write_final(out, tps, growths)
+            self._write_final(dest, out, tps, growths)
         self.accelerator.wait_for_everyone()
 
-    def _write_final(self, out: Path, tps: int, growths: int) -> None:
+    def _write_final(self, dest: Path, out: Path, tps: int, growths: int) -> None:
         model = self.accelerator.unwrap_model(self.model)
         seconds = self._phase_seconds() - self.phase_start["train_seconds"]
         phases = [*self.completed_phases, phase_record(self.phase, model, self.state.global_step, tps, seconds)]
@@ -342,7 +401,13 @@ class StackingTrainer(Trainer):
         history += [e for e in self.state.log_history if "tokens" in e]
         baseline = self._unigram_baseline()
         baselines = {"unigram_eval_loss": baseline} if baseline is not None else None
-        write_final_outputs(out, model, self.processing_class, phases, history, baselines)
+        extra = None
+        if self._ladder and dest == out:  # the run's own end is the largest budget's branch; the others are listed
+            largest = branch_summary(self._ladder[-1], {"training": training_summary(phases), "log_history": history}, ".")
+            extra = {"cooldowns": [*self._cooldowns, largest]}
+        write_final_outputs(dest, model, self.processing_class, phases, history, baselines,
+                            growths=read_growth_state(out)["growths"], extra=extra)  # fmt: skip
+
 
 
 def check_run(args, n_blocks: int, block_size: int, model_config, resume, write=False, wait=None, peft=False):
@@ -403,6 +468,7 @@ def check_run(args, n_blocks: int, block_size: int, model_config, resume, write=
             raise HfStackError(
                 f"growth {i + 1} (at {entry['at_tokens']:.3g} tokens, from {depth} layers): {e}"
             ) from None
+    ladder = run_ladder(args, tps, grow_steps, total_steps)
     config = {
         "grow_at_tokens": args.grow_at_tokens,
         "max_tokens": args.max_tokens,
@@ -414,8 +480,36 @@ def check_run(args, n_blocks: int, block_size: int, model_config, resume, write=
     }
     if len(schedule) > 1 or (schedule and args.grow_at_tokens is None):
         config["growth_schedule"] = args.to_dict()["growth_schedule"]
+    if ladder:
+        config["cooldowns"] = {"rungs": ladder, "type": args.cooldown_type, "min_lr_rate": args.cooldown_min_lr_rate}
     check_run_config(Path(args.output_dir), config, resume, write, wait or (lambda: None))
     return tps, total_steps, grow_steps
+
+
+def run_ladder(args, tps: int, grow_steps: list[int], total_steps: int) -> list[dict]:
+    """The cooldown ladder of a run with `cooldown_budgets` (empty without), each rung's warmup that of the last
+    phase, in absolute steps (a ratio is taken of the last phase's steps to the largest budget)."""
+    if not args.cooldown_budgets:
+        return []
+    start = grow_steps[-1] if grow_steps else 0
+    warmup = args.phase_settings(len(grow_steps) + 1)["warmup_steps"] or 0
+    warmup = int(warmup) if warmup >= 1 else math.ceil((total_steps - start) * warmup)
+    rungs = cooldown_ladder(args.cooldown_budgets, args.cooldown_fraction, tps, start, warmup)
+    return [{**r, "warmup_steps": warmup} for r in rungs]
+
+
+class _LadderCallback(TrainerCallback):
+    """Checkpoints (and a log entry, for the resumed clock) at the stable run's decay starts; an evaluation at the
+    end of every branch, so each budget's final loss is read at its own end."""
+
+    def __init__(self):
+        self.save_at: set[int] = set()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step in self.save_at:
+            control.should_save = control.should_log = True
+        if state.global_step >= state.max_steps:
+            control.should_evaluate = control.should_log = True
 
 
 class _ResumeClock(TrainerCallback):
@@ -430,6 +524,14 @@ class _ResumeClock(TrainerCallback):
         logged = [e["train_seconds"] for e in state.log_history if e.get("phase") == t.phase and "train_seconds" in e]
         if logged:
             t._phase_clock_start = t.phase_start["train_seconds"] + t.train_seconds() - logged[-1]
+
+
+def _complete_checkpoints(folder: Path) -> dict[int, str]:
+    """Step -> path of every complete checkpoint in `folder` (see `last_checkpoint`)."""
+    if not folder.is_dir():
+        return {}
+    return {int(p.name[11:]): str(p) for p in folder.glob("checkpoint-*")
+            if p.name[11:].isdigit() and (p / "trainer_state.json").is_file()}  # fmt: skip
 
 
 def _tail(dataset, start: int):
