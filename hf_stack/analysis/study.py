@@ -258,21 +258,28 @@ def run_arm(arm: dict) -> dict:
         cached = json.loads(done.read_text())
         if _arm_key(cached.get("spec", {})) == _arm_key(json.loads(json.dumps(spec, default=str))):
             return cached["result"]
-    if out.exists():
-        shutil.rmtree(out)  # a run stopped before its result was written: start it again
+    started = out / "arm_spec.json"
+    # A ladder stopped part-way continues from its checkpoints (finished branches are kept); anything else, or a
+    # folder of another spec, starts again.
+    resume = bool(arm.get("ladder")) and started.is_file() and (out / "run_config.json").is_file()
+    resume = resume and _arm_key(json.loads(started.read_text())) == _arm_key(json.loads(json.dumps(spec, default=str)))
+    if out.exists() and not resume:
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    started.write_text(json.dumps(spec, default=str))
     threads, verbosity = torch.get_num_threads(), hf_logging.get_verbosity()
     torch.set_num_threads(arm.get("threads", 1))
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     try:
-        return _train_arm(arm, spec, out, done)
+        return _train_arm(arm, spec, out, done, resume)
     finally:  # workers=1 trains in the caller's process: leave its settings as they were
         torch.set_num_threads(threads)
         hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()
 
 
-def _train_arm(arm: dict, spec: dict, out: Path, done: Path) -> dict:
+def _train_arm(arm: dict, spec: dict, out: Path, done: Path, resume: bool = False) -> dict:
     import numpy as np
     from datasets import Dataset
     from transformers import AutoTokenizer
@@ -287,9 +294,15 @@ def _train_arm(arm: dict, spec: dict, out: Path, done: Path) -> dict:
     tps = _tps(s)
     train_blocks = np.load(folder / "train.npy", mmap_mode="r")
     need = arm["tokens"] // s["block_size"]
-    if need > len(train_blocks):
-        raise HfStackError(f"the corpus holds {len(train_blocks)} training blocks, the {role} arm needs {need}")
-    order = np.random.default_rng(seed).permutation(len(train_blocks))[:need]
+    epochs = math.ceil(need / len(train_blocks))
+    if epochs > s.get("max_epochs", 1):
+        raise HfStackError(
+            f"the corpus holds {len(train_blocks)} training blocks, the {role} arm needs {need} "
+            f"({need / len(train_blocks):.2f} passes; the recipe allows {s.get('max_epochs', 1)})"
+        )
+    # One permutation per pass, so every run of a seed trains on the same first blocks, whatever its length.
+    rng = np.random.default_rng(seed)
+    order = np.concatenate([rng.permutation(len(train_blocks)) for _ in range(epochs)])[:need]
     blocks = np.asarray(train_blocks[np.sort(order)])[np.argsort(np.argsort(order))]
     train = Dataset.from_dict({"input_ids": blocks, "labels": blocks}).with_format("torch")
     val_blocks = np.load(folder / "validation.npy")
@@ -301,6 +314,8 @@ def _train_arm(arm: dict, spec: dict, out: Path, done: Path) -> dict:
         seed=seed, weight_decay=0.1, adam_beta2=0.95, max_grad_norm=1.0, disable_tqdm=True,
         max_tokens=arm["tokens"], learning_rate=arm["lr"], warmup_steps=s["warmup"], dataloader_num_workers=0,
     )  # fmt: skip
+    if arm.get("ladder"):  # annealed end points at every budget of the ladder from one run
+        common.update(cooldown_budgets=arm["ladder"], cooldown_fraction=s["cooldown_fraction"])
     if role == "grown" and s.get("growths"):
         args = StackingTrainingArguments(
             str(out), growth_schedule=_schedule_of(s, tps, arm["grown_lr"]), lr_scheduler_type=s["small_schedule"],
@@ -323,7 +338,7 @@ def _train_arm(arm: dict, spec: dict, out: Path, done: Path) -> dict:
     start = time.perf_counter()
     trainer = StackingTrainer(model=model, args=args, train_dataset=train, eval_dataset=val, processing_class=tok)
     trainer.remove_callback(PrinterCallback)  # many runs at once: one line per finished run, not every log dict
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume or None)
     wall = time.perf_counter() - start
     log = json.loads((out / "training_log.json").read_text())
     keep = ("tokens", "flops", "non_embedding_flops", "train_seconds", "phase", "eval_loss", "loss", "learning_rate")
@@ -338,8 +353,15 @@ def _train_arm(arm: dict, spec: dict, out: Path, done: Path) -> dict:
         "small_loss_at_growth": next((e["eval_loss"] for e in reversed(evals) if e.get("phase") == 1), None)
         if role == "grown" else None,
         "unigram_loss": log.get("baselines", {}).get("unigram_eval_loss"),
-        "phases": t["phases"], "log": history,
+        "phases": t["phases"], "log": history, "epochs": round(need / len(train_blocks), 4),
     }  # fmt: skip
+    if "cooldowns" in log:
+        for rung in log["cooldowns"]:  # each rung: its passes over the data, and its branch's own per-step log
+            rung["epochs"] = round(rung["tokens"] // s["block_size"] / len(train_blocks), 4)
+            if rung["folder"] != ".":
+                branch = json.loads((out / rung["folder"] / "training_log.json").read_text())["log_history"]
+                rung["log"] = [{k: e[k] for k in keep if k in e} for e in branch if e["tokens"] > rung["decay_start_tokens"]]
+        result["cooldowns"] = log["cooldowns"]
     tmp = done.with_name(done.name + ".tmp")
     tmp.write_text(json.dumps({"spec": spec, "result": result}, default=str))
     os.replace(tmp, done)

@@ -241,8 +241,9 @@ class StackingTrainer(Trainer):
                 begin = own[max(own)] if own else str(out / f"checkpoint-{rung['start']}")
                 args.output_dir, args.max_steps = str(dest), rung["end"]
                 args.lr_scheduler_type = "warmup_stable_decay"
-                args.lr_scheduler_kwargs = {"num_stable_steps": rung["start"] - warmup, "num_decay_steps": rung["cooldown_steps"],
-                                            "decay_type": args.cooldown_type, "min_lr_ratio": args.cooldown_min_lr_rate}  # fmt: skip
+                # stable steps: max_steps - warmup - decay, i.e. up to this rung's decay start
+                args.lr_scheduler_kwargs = {"num_decay_steps": rung["cooldown_steps"], "decay_type": args.cooldown_type,
+                                            "min_lr_ratio": args.cooldown_min_lr_rate}  # fmt: skip
                 self.optimizer = self.lr_scheduler = None  # both restored from the decay start's checkpoint
                 result = Trainer.train(self, resume_from_checkpoint=begin, **kwargs)
                 if not largest:
