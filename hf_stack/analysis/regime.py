@@ -355,8 +355,14 @@ def fit_trend(points: list[tuple[int, float, float]], draws: int = 2000) -> dict
     zero = math.exp(-a / b) if b < 0 else None
     return {"intercept": float(a), "slope_per_ln": float(b), "slope_interval": [float(np.percentile(slopes, 2.5)),
             float(np.percentile(slopes, 97.5))], "zero_crossing": zero,
-            "zero_crossing_interval": [float(np.percentile(zeros, 2.5)), float(np.percentile(zeros, 97.5))],
+            "zero_crossing_interval": [_finite(np.percentile(zeros, 2.5, method="lower")),
+                                       _finite(np.percentile(zeros, 97.5, method="higher"))],
             "points": len(points)}  # fmt: skip
+
+
+def _finite(x) -> float | None:
+    """None for a draw whose line never crosses zero (an unbounded end of the interval)."""
+    return float(x) if math.isfinite(x) else None
 
 
 def summarize_target(r, t, n, plan, tuning, arms, baselines) -> dict:
@@ -467,13 +473,17 @@ def describe_regime(result: dict) -> str:
                          f"; fit: speed-up = {fit['intercept']:+.3f} {fit['slope_per_ln']:+.3f} ln(tokens/param), slope "
                          f"95% [{fit['slope_interval'][0]:+.3f}, {fit['slope_interval'][1]:+.3f}], zero at "
                          + ("none (slope >= 0)" if fit["zero_crossing"] is None else
-                            f"{fit['zero_crossing']:.0f} tokens/param [{fit['zero_crossing_interval'][0]:.0f}, "
-                            f"{fit['zero_crossing_interval'][1]:.3g}]")))  # fmt: skip
+                            f"{fit['zero_crossing']:.3g} tokens/param [{_bound(fit['zero_crossing_interval'][0])}, "
+                            f"{_bound(fit['zero_crossing_interval'][1])}]")))  # fmt: skip
         for c in t["cosine_check"]:
             lines.append(f"- cosine check, seed {c['seed']}, {c['tokens']:,} tokens: complete cosine {c['cosine_loss']:.3f}, "
                          f"cooldown branch {c['cooldown_loss']:.3f} (difference {c['difference']:+.3f})")  # fmt: skip
         lines.append("")
     return "\n".join(lines)
+
+
+def _bound(x: float | None) -> str:
+    return "never" if x is None else f"{x:.3g}"
 
 
 def plot_regime(result: dict, path) -> Path:
