@@ -28,7 +28,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, help="Worker processes (default: the recipe's, 2).")
     args = parser.parse_args()
 
-    from hf_stack.analysis.regime import describe_regime, plot_regime, run_regime
+    from hf_stack.analysis.regime import compact_map, describe_regime, plot_regime, run_regime
 
     recipe = yaml.safe_load(Path(args.recipe).read_text())
     if args.workers:
@@ -46,6 +46,8 @@ def main() -> None:
         order = [t["name"] for t in result["recipe"]["targets"]]
         merged["targets"].sort(key=lambda t: order.index(t["name"]) if t["name"] in order else len(order))
         path.write_text(json.dumps(merged, indent=1, default=str))
+        shipped = Path(__file__).resolve().parent.parent / "hf_stack" / "recipes" / "regime_map.json"
+        shipped.write_text(json.dumps(compact_map(merged), indent=1) + "\n")  # what `hf-stack when` prints
         plot_regime(merged, results / f"{name}.png")
         print("\n" + describe_regime(merged), flush=True)
         print(f"\nraw results: bench/results/{name}.json; plot: bench/results/{name}.png", flush=True)

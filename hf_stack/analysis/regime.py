@@ -36,6 +36,7 @@ from ..training.log import CURRENCIES
 from .study import _steps, _tps, model_for, prepare_data, run_arm
 
 DEFAULTS = {
+    "data": "corpus",
     "vocab_size": 512,
     "block_size": 128,
     "batch_size": 16,
@@ -540,3 +541,48 @@ def plot_regime(result: dict, path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def compact_map(result: dict) -> dict:
+    """What `hf-stack when` reads (`hf_stack/recipes/regime_map.json`): per target, the G_stack rows' speed-up in
+    FLOPs at every budget, at the first growth point (the map's main row)."""
+    targets = []
+    for t in result["targets"]:
+        main = next((row for row in t["rows"] if row["name"] == "main"), None)
+        if main is None:
+            continue
+        points = [{"tokens_per_parameter": round(b["tokens_per_target_parameter"], 3),
+                   "speedup": round(b["flops"]["speedup_mean"], 4),
+                   "interval": [round(x, 4) for x in b["flops"]["interval"]],
+                   "bound": b["flops"]["bounds"][0] if b["flops"]["bounds"] else None,
+                   "verdict": b["flops"]["verdict"]} for b in main["budgets"]]  # fmt: skip
+        targets.append({"name": t["name"], "target_params": t["sizes"]["target"], "seeds": len(main["seeds"]),
+                        "growth_factor": t["target"]["layers"] // t["target"]["small_layers"],
+                        "d_tokens_per_small_parameter": round(main["d_tokens_per_small_parameter"], 3),
+                        "points": points})  # fmt: skip
+    return {"source": "bench/results/regime.json (bench/regime.py)", "targets": targets}
+
+
+def summary_lines(result: dict) -> list[str]:
+    """What the map's first target found, in words: health, the speed-up at each budget, and the regime measured."""
+    t = result["targets"][0]
+    main = next(row for row in t["rows"] if row["name"] == "main")
+    h, n, b = main["health"], t["sizes"], result["baselines"]
+    lines = [f"health: small model ({n['small']:,} parameters) at d = {main['d_tokens']:,} tokens: validation loss "
+             f"{h['small_at_d']:.3f}; the target from scratch after the same tokens (stable rate, not annealed): "
+             f"{h['scratch_at_d']:.3f}; unigram {b['unigram']:.3f}, bigram {b['bigram']:.3f}"]  # fmt: skip
+    for e in main["budgets"]:
+        f = e["flops"]
+        lo, hi = f["interval"]
+        bound = {"lower": "at least ", "upper": "at most "}.get(f["bounds"][0], "") if f["bounds"] else ""
+        lines.append(f"at {e['tokens_per_target_parameter']:.1f} tokens per target parameter: speed-up in FLOPs "
+                     f"{bound}{f['speedup_mean']:+.1%} (95% bootstrap interval over {len(main['seeds'])} seeds "
+                     f"[{lo:+.1%}, {hi:+.1%}]): {f['verdict']}")  # fmt: skip
+    last = main["budgets"][-1]
+    lines.append(f"regime: {main['budgets'][0]['tokens_per_target_parameter']:.1f}-"
+                 f"{last['tokens_per_target_parameter']:.1f} tokens per target parameter on a {n['target']:,}-parameter "
+                 f"target ({n['target_non_embedding_share']:.0%} non-embedding); at the largest budget the grown model is "
+                 f"{abs(b['bigram'] - last['grown_loss']):.2f} nats {'below' if last['grown_loss'] < b['bigram'] else 'above'} "
+                 "the bigram baseline. The paper's +54.6% is at ~43 "
+                 "tokens per parameter and 7B; bench/README.md maps the trend on this machine.")  # fmt: skip
+    return lines
