@@ -4,7 +4,8 @@
 
 Every arm's per-step log and every ladder rung go to bench/results/<recipe>.json, the tables to stdout, the plot to
 bench/results/<recipe>.png. A stopped run resumes: finished arms are read back from
-bench/work/<recipe>/runs/*/arm_result.json (a killed ladder restarts that arm).
+bench/work/<recipe>/runs/*/arm_result.json, and a stopped ladder continues from its last decay-start checkpoint
+(finished branches kept).
 """
 
 from __future__ import annotations

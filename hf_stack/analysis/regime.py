@@ -24,6 +24,7 @@ in all-parameter FLOPs, non-embedding FLOPs and training seconds, with the loss 
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import os
@@ -125,19 +126,31 @@ def _tokens(x: float, s: dict) -> int:
 def plan_target(r: dict, t: dict, n: dict) -> dict:
     """Every token count of a target: growth points, the grown ladders (budgets after each growth's warmup), scratch's
     ladder, the cosine runs of the check."""
+    from ..training.ladder import cooldown_ladder
+
     s = _setting(r, t)
-    tps, f = _tps(s), r["cooldown_fraction"]
+    tps, f, w = _tps(s), r["cooldown_fraction"], r["warmup_steps"]
     ds = [_tokens(d * n["small"], s) for d in t["d"]]
     scratch = sorted({_tokens(b * n["target"], s) for b in t["scratch_budgets"]})
-    grown = {}
+    cooldown_ladder(scratch, f, tps, 0, w)  # the trainer's own check, before hours of runs
+    grown = []
     for d in ds:
-        first = d + (r["warmup_steps"] + 1) * tps  # a rung's decay starts after growth and the warmup after it
-        grown[d] = sorted({_tokens(b * n["target"], s) for b in t["budgets"] if (1 - f) * b * n["target"] > first})
-        if not grown[d]:
+        fits = []  # the budgets whose cooldown starts after growth and the warmup after it
+        for b in sorted({_tokens(b * n["target"], s) for b in t["budgets"]}):
+            try:
+                fits += [b] if cooldown_ladder([b], f, tps, d // tps, w) else []
+            except HfStackError:
+                continue
+        if not fits:
             raise HfStackError(f"target {t['name']}: no budget of {t['budgets']} ends after growth at {d:,} tokens")
+        grown.append({"d": d, "ladder": fits})
     tune = _tokens(t["tune_at"] * n["target"], s)
     return {"d": ds, "grown": grown, "scratch": scratch, "tune_at": tune,
             "cosine": [_tokens(b * n["target"], s) for b in t["cosine_check"]]}  # fmt: skip
+
+
+def _grown_ladder(plan: dict, d: int) -> list[int]:
+    return next(g["ladder"] for g in plan["grown"] if g["d"] == d)
 
 
 # ---------------------------------------------------------------------------------------------- baselines
@@ -195,7 +208,7 @@ def _arm(r, t, data, output, row, role, seed, lr, tokens, grown_lr=None, d=None,
     s = _setting(r, t, d, operator)
     if schedule:
         s["schedule"] = schedule
-    name = f"{t['name']}/{row}/{role}"
+    name = f"{t['name']}/{row}/{role}" + ("" if ladder or role == "small" else f"@{int(tokens)}")
     lrs = f"{lr:g}" + (f"-{grown_lr:g}" if grown_lr else "")
     folder = output / "runs" / f"{name.replace('/', '-').replace(' ', '')}-seed{seed}-lr{lrs}"
     return {"name": name, "target": t["name"], "row": row, "role": role, "operator": operator, "d": d, "seed": seed,
@@ -244,38 +257,40 @@ def run_regime(recipe: dict, output: Path, files, only: list[str] | None = None,
         grids = {**r["learning_rates"], **t.get("learning_rates", {})}
         print(f"[{t['name']}] target {n['target']:,} parameters ({n['target_non_embedding_share']:.0%} non-embedding, "
               f"{t['layers']} layers, hidden {t['hidden_size']}), small {n['small']:,}; d {plan['d']}; grown ladder "
-              f"{plan['grown'][plan['d'][0]]}; scratch ladder {plan['scratch']}", flush=True)  # fmt: skip
+              f"{_grown_ladder(plan, plan['d'][0])}; scratch ladder {plan['scratch']}", flush=True)  # fmt: skip
         d0 = plan["d"][0]
-        arm = lambda *a, **k: _arm(r, t, data, output, *a, **k)  # noqa: E731
+        arm = functools.partial(_arm, r, t, data, output)
         # Stage 1: the small model's and scratch's sweeps (independent), on the tuning seeds.
         small_f = runner.submit([arm("sweep", "small", s, lr, max(plan["d"])) for s in r["tuning_seeds"]
                                  for lr in grids["small"]])  # fmt: skip
         scratch_f = runner.submit([arm("main", "scratch", s, lr, None, ladder=plan["scratch"])
                                    for s in r["tuning_seeds"] for lr in grids["scratch"]])  # fmt: skip
         small = runner.wait(small_f)
-        small_lr, small_means = _best(small, "lr", lambda a: _loss_at(a, d0))
+        small_lr, small_means = _best(small, "lr", functools.partial(_loss_at, tokens=d0))
         # Stage 2: the grown model's sweep from the chosen small model.
-        grown_f = runner.submit([arm("main", "grown", s, small_lr, None, grown_lr=lr, d=d0, ladder=plan["grown"][d0])
+        grown_f = runner.submit([arm("main", "grown", s, small_lr, None, grown_lr=lr, d=d0, ladder=_grown_ladder(plan, d0))
                                  for s in r["tuning_seeds"] for lr in grids["grown"]])  # fmt: skip
         grown, scratch = runner.wait(grown_f), runner.wait(scratch_f)
-        grown_lr, grown_means = _best(grown, "grown_lr", lambda a: _rung_loss(a, _nearest(plan["grown"][d0], plan["tune_at"])))
-        scratch_lr, scratch_means = _best(scratch, "lr", lambda a: _rung_loss(a, _nearest(plan["scratch"], plan["tune_at"])))
+        at = _nearest(_grown_ladder(plan, d0), plan["tune_at"])
+        grown_lr, grown_means = _best(grown, "grown_lr", functools.partial(_rung_loss, tokens=at))
+        at = _nearest(plan["scratch"], plan["tune_at"])
+        scratch_lr, scratch_means = _best(scratch, "lr", functools.partial(_rung_loss, tokens=at))
         tuning = {
             "small": _tuning(grids["small"], small_lr, small_means, small, "lr", None),
-            "grown": _tuning(grids["grown"], grown_lr, grown_means, grown, "grown_lr", plan["grown"][d0]),
+            "grown": _tuning(grids["grown"], grown_lr, grown_means, grown, "grown_lr", _grown_ladder(plan, d0)),
             "scratch": _tuning(grids["scratch"], scratch_lr, scratch_means, scratch, "lr", plan["scratch"]),
         }
         print(f"[{t['name']}] chosen: small {small_lr:g}, grown {grown_lr:g}, scratch {scratch_lr:g}", flush=True)
         # Stage 3: every seed at the chosen rates, every row, the controls, the cosine check (not waited for here).
-        rest = [a for a in (arm("main", "grown", s, small_lr, None, grown_lr=grown_lr, d=d0, ladder=plan["grown"][d0])
+        rest = [a for a in (arm("main", "grown", s, small_lr, None, grown_lr=grown_lr, d=d0, ladder=_grown_ladder(plan, d0))
                             for s in r["seeds"] if s not in r["tuning_seeds"])]  # fmt: skip
         rest += [arm("main", "scratch", s, scratch_lr, None, ladder=plan["scratch"])
                  for s in r["seeds"] if s not in r["tuning_seeds"]]  # fmt: skip
         for i, d in enumerate(plan["d"][1:], 1):
-            rest += [arm(f"d{i}", "grown", s, small_lr, None, grown_lr=grown_lr, d=d, ladder=plan["grown"][d])
+            rest += [arm(f"d{i}", "grown", s, small_lr, None, grown_lr=grown_lr, d=d, ladder=_grown_ladder(plan, d))
                      for s in r["seeds"]]  # fmt: skip
         for op in t["controls"]:
-            rest += [arm(op, "grown", s, small_lr, None, grown_lr=grown_lr, d=d0, operator=op, ladder=plan["grown"][d0])
+            rest += [arm(op, "grown", s, small_lr, None, grown_lr=grown_lr, d=d0, operator=op, ladder=_grown_ladder(plan, d0))
                      for s in r["seeds"]]  # fmt: skip
         rest += [arm("cosine", "scratch", s, scratch_lr, b, schedule="cosine_with_min_lr")
                  for b in plan["cosine"] for s in r["tuning_seeds"]]  # fmt: skip
@@ -352,13 +367,29 @@ def fit_trend(points: list[tuple[int, float, float]], draws: int = 2000) -> dict
         if got is None:
             continue
         slopes.append(got[1])
-        zeros.append(math.exp(-got[0] / got[1]) if got[1] < 0 else math.inf)
-    zero = math.exp(-a / b) if b < 0 else None
+        zeros.append(_crossing(*got))
+    zero = _crossing(a, b)
+    zero = None if zero == math.inf else zero
     return {"intercept": float(a), "slope_per_ln": float(b), "slope_interval": [float(np.percentile(slopes, 2.5)),
             float(np.percentile(slopes, 97.5))], "zero_crossing": zero,
             "zero_crossing_interval": [_finite(np.percentile(zeros, 2.5, method="lower")),
                                        _finite(np.percentile(zeros, 97.5, method="higher"))],
             "points": len(points)}  # fmt: skip
+
+
+def _crossing(a: float, b: float) -> float:
+    """Where a + b ln x = 0 (inf if the line never falls to zero, or only beyond any float)."""
+    return math.exp(-a / b) if b < 0 and -a / b < 700 else math.inf
+
+
+def _verdict(lo: float, hi: float, bounds: list[str]) -> str:
+    """Growth ahead only where the interval excludes zero, and no seed's figure is an upper bound (its speed-up is
+    at most that); scratch ahead likewise, with no lower bound."""
+    if lo > 0:
+        return "growth ahead" if "upper" not in bounds else "not resolved (upper bounds)"
+    if hi < 0:
+        return "scratch ahead" if "lower" not in bounds else "not resolved (lower bounds)"
+    return "not resolved"
 
 
 def _finite(x) -> float | None:
@@ -383,7 +414,7 @@ def summarize_target(r, t, n, plan, tuning, arms, baselines) -> dict:
             continue
         d_tokens = next(iter(runs.values()))["d"]
         budgets = []
-        for tokens in plan["grown"][d_tokens]:
+        for tokens in _grown_ladder(plan, d_tokens):
             per_seed = []
             for seed, g in sorted(runs.items()):
                 rung = next(c for c in g["cooldowns"] if c["tokens"] == tokens)
@@ -394,17 +425,18 @@ def summarize_target(r, t, n, plan, tuning, arms, baselines) -> dict:
                 values = [p["figures"][c]["speedup"] for p in per_seed]
                 lo, hi = bootstrap_mean(values)
                 gaps = [p["figures"][c]["loss_gap"] for p in per_seed if p["figures"][c]["loss_gap"] is not None]
-                entry[c] = {"speedup_mean": statistics.fmean(values), "interval": [lo, hi],
-                            "bounds": sorted({p["figures"][c]["bound"] for p in per_seed if p["figures"][c]["bound"]}),
+                bounds = sorted({p["figures"][c]["bound"] for p in per_seed if p["figures"][c]["bound"]})
+                entry[c] = {"speedup_mean": statistics.fmean(values), "interval": [lo, hi], "bounds": bounds,
                             "loss_gap_mean": statistics.fmean(gaps) if len(gaps) == len(per_seed) else None,
                             "loss_gap_interval": list(bootstrap_mean(gaps)) if len(gaps) == len(per_seed) else None,
-                            "verdict": "growth ahead" if lo > 0 else "scratch ahead" if hi < 0 else "not resolved"}  # fmt: skip
+                            "verdict": _verdict(lo, hi, bounds)}  # fmt: skip
             entry["grown_loss"] = statistics.fmean(p["loss"] for p in per_seed)
             budgets.append(entry)
         small_at_d = [_loss_at(g, d_tokens) for g in runs.values()]
         scratch_at_d = [_interp(a["log"], d_tokens) for a in scratch.values()]
+        # bounds are not values: the fit takes the figures scratch's ladder brackets
         points = [(p["seed"], b["tokens_per_target_parameter"], p["figures"]["flops"]["speedup"])
-                  for b in budgets for p in b["per_seed"]]  # fmt: skip
+                  for b in budgets for p in b["per_seed"] if p["figures"]["flops"]["bound"] is None]  # fmt: skip
         rows.append({"name": row, "operator": next(iter(runs.values()))["operator"], "d_tokens": d_tokens,
                      "d_tokens_per_small_parameter": d_tokens / n["small"], "seeds": sorted(runs),
                      "budgets": budgets, "fit_flops": fit_trend(points),
@@ -419,8 +451,8 @@ def summarize_target(r, t, n, plan, tuning, arms, baselines) -> dict:
                                "cooldown_loss": rung["eval_loss"], "difference": rung["eval_loss"] - a["final_loss"]})  # fmt: skip
     return {"name": t["name"], "target": {k: t[k] for k in ("hidden_size", "num_attention_heads", "layers", "small_layers")},
             "sizes": n, "plan": plan, "tuning": tuning, "rows": rows, "cosine_check": cosine,
-            "scratch_ladder": {seed: [{"tokens": c["tokens"], "loss": c["eval_loss"], "epochs": c["epochs"]}
-                                      for c in a["cooldowns"]] for seed, a in scratch.items()},
+            "scratch_ladder": [{"seed": seed, "rungs": [{"tokens": c["tokens"], "loss": c["eval_loss"], "epochs": c["epochs"]}
+                                                         for c in a["cooldowns"]]} for seed, a in sorted(scratch.items())],
             "arms": arms}  # fmt: skip
 
 
@@ -433,7 +465,7 @@ def _interp(log: list[dict], tokens: int) -> float | None:
 # ---------------------------------------------------------------------------------------------- tables and plot
 def _pct(stats: dict) -> str:
     lo, hi = stats["interval"]
-    bound = {"lower": " (>)", "upper": " (<)"}.get(stats["bounds"][0], "") if stats["bounds"] else ""
+    bound = "".join({"lower": " (>)", "upper": " (<)"}[b] for b in stats["bounds"])
     return f"{stats['speedup_mean']:+.1%} [{lo:+.0%}, {hi:+.0%}]{bound}"
 
 
@@ -514,7 +546,7 @@ def plot_regime(result: dict, path) -> Path:
             xs = [e["tokens_per_target_parameter"] for e in main["budgets"]]
             ax2.plot(xs, [e["grown_loss"] for e in main["budgets"]], marker="o", color=f"C{2 * i}",
                      label=f"{t['name']} G_stack")  # fmt: skip
-            ladders = list(t["scratch_ladder"].values())
+            ladders = [entry["rungs"] for entry in t["scratch_ladder"]]
             n = min(len(lad) for lad in ladders)
             ax2.plot([ladders[0][k]["tokens"] / t["sizes"]["target"] for k in range(n)],
                      [statistics.fmean(lad[k]["loss"] for lad in ladders) for k in range(n)], marker="s",

@@ -37,7 +37,7 @@ def cooldown_ladder(budgets, fraction: float, tps: int, phase_start: int, warmup
         steps = tokens // tps
         cooldown = max(1, round(fraction * steps))
         start = steps - cooldown
-        if start < phase_start + warmup:
+        if start < phase_start + warmup or start <= phase_start:  # a decay start is a checkpoint the phase wrote
             where = "its warmup" if phase_start == 0 else f"growth (step {phase_start}) and the warmup after it"
             raise HfStackError(
                 f"cooldown budget {tokens:.3g} tokens ({steps} steps at {tps} tokens a step) starts its cooldown at "

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 from transformers import Trainer, default_data_collator
-from transformers.trainer_callback import ProgressCallback, TrainerCallback
+from transformers.trainer_callback import ProgressCallback, TrainerCallback, TrainerState
 
 from ..checkpoints.in_memory import grow_model, plan_for_model
 from ..checkpoints.provenance import growth_record, write_growth_record
@@ -218,7 +218,7 @@ class StackingTrainer(Trainer):
         # Phase-local steps: a phase's Trainer counts its own steps from 0.
         rungs = [{**r, "start": r["decay_start"] - offset, "end": r["steps"] - offset} for r in self._ladder]
         warmup = rungs[0]["warmup_steps"]
-        ladder = _LadderCallback()
+        ladder = _LadderCallback(can_evaluate=self.eval_dataset is not None)
         self.add_callback(ladder)
         result = None
         try:
@@ -226,16 +226,19 @@ class StackingTrainer(Trainer):
             stable = _complete_checkpoints(out) if resume else {}
             if rungs[-1]["start"] not in stable:
                 ladder.save_at = {r["start"] for r in rungs}
-                args.max_steps, args.lr_scheduler_type, args.lr_scheduler_kwargs = rungs[-1]["start"], "constant_with_warmup", {}
+                args.max_steps = rungs[-1]["start"]
+                args.lr_scheduler_type, args.lr_scheduler_kwargs = "constant_with_warmup", {}
                 self.lr_scheduler = None
                 begin = max((k for k in stable if k <= rungs[-1]["start"]), default=None)
                 result = Trainer.train(self, resume_from_checkpoint=stable.get(begin), **kwargs)
                 ladder.save_at = set()
+            self.accelerator.wait_for_everyone()  # every decay-start checkpoint is whole before any branch reads it
             for i, rung in enumerate(rungs):
                 largest = i == len(rungs) - 1
                 dest = cooldown_dir(out, rung, largest)
                 if not largest and (dest / "final").is_dir() and (dest / TRAINING_LOG).is_file():
-                    self._cooldowns.append(branch_summary(rung, json.loads((dest / TRAINING_LOG).read_text()), dest.name))
+                    log = json.loads((dest / TRAINING_LOG).read_text())
+                    self._cooldowns.append(branch_summary(rung, log, dest.name))
                     continue
                 own = {k: p for k, p in _complete_checkpoints(dest).items() if k > rung["start"]}
                 begin = own[max(own)] if own else str(out / f"checkpoint-{rung['start']}")
@@ -245,15 +248,29 @@ class StackingTrainer(Trainer):
                 args.lr_scheduler_kwargs = {"num_decay_steps": rung["cooldown_steps"], "decay_type": args.cooldown_type,
                                             "min_lr_ratio": args.cooldown_min_lr_rate}  # fmt: skip
                 self.optimizer = self.lr_scheduler = None  # both restored from the decay start's checkpoint
-                result = Trainer.train(self, resume_from_checkpoint=begin, **kwargs)
+                self._last_log = None
+                if own and max(own) >= rung["end"]:
+                    # trained to its end, stopped before its outputs: read its state back (Trainer would take a step)
+                    self._load_from_checkpoint(begin)
+                    self.state = TrainerState.load_from_json(os.path.join(begin, "trainer_state.json"))
+                    self._resume_clock(self.state)
+                else:
+                    result = Trainer.train(self, resume_from_checkpoint=begin, **kwargs)
                 if not largest:
                     self._finish(dest, out, tps, growths)
                     if self.is_world_process_zero():
-                        self._cooldowns.append(branch_summary(rung, json.loads((dest / TRAINING_LOG).read_text()), dest.name))
+                        log = json.loads((dest / TRAINING_LOG).read_text())
+                        self._cooldowns.append(branch_summary(rung, log, dest.name))
         finally:
             self.remove_callback(ladder)
             args.output_dir = str(out)
         return result
+
+    def _resume_clock(self, state) -> None:
+        """A resumed phase continues the training seconds its checkpoint logged instead of restarting them at zero."""
+        logged = [e["train_seconds"] for e in state.log_history if e.get("phase") == self.phase and "train_seconds" in e]
+        if logged:
+            self._phase_clock_start = self.phase_start["train_seconds"] + self.train_seconds() - logged[-1]
 
     def _use_phase_settings(self, phase: int, first: dict) -> None:
         """The learning rate, warmup and schedule of `phase` (see `StackingTrainingArguments.phase_settings`)."""
@@ -496,21 +513,29 @@ def run_ladder(args, tps: int, grow_steps: list[int], total_steps: int) -> list[
     warmup = args.phase_settings(len(grow_steps) + 1)["warmup_steps"] or 0
     warmup = int(warmup) if warmup >= 1 else math.ceil((total_steps - start) * warmup)
     rungs = cooldown_ladder(args.cooldown_budgets, args.cooldown_fraction, tps, start, warmup)
+    if grow_steps and args.mask_steps > rungs[0]["decay_start"] - start:
+        # every branch must train the plain model, as a run of its budget would once its masks reached 1
+        raise HfStackError(
+            f"mask_steps ({args.mask_steps}) must end before the first cooldown starts "
+            f"({rungs[0]['decay_start'] - start} steps after growth)"
+        )
     return [{**r, "warmup_steps": warmup} for r in rungs]
 
 
 class _LadderCallback(TrainerCallback):
     """Checkpoints (and a log entry, for the resumed clock) at the stable run's decay starts; an evaluation at the
-    end of every branch, so each budget's final loss is read at its own end."""
+    end of every branch (when there is an eval set), so each budget's final loss is read at its own end."""
 
-    def __init__(self):
-        self.save_at: set[int] = set()
+    def __init__(self, can_evaluate: bool):
+        self.save_at: set[int] = set()  # set during the stable run only
+        self.can_evaluate = can_evaluate
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step in self.save_at:
             control.should_save = control.should_log = True
-        if state.global_step >= state.max_steps:
-            control.should_evaluate = control.should_log = True
+        elif not self.save_at and state.global_step >= state.max_steps:
+            control.should_log = True
+            control.should_evaluate = control.should_evaluate or self.can_evaluate
 
 
 class _ResumeClock(TrainerCallback):
@@ -521,10 +546,7 @@ class _ResumeClock(TrainerCallback):
         self.trainer = trainer
 
     def on_train_begin(self, args, state, control, **kwargs):
-        t = self.trainer
-        logged = [e["train_seconds"] for e in state.log_history if e.get("phase") == t.phase and "train_seconds" in e]
-        if logged:
-            t._phase_clock_start = t.phase_start["train_seconds"] + t.train_seconds() - logged[-1]
+        self.trainer._resume_clock(state)
 
 
 def _complete_checkpoints(folder: Path) -> dict[int, str]:
