@@ -3,6 +3,7 @@ its compute counted as the stable run to its start plus its cooldown; and the re
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -88,6 +89,9 @@ def test_each_branch_is_the_wsd_run_of_its_budget_and_counts_its_own_compute(tmp
         cooldown = round(0.2 * steps)
         assert rung["decay_start_tokens"] == (steps - cooldown) * TPS
         assert rung["flops"] == 6 * n * rung["tokens"]  # the stable run to its start plus its own cooldown
+        # and its seconds: the stable run's, logged at its decay start, plus its own cooldown's
+        at_start = [e["train_seconds"] for e in log["log_history"] if e["tokens"] == rung["decay_start_tokens"]]
+        assert at_start and 0 < at_start[-1] <= rung["train_seconds"]
         # the same weights as one complete warmup-stable-decay run of that budget, trained on its own
         ref = tmp_path / f"wsd-{steps}"
         _train(ref, max_tokens=rung["tokens"], lr_scheduler_type="warmup_stable_decay",
@@ -133,9 +137,13 @@ class _Stop(TrainerCallback):
             raise KeyboardInterrupt
 
 
-@pytest.mark.parametrize("call, step", [(1, 20), (3, 28)], ids=["in the stable run", "in the second branch"])
-def test_a_stopped_ladder_resumes_keeping_finished_branches(tmp_path, call, step):
-    kw = dict(max_tokens=36 * TPS, cooldown_budgets=[12 * TPS, 28 * TPS])
+@pytest.mark.parametrize(
+    "call, step, save",
+    [(1, 20, {}), (3, 28, {}), (3, 27, dict(save_strategy="steps", save_steps=3))],
+    ids=["in the stable run", "in the second branch", "in a branch with its own checkpoints"],
+)
+def test_a_stopped_ladder_resumes_keeping_finished_branches(tmp_path, call, step, save):
+    kw = dict(max_tokens=36 * TPS, cooldown_budgets=[12 * TPS, 28 * TPS], **save)
     _train(tmp_path / "whole", **kw)
     with pytest.raises(KeyboardInterrupt):
         _train(tmp_path / "stopped", callbacks=[_Stop(call, step)], **kw)
@@ -181,3 +189,26 @@ def test_the_cli_takes_a_ladder_and_refuses_one_that_starts_before_growth(tmp_pa
     rungs = json.loads((tmp_path / "ok" / "training_log.json").read_text())["cooldowns"]
     assert [r["tokens"] for r in rungs] == [1024, 2048] and all(math.isfinite(r["eval_loss"]) for r in rungs)
     assert (tmp_path / "ok" / "cooldown-1024" / "final" / "model.safetensors").is_file()
+
+
+def test_a_ladder_without_an_eval_set_trains_every_branch(tmp_path):
+    data = _data()
+    args = _args(tmp_path / "run", eval_strategy="no", max_tokens=24 * TPS, cooldown_budgets=[12 * TPS])
+    StackingTrainer(model=_model(), args=args, train_dataset=data).train()
+    rungs = json.loads((tmp_path / "run" / "training_log.json").read_text())["cooldowns"]
+    assert [(r["tokens"], r["eval_loss"]) for r in rungs] == [(12 * TPS, None), (24 * TPS, None)]
+    assert (tmp_path / "run" / f"cooldown-{12 * TPS}" / "final" / "model.safetensors").is_file()
+
+
+def test_a_branch_that_ended_before_its_outputs_were_written_is_read_back_not_trained_again(tmp_path):
+    kw = dict(max_tokens=30 * TPS, cooldown_budgets=[15 * TPS], save_strategy="steps", save_steps=7)
+    _train(tmp_path / "run", **kw)
+    branch = tmp_path / "run" / f"cooldown-{15 * TPS}"
+    assert (branch / "checkpoint-15").is_dir()  # its end, saved before the outputs
+    shutil.copytree(branch / "final", tmp_path / "expected")
+    shutil.rmtree(branch / "final")
+    (branch / "training_log.json").unlink()
+    _train(tmp_path / "run", resume=True, **kw)
+    _same_weights(branch / "final", tmp_path / "expected", atol=0)
+    log = json.loads((branch / "training_log.json").read_text())
+    assert log["training"]["total_tokens"] == 15 * TPS

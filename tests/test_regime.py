@@ -3,6 +3,7 @@ ladders read at their own ends, and resume."""
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -81,9 +82,25 @@ def test_a_tiny_map_tunes_on_two_seeds_reads_every_budget_and_resumes(tmp_path):
     }
     for role, tried in pairs.items():
         assert sorted(tried) == [(s, lr) for s in (0, 1) for lr in (1e-3, 1e-2)]
-        means = t["tuning"][role]["mean_score"]
-        assert t["tuning"][role]["chosen"] == float(min(means, key=means.get))
-        assert t["tuning"][role]["inside_grid"] is False  # two rates: never inside
+    # recomputed from the raw logs: the small model by its eval loss at d, the ladders by the rung nearest tune_at,
+    # each rate by its mean over the two tuning seeds
+    d0, n = t["plan"]["d"][0], t["sizes"]["target"]
+
+    def pick(role, key, score):
+        runs = [a for a in arms if a["role"] == role and a["row"] in ("sweep", "main")]
+        means = {lr: np.mean([score(a) for a in runs if a[key] == lr]) for lr in (1e-3, 1e-2)}
+        return min(means, key=means.get)
+
+    def rung(a):
+        nearest = min(a["cooldowns"], key=lambda c: abs(math.log(c["tokens"] / (TARGET["tune_at"] * n))))
+        return nearest["eval_loss"]
+
+    at_d = lambda a: next(e["eval_loss"] for e in a["log"] if e.get("tokens") == d0 and "eval_loss" in e)  # noqa: E731
+    assert t["tuning"]["small"]["chosen"] == pick("small", "lr", at_d)
+    assert t["tuning"]["scratch"]["chosen"] == pick("scratch", "lr", rung)
+    grown_sweep = [a for a in arms if a["lr"] == t["tuning"]["small"]["chosen"]]
+    assert {a["lr"] for a in arms if a["role"] == "grown"} == {t["tuning"]["small"]["chosen"]}
+    assert t["tuning"]["grown"]["chosen"] == pick("grown", "grown_lr", rung) and grown_sweep
     # every ladder rung is an ended schedule: its own branch, evaluated at its end
     for a in arms:
         for rung in a.get("cooldowns") or []:
@@ -126,6 +143,19 @@ def test_a_tiny_map_tunes_on_two_seeds_reads_every_budget_and_resumes(tmp_path):
     again = run_regime(TINY, tmp_path / "map", [str(corpus)])
     assert [p.stat().st_mtime_ns for p in results] == stamps
     assert again["targets"][0]["rows"] == t["rows"]
+    # a ladder stopped before its largest branch ended continues: its finished branches are kept, the same result
+    ladder = next(p.parent for p in results if "-main-scratch-seed1-" in str(p))
+    kept = sorted(ladder.glob("cooldown-*/final/model.safetensors"))
+    stamps = [p.stat().st_mtime_ns for p in kept]
+    before = json.loads((ladder / "arm_result.json").read_text())["result"]["cooldowns"]
+    for gone in (ladder / "arm_result.json", ladder / "training_log.json"):
+        gone.unlink()
+    shutil.rmtree(ladder / "final")
+    again = run_regime(TINY, tmp_path / "map", [str(corpus)])
+    assert kept and [p.stat().st_mtime_ns for p in kept] == stamps
+    after = json.loads((ladder / "arm_result.json").read_text())["result"]["cooldowns"]
+    assert [(c["tokens"], c["flops"]) for c in after] == [(c["tokens"], c["flops"]) for c in before]
+    assert [c["eval_loss"] for c in after] == pytest.approx([c["eval_loss"] for c in before], abs=1e-5)
 
 
 def test_a_map_needing_more_passes_than_allowed_is_refused(tmp_path):
