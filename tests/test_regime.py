@@ -80,7 +80,7 @@ def test_a_tiny_map_tunes_on_two_seeds_reads_every_budget_and_resumes(tmp_path):
         "grown": [(a["seed"], a["grown_lr"]) for a in arms if a["role"] == "grown" and a["row"] == "main"],
         "scratch": [(a["seed"], a["lr"]) for a in arms if a["role"] == "scratch" and a["row"] == "main"],
     }
-    for role, tried in pairs.items():
+    for tried in pairs.values():
         assert sorted(tried) == [(s, lr) for s in (0, 1) for lr in (1e-3, 1e-2)]
     # recomputed from the raw logs: the small model by its eval loss at d, the ladders by the rung nearest tune_at,
     # each rate by its mean over the two tuning seeds
@@ -116,7 +116,9 @@ def test_a_tiny_map_tunes_on_two_seeds_reads_every_budget_and_resumes(tmp_path):
         assert row["seeds"] == [0, 1] and row["budgets"]
         for b in row["budgets"]:
             for p in b["per_seed"]:
-                ends = [{"loss": c["eval_loss"], **{k: c[k] for k in CURRENCIES}} for c in scratch[p["seed"]]["cooldowns"]]
+                ends = [
+                    {"loss": c["eval_loss"], **{k: c[k] for k in CURRENCIES}} for c in scratch[p["seed"]]["cooldowns"]
+                ]
                 # a grown end point below every scratch end point is a lower bound, above every one an upper bound
                 f = p["figures"]["flops"]
                 if p["loss"] < min(e["loss"] for e in ends):
@@ -125,15 +127,28 @@ def test_a_tiny_map_tunes_on_two_seeds_reads_every_budget_and_resumes(tmp_path):
                     assert f["bound"] == "upper"
                 else:  # the matched cost lies between two scratch end points whose losses bracket the grown loss
                     assert f["bound"] is None
-                    below = max((e for e in ends if e["flops"] <= f["scratch_cost_to_match"]), key=lambda e: e["flops"])
-                    above = min((e for e in ends if e["flops"] >= f["scratch_cost_to_match"]), key=lambda e: e["flops"])
+                    below = max(
+                        (e for e in ends if e["flops"] <= f["scratch_cost_to_match"]), key=lambda e: e["flops"]
+                    )
+                    above = min(
+                        (e for e in ends if e["flops"] >= f["scratch_cost_to_match"]), key=lambda e: e["flops"]
+                    )
                     assert min(below["loss"], above["loss"]) <= p["loss"] <= max(below["loss"], above["loss"])
-                grown = next(a for a in arms if a["role"] == "grown" and a["row"] == row["name"] and a["seed"] == p["seed"]
-                             and a["grown_lr"] == t["tuning"]["grown"]["chosen"] and a["lr"] == t["tuning"]["small"]["chosen"])
+                grown = next(
+                    a
+                    for a in arms
+                    if a["role"] == "grown"
+                    and a["row"] == row["name"]
+                    and a["seed"] == p["seed"]
+                    and a["grown_lr"] == t["tuning"]["grown"]["chosen"]
+                    and a["lr"] == t["tuning"]["small"]["chosen"]
+                )
                 rung = next(c for c in grown["cooldowns"] if c["tokens"] == b["tokens"])
                 assert (f["grown_cost"], p["loss"]) == (rung["flops"], rung["eval_loss"])
             lo, hi = b["flops"]["interval"]
-            assert b["flops"]["verdict"] == ("growth ahead" if lo > 0 else "scratch ahead" if hi < 0 else "not resolved")
+            assert b["flops"]["verdict"] == (
+                "growth ahead" if lo > 0 else "scratch ahead" if hi < 0 else "not resolved"
+            )
         h = row["health"]
         assert h["bigram"] < h["unigram"] and math.isfinite(h["small_at_d"])
     assert len(t["cosine_check"]) == 2 and {c["seed"] for c in t["cosine_check"]} == {0, 1}
@@ -161,7 +176,11 @@ def test_a_tiny_map_tunes_on_two_seeds_reads_every_budget_and_resumes(tmp_path):
 def test_a_map_needing_more_passes_than_allowed_is_refused(tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(CORPUS))
-    recipe = {**TINY, "max_epochs": 1, "targets": [{**TARGET, "scratch_budgets": [0.05, 0.1, 0.2, 0.25], "controls": []}]}
+    recipe = {
+        **TINY,
+        "max_epochs": 1,
+        "targets": [{**TARGET, "scratch_budgets": [0.05, 0.1, 0.2, 0.25], "controls": []}],
+    }
     with pytest.raises(HfStackError, match="passes; the recipe allows 1"):
         run_regime(recipe, tmp_path / "map", [str(corpus)])
 

@@ -45,8 +45,11 @@ DEFAULTS = {
     "data_seed": 1234,
     "seeds": [0, 1, 2],
     "tuning_seeds": [0, 1],
-    "learning_rates": {"small": [2.0e-3, 4.0e-3, 8.0e-3], "grown": [2.0e-3, 4.0e-3, 8.0e-3],
-                       "scratch": [2.0e-3, 4.0e-3, 8.0e-3]},  # fmt: skip
+    "learning_rates": {
+        "small": [2.0e-3, 4.0e-3, 8.0e-3],
+        "grown": [2.0e-3, 4.0e-3, 8.0e-3],
+        "scratch": [2.0e-3, 4.0e-3, 8.0e-3],
+    },  # fmt: skip
     "warmup_steps": 50,
     "cooldown_fraction": 0.2,
     "max_epochs": 2,
@@ -322,7 +325,10 @@ def _tuning(grid, chosen, means, arms, key, ladder) -> dict:
         best = {}
         for tokens in ladder:
             per_lr = {lr: statistics.fmean(_rung_loss(a, tokens) for a in arms if a[key] == lr) for lr in grid}
-            best[str(tokens)] = {"best": min(per_lr, key=per_lr.get), "mean_loss": {f"{k:g}": v for k, v in per_lr.items()}}
+            best[str(tokens)] = {
+                "best": min(per_lr, key=per_lr.get),
+                "mean_loss": {f"{k:g}": v for k, v in per_lr.items()},
+            }
         out["best_per_budget"] = best
         out["best_at_longest"] = best[str(ladder[-1])]["best"]
     return out
@@ -402,7 +408,9 @@ def summarize_target(r, t, n, plan, tuning, arms, baselines) -> dict:
     from .compare import endpoint_speedup
 
     chosen = {k: v["chosen"] for k, v in tuning.items()}
-    scratch = {a["seed"]: a for a in arms if a["row"] == "main" and a["role"] == "scratch" and a["lr"] == chosen["scratch"]}
+    scratch = {
+        a["seed"]: a for a in arms if a["row"] == "main" and a["role"] == "scratch" and a["lr"] == chosen["scratch"]
+    }
     ends = {seed: [{"loss": c["eval_loss"], **{k: c[k] for k in CURRENCIES}} for c in a["cooldowns"]]
             for seed, a in scratch.items()}  # fmt: skip
     rows = []
@@ -419,7 +427,9 @@ def summarize_target(r, t, n, plan, tuning, arms, baselines) -> dict:
             for seed, g in sorted(runs.items()):
                 rung = next(c for c in g["cooldowns"] if c["tokens"] == tokens)
                 figures = endpoint_speedup({"loss": rung["eval_loss"], **{k: rung[k] for k in CURRENCIES}}, ends[seed])
-                per_seed.append({"seed": seed, "loss": rung["eval_loss"], "epochs": rung["epochs"], "figures": figures})
+                per_seed.append(
+                    {"seed": seed, "loss": rung["eval_loss"], "epochs": rung["epochs"], "figures": figures}
+                )
             entry = {"tokens": tokens, "tokens_per_target_parameter": tokens / n["target"], "per_seed": per_seed}
             for c in CURRENCIES:
                 values = [p["figures"][c]["speedup"] for p in per_seed]

@@ -262,7 +262,9 @@ def run_arm(arm: dict) -> dict:
     # A ladder stopped part-way continues from its checkpoints (finished branches are kept); anything else, or a
     # folder of another spec, starts again.
     resume = bool(arm.get("ladder")) and started.is_file() and (out / "run_config.json").is_file()
-    resume = resume and _arm_key(json.loads(started.read_text())) == _arm_key(json.loads(json.dumps(spec, default=str)))
+    resume = resume and _arm_key(json.loads(started.read_text())) == _arm_key(
+        json.loads(json.dumps(spec, default=str))
+    )
     if out.exists() and not resume:
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -360,7 +362,9 @@ def _train_arm(arm: dict, spec: dict, out: Path, done: Path, resume: bool = Fals
             rung["epochs"] = round(rung["tokens"] // s["block_size"] / len(train_blocks), 4)
             if rung["folder"] != ".":
                 branch = json.loads((out / rung["folder"] / "training_log.json").read_text())["log_history"]
-                rung["log"] = [{k: e[k] for k in keep if k in e} for e in branch if e["tokens"] > rung["decay_start_tokens"]]
+                rung["log"] = [
+                    {k: e[k] for k in keep if k in e} for e in branch if e["tokens"] > rung["decay_start_tokens"]
+                ]
         result["cooldowns"] = log["cooldowns"]
     tmp = done.with_name(done.name + ".tmp")
     tmp.write_text(json.dumps({"spec": spec, "result": result}, default=str))

@@ -72,7 +72,11 @@ class GrowthTiming:
         ratio = self.tokens / self.target_params
         for m in self.measured:
             lo, hi = m["interval"]
-            where = "" if m["inside"] else f" (the nearest it measured: your {ratio:.3g} is outside {m['range'][0]:.3g}-{m['range'][1]:.3g})"
+            where = (
+                ""
+                if m["inside"]
+                else f" (the nearest it measured: your {ratio:.3g} is outside {m['range'][0]:.3g}-{m['range'][1]:.3g})"
+            )
             bound = {"lower": "at least ", "upper": "at most "}.get(m["bound"], "")
             lines.append(
                 f"hf_stack's regime map, {m['target_params'] / 1e6:.2f}M-parameter target (g = {m['growth_factor']}, "

@@ -143,11 +143,15 @@ class StackingTrainingArguments(TrainingArguments):
                 )
             self.cooldown_budgets = sorted({*self.cooldown_budgets, self.max_tokens})
             if self.cooldown_type not in COOLDOWN_TYPES:
-                raise HfStackError(f"cooldown_type must be one of {', '.join(COOLDOWN_TYPES)}, got {self.cooldown_type!r}")
+                raise HfStackError(
+                    f"cooldown_type must be one of {', '.join(COOLDOWN_TYPES)}, got {self.cooldown_type!r}"
+                )
             if not 0 <= self.cooldown_min_lr_rate < 1:
                 raise HfStackError(f"cooldown_min_lr_rate must be in [0, 1), got {self.cooldown_min_lr_rate}")
             if self.save_total_limit:
-                raise HfStackError("cooldown_budgets branches from a checkpoint at each decay start; unset save_total_limit")
+                raise HfStackError(
+                    "cooldown_budgets branches from a checkpoint at each decay start; unset save_total_limit"
+                )
         self.check_growth()
         last = self.growths[-1]["at_tokens"] if self.growths else None
         if last is not None and self.max_tokens is not None and last >= self.max_tokens:
@@ -271,7 +275,9 @@ def _budgets(value) -> list[int]:
         try:
             items = json.loads(text) if text.startswith("[") else [float(v) for v in text.split(",") if v.strip()]
         except ValueError:
-            raise HfStackError(f"cannot read cooldown_budgets {value!r}: write token budgets like 1e6,2e6,4e6") from None
+            raise HfStackError(
+                f"cannot read cooldown_budgets {value!r}: write token budgets like 1e6,2e6,4e6"
+            ) from None
     if not isinstance(items, (list, tuple)) or not items:
         raise HfStackError(f"cooldown_budgets must list token budgets, got {value!r}")
     return [_tokens("a cooldown budget", v) for v in items]

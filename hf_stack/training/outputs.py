@@ -36,8 +36,14 @@ def training_summary(phases: list[dict]) -> dict:
 
 
 def write_final_outputs(
-    out: Path, model, tokenizer, phases: list[dict], history: list[dict], baselines: dict | None = None,
-    growths: list[dict] | None = None, extra: dict | None = None,
+    out: Path,
+    model,
+    tokenizer,
+    phases: list[dict],
+    history: list[dict],
+    baselines: dict | None = None,
+    growths: list[dict] | None = None,
+    extra: dict | None = None,
 ) -> None:
     """Write `out/final/` (model, tokenizer, growth_config.json with both phases, card, loss plot) and
     `out/training_log.json`; `final/` is built beside and renamed into place, so it is whole or absent.

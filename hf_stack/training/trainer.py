@@ -268,7 +268,9 @@ class StackingTrainer(Trainer):
 
     def _resume_clock(self, state) -> None:
         """A resumed phase continues the training seconds its checkpoint logged instead of restarting them at zero."""
-        logged = [e["train_seconds"] for e in state.log_history if e.get("phase") == self.phase and "train_seconds" in e]
+        logged = [
+            e["train_seconds"] for e in state.log_history if e.get("phase") == self.phase and "train_seconds" in e
+        ]
         if logged:
             self._phase_clock_start = self.phase_start["train_seconds"] + self.train_seconds() - logged[-1]
 
@@ -421,11 +423,12 @@ class StackingTrainer(Trainer):
         baselines = {"unigram_eval_loss": baseline} if baseline is not None else None
         extra = None
         if self._ladder and dest == out:  # the run's own end is the largest budget's branch; the others are listed
-            largest = branch_summary(self._ladder[-1], {"training": training_summary(phases), "log_history": history}, ".")
+            largest = branch_summary(
+                self._ladder[-1], {"training": training_summary(phases), "log_history": history}, "."
+            )
             extra = {"cooldowns": [*self._cooldowns, largest]}
         write_final_outputs(dest, model, self.processing_class, phases, history, baselines,
                             growths=read_growth_state(out)["growths"], extra=extra)  # fmt: skip
-
 
 
 def check_run(args, n_blocks: int, block_size: int, model_config, resume, write=False, wait=None, peft=False):
