@@ -452,6 +452,7 @@ def summarize_target(r, t, n, plan, tuning, arms, baselines) -> dict:
                      "budgets": budgets, "fit_flops": fit_trend(points),
                      "health": {"small_at_d": statistics.fmean(small_at_d), "scratch_at_d": statistics.fmean(scratch_at_d),
                                 **baselines}})  # fmt: skip
+    retuned = _retuned_per_budget(r, arms, chosen)
     cosine = []
     for a in arms:
         if a["row"] == "cosine" and a["seed"] in scratch:
@@ -460,10 +461,58 @@ def summarize_target(r, t, n, plan, tuning, arms, baselines) -> dict:
                 cosine.append({"seed": a["seed"], "tokens": a["tokens_trained"], "cosine_loss": a["final_loss"],
                                "cooldown_loss": rung["eval_loss"], "difference": rung["eval_loss"] - a["final_loss"]})  # fmt: skip
     return {"name": t["name"], "target": {k: t[k] for k in ("hidden_size", "num_attention_heads", "layers", "small_layers")},
-            "sizes": n, "plan": plan, "tuning": tuning, "rows": rows, "cosine_check": cosine,
+            "sizes": n, "plan": plan, "tuning": tuning, "rows": rows, "cosine_check": cosine, "retuned": retuned,
             "scratch_ladder": [{"seed": seed, "rungs": [{"tokens": c["tokens"], "loss": c["eval_loss"], "epochs": c["epochs"]}
                                                          for c in a["cooldowns"]]} for seed, a in sorted(scratch.items())],
             "arms": arms}  # fmt: skip
+
+
+def _retuned_per_budget(r: dict, arms: list[dict], chosen: dict) -> list[dict]:
+    """A sensitivity check of the tuning rule: on the tuning seeds, every budget of the grown ladder and of scratch's
+    read at its own best rate (best mean over those seeds at that budget), instead of one rate chosen at tune_at."""
+    from .compare import endpoint_speedup
+
+    seeds = r["tuning_seeds"]
+    grown = [a for a in arms if a["row"] == "main" and a["role"] == "grown" and a["lr"] == chosen["small"]]
+    scratch = [a for a in arms if a["row"] == "main" and a["role"] == "scratch"]
+    if (
+        not grown
+        or not scratch
+        or any(a["seed"] not in seeds for a in grown + scratch if a["lr"] != chosen["scratch"])
+    ):
+        return []
+
+    def best_rungs(runs, key):
+        """Per budget: the rate with the best mean over the tuning seeds, and each seed's rung at that rate."""
+        out = {}
+        for tokens in sorted({c["tokens"] for a in runs for c in a["cooldowns"]}):
+            by_lr = {}
+            for a in runs:
+                if a["seed"] in seeds:
+                    rung = next((c for c in a["cooldowns"] if c["tokens"] == tokens), None)
+                    if rung is not None:
+                        by_lr.setdefault(a[key], {})[a["seed"]] = rung
+            complete = {lr: v for lr, v in by_lr.items() if set(v) == set(seeds)}
+            if complete:
+                lr = min(complete, key=lambda x: statistics.fmean(c["eval_loss"] for c in complete[x].values()))
+                out[tokens] = (lr, complete[lr])
+        return out
+
+    g, sc = best_rungs(grown, "grown_lr"), best_rungs(scratch, "lr")
+    rows = []
+    for tokens, (lr, per_seed) in g.items():
+        figures = []
+        for seed in seeds:
+            ends = [{"loss": v[1][seed]["eval_loss"], **{k: v[1][seed][k] for k in CURRENCIES}} for v in sc.values()]
+            rung = per_seed[seed]
+            figures.append(
+                endpoint_speedup({"loss": rung["eval_loss"], **{k: rung[k] for k in CURRENCIES}}, ends)["flops"]
+            )
+        rows.append({"tokens": tokens, "grown_lr": lr, "scratch_lrs": {str(t): v[0] for t, v in sc.items()},
+                     "speedup_mean": statistics.fmean(f["speedup"] for f in figures),
+                     "per_seed": [f["speedup"] for f in figures],
+                     "bounds": sorted({f["bound"] for f in figures if f["bound"]})})  # fmt: skip
+    return rows
 
 
 def _interp(log: list[dict], tokens: int) -> float | None:
@@ -518,6 +567,10 @@ def describe_regime(result: dict) -> str:
                          + ("none (slope >= 0)" if fit["zero_crossing"] is None else
                             f"{fit['zero_crossing']:.3g} tokens/param [{_bound(fit['zero_crossing_interval'][0])}, "
                             f"{_bound(fit['zero_crossing_interval'][1])}]")))  # fmt: skip
+        for e in t.get("retuned", []):
+            lines.append(f"- each budget at its own best rates ({len(e['per_seed'])} tuning seeds): at "
+                         f"{e['tokens'] / n['target']:.1f} tokens/param, grown {e['grown_lr']:g}: speed-up "
+                         f"{e['speedup_mean']:+.1%}" + (f" ({', '.join(e['bounds'])} bound)" if e["bounds"] else ""))  # fmt: skip
         for c in t["cosine_check"]:
             lines.append(f"- cosine check, seed {c['seed']}, {c['tokens']:,} tokens: complete cosine {c['cosine_loss']:.3f}, "
                          f"cooldown branch {c['cooldown_loss']:.3f} (difference {c['difference']:+.3f})")  # fmt: skip
