@@ -151,6 +151,14 @@ def test_a_tiny_map_tunes_on_two_seeds_reads_every_budget_and_resumes(tmp_path):
             )
         h = row["health"]
         assert h["bigram"] < h["unigram"] and math.isfinite(h["small_at_d"])
+    # the sensitivity check: each grown budget against scratch's ladder, each budget at its own best rate
+    assert [e["tokens"] for e in t["retuned"]] == [b["tokens"] for b in t["rows"][0]["budgets"]]
+    grown_main = [a for a in arms if a["role"] == "grown" and a["row"] == "main"]
+    for e in t["retuned"]:
+        means = {
+            lr: np.mean([_rung(a, e["tokens"]) for a in grown_main if a["grown_lr"] == lr]) for lr in (1e-3, 1e-2)
+        }
+        assert e["grown_lr"] == min(means, key=means.get) and len(e["per_seed"]) == 2
     assert len(t["cosine_check"]) == 2 and {c["seed"] for c in t["cosine_check"]} == {0, 1}
     # a second call trains nothing again
     results = sorted((tmp_path / "map" / "runs").glob("*/arm_result.json"))
@@ -171,6 +179,10 @@ def test_a_tiny_map_tunes_on_two_seeds_reads_every_budget_and_resumes(tmp_path):
     after = json.loads((ladder / "arm_result.json").read_text())["result"]["cooldowns"]
     assert [(c["tokens"], c["flops"]) for c in after] == [(c["tokens"], c["flops"]) for c in before]
     assert [c["eval_loss"] for c in after] == pytest.approx([c["eval_loss"] for c in before], abs=1e-5)
+
+
+def _rung(arm, tokens):
+    return next(c["eval_loss"] for c in arm["cooldowns"] if c["tokens"] == tokens)
 
 
 def test_a_map_needing_more_passes_than_allowed_is_refused(tmp_path):

@@ -475,11 +475,7 @@ def _retuned_per_budget(r: dict, arms: list[dict], chosen: dict) -> list[dict]:
     seeds = r["tuning_seeds"]
     grown = [a for a in arms if a["row"] == "main" and a["role"] == "grown" and a["lr"] == chosen["small"]]
     scratch = [a for a in arms if a["row"] == "main" and a["role"] == "scratch"]
-    if (
-        not grown
-        or not scratch
-        or any(a["seed"] not in seeds for a in grown + scratch if a["lr"] != chosen["scratch"])
-    ):
+    if not grown or not scratch:
         return []
 
     def best_rungs(runs, key):
