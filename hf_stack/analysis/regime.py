@@ -244,7 +244,7 @@ def run_regime(recipe: dict, output: Path, files, only: list[str] | None = None,
     r = load_recipe(recipe)
     output = Path(output)
     files = [files] if isinstance(files, (str, Path)) else list(files)
-    data = prepare_data({**r, "vocab_size": r["vocab_size"]}, files, output / "data")
+    data = prepare_data(r, files, output / "data")
     import numpy as np
 
     train_blocks = np.load(Path(data["folder"]) / "train.npy", mmap_mode="r")
@@ -285,8 +285,8 @@ def run_regime(recipe: dict, output: Path, files, only: list[str] | None = None,
         }
         print(f"[{t['name']}] chosen: small {small_lr:g}, grown {grown_lr:g}, scratch {scratch_lr:g}", flush=True)
         # Stage 3: every seed at the chosen rates, every row, the controls, the cosine check (not waited for here).
-        rest = [a for a in (arm("main", "grown", s, small_lr, None, grown_lr=grown_lr, d=d0, ladder=_grown_ladder(plan, d0))
-                            for s in r["seeds"] if s not in r["tuning_seeds"])]  # fmt: skip
+        rest = [arm("main", "grown", s, small_lr, None, grown_lr=grown_lr, d=d0, ladder=_grown_ladder(plan, d0))
+                for s in r["seeds"] if s not in r["tuning_seeds"]]  # fmt: skip
         rest += [arm("main", "scratch", s, scratch_lr, None, ladder=plan["scratch"])
                  for s in r["seeds"] if s not in r["tuning_seeds"]]  # fmt: skip
         for i, d in enumerate(plan["d"][1:], 1):
@@ -411,7 +411,7 @@ def summarize_target(r, t, n, plan, tuning, arms, baselines) -> dict:
     scratch = {
         a["seed"]: a for a in arms if a["row"] == "main" and a["role"] == "scratch" and a["lr"] == chosen["scratch"]
     }
-    ends = {seed: [{"loss": c["eval_loss"], **{k: c[k] for k in CURRENCIES}} for c in a["cooldowns"]]
+    ends = {seed: [_end(c) for c in a["cooldowns"]]
             for seed, a in scratch.items()}  # fmt: skip
     rows = []
     row_names = ["main", *[f"d{i}" for i in range(1, len(plan["d"]))], *t["controls"]]
@@ -426,7 +426,7 @@ def summarize_target(r, t, n, plan, tuning, arms, baselines) -> dict:
             per_seed = []
             for seed, g in sorted(runs.items()):
                 rung = next(c for c in g["cooldowns"] if c["tokens"] == tokens)
-                figures = endpoint_speedup({"loss": rung["eval_loss"], **{k: rung[k] for k in CURRENCIES}}, ends[seed])
+                figures = endpoint_speedup(_end(rung), ends[seed])
                 per_seed.append(
                     {"seed": seed, "loss": rung["eval_loss"], "epochs": rung["epochs"], "figures": figures}
                 )
@@ -452,7 +452,7 @@ def summarize_target(r, t, n, plan, tuning, arms, baselines) -> dict:
                      "budgets": budgets, "fit_flops": fit_trend(points),
                      "health": {"small_at_d": statistics.fmean(small_at_d), "scratch_at_d": statistics.fmean(scratch_at_d),
                                 **baselines}})  # fmt: skip
-    retuned = _retuned_per_budget(r, arms, chosen)
+    retuned = _retuned_per_budget(r, arms, tuning)
     cosine = []
     for a in arms:
         if a["row"] == "cosine" and a["seed"] in scratch:
@@ -467,48 +467,38 @@ def summarize_target(r, t, n, plan, tuning, arms, baselines) -> dict:
             "arms": arms}  # fmt: skip
 
 
-def _retuned_per_budget(r: dict, arms: list[dict], chosen: dict) -> list[dict]:
+def _retuned_per_budget(r: dict, arms: list[dict], tuning: dict) -> list[dict]:
     """A sensitivity check of the tuning rule: on the tuning seeds, every budget of the grown ladder and of scratch's
-    read at its own best rate (best mean over those seeds at that budget), instead of one rate chosen at tune_at."""
+    read at its own best rate (the sweep's `best_per_budget`), instead of one rate chosen at tune_at."""
     from .compare import endpoint_speedup
 
-    seeds = r["tuning_seeds"]
-    grown = [a for a in arms if a["row"] == "main" and a["role"] == "grown" and a["lr"] == chosen["small"]]
-    scratch = [a for a in arms if a["row"] == "main" and a["role"] == "scratch"]
-    if not grown or not scratch:
-        return []
+    small = tuning["small"]["chosen"]
 
-    def best_rungs(runs, key):
-        """Per budget: the rate with the best mean over the tuning seeds, and each seed's rung at that rate."""
-        out = {}
-        for tokens in sorted({c["tokens"] for a in runs for c in a["cooldowns"]}):
-            by_lr = {}
-            for a in runs:
-                if a["seed"] in seeds:
-                    rung = next((c for c in a["cooldowns"] if c["tokens"] == tokens), None)
-                    if rung is not None:
-                        by_lr.setdefault(a[key], {})[a["seed"]] = rung
-            complete = {lr: v for lr, v in by_lr.items() if set(v) == set(seeds)}
-            if complete:
-                lr = min(complete, key=lambda x: statistics.fmean(c["eval_loss"] for c in complete[x].values()))
-                out[tokens] = (lr, complete[lr])
-        return out
+    def rungs(role, key, best):
+        """Each seed's rung at every budget, at that budget's best rate."""
+        runs = [
+            a for a in arms if a["row"] == "main" and a["role"] == role and (role == "scratch" or a["lr"] == small)
+        ]
+        return {int(tokens): (b["best"], {a["seed"]: next(c for c in a["cooldowns"] if c["tokens"] == int(tokens))
+                                          for a in runs if a[key] == b["best"] and a["seed"] in r["tuning_seeds"]})
+                for tokens, b in best.items()}  # fmt: skip
 
-    g, sc = best_rungs(grown, "grown_lr"), best_rungs(scratch, "lr")
-    rows = []
-    for tokens, (lr, per_seed) in g.items():
-        figures = []
-        for seed in seeds:
-            ends = [{"loss": v[1][seed]["eval_loss"], **{k: v[1][seed][k] for k in CURRENCIES}} for v in sc.values()]
-            rung = per_seed[seed]
-            figures.append(
-                endpoint_speedup({"loss": rung["eval_loss"], **{k: rung[k] for k in CURRENCIES}}, ends)["flops"]
-            )
-        rows.append({"tokens": tokens, "grown_lr": lr, "scratch_lrs": {str(t): v[0] for t, v in sc.items()},
-                     "speedup_mean": statistics.fmean(f["speedup"] for f in figures),
-                     "per_seed": [f["speedup"] for f in figures],
-                     "bounds": sorted({f["bound"] for f in figures if f["bound"]})})  # fmt: skip
-    return rows
+    grown = rungs("grown", "grown_lr", tuning["grown"].get("best_per_budget", {}))
+    scratch = rungs("scratch", "lr", tuning["scratch"].get("best_per_budget", {}))
+    out = []
+    for tokens, (lr, per_seed) in grown.items():
+        figures = [endpoint_speedup(_end(per_seed[seed]), [_end(v[1][seed]) for v in scratch.values()])["flops"]
+                   for seed in r["tuning_seeds"]]  # fmt: skip
+        out.append({"tokens": tokens, "grown_lr": lr, "scratch_lrs": {str(t): v[0] for t, v in scratch.items()},
+                    "speedup_mean": statistics.fmean(f["speedup"] for f in figures),
+                    "per_seed": [f["speedup"] for f in figures],
+                    "bounds": sorted({f["bound"] for f in figures if f["bound"]})})  # fmt: skip
+    return out
+
+
+def _end(rung: dict) -> dict:
+    """A ladder rung as an annealed end point for `compare.endpoint_speedup`: its final loss and its cost."""
+    return {"loss": rung["eval_loss"], **{k: rung[k] for k in CURRENCIES}}
 
 
 def _interp(log: list[dict], tokens: int) -> float | None:
@@ -613,20 +603,18 @@ def plot_regime(result: dict, path) -> Path:
     p = result["paper"]
     ax.scatter([p["tokens_per_parameter"]], [100 * p["speedup"]], marker="*", s=160, color="black", label=p["label"])
     ax.axhline(0, color="black", linestyle="--", linewidth=1)
-    ax.set_xscale("log")
-    ax.set_xlabel("tokens per target parameter (budget)")
-    ax.set_ylabel("speed-up over scratch in FLOPs, % (mean, 95% bootstrap band over seeds)")
-    ax.set_title("where growth stops paying (triangles: bounds)", fontsize=9)
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    b = result["baselines"]
-    ax2.axhline(b["bigram"], color="grey", linestyle=":", label="bigram")
-    ax2.set_xscale("log")
-    ax2.set_xlabel("tokens per target parameter")
-    ax2.set_ylabel("validation loss at each annealed end point (mean over seeds)")
-    ax2.set_title("the ladders: grown (main row) and scratch", fontsize=9)
-    ax2.legend(fontsize=7)
-    ax2.grid(alpha=0.3)
+    ax2.axhline(result["baselines"]["bigram"], color="grey", linestyle=":", label="bigram")
+    for axis, ylabel, title in (
+        (ax, "speed-up over scratch in FLOPs, % (mean, 95% bootstrap band over seeds)",
+         "where growth stops paying (triangles: bounds)"),
+        (ax2, "validation loss at each annealed end point (mean over seeds)", "the ladders: grown (main row) and scratch"),
+    ):  # fmt: skip
+        axis.set_xscale("log")
+        axis.set_xlabel("tokens per target parameter (budget)")
+        axis.set_ylabel(ylabel)
+        axis.set_title(title, fontsize=9)
+        axis.legend(fontsize=7)
+        axis.grid(alpha=0.3)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)

@@ -105,15 +105,19 @@ def last_checkpoint(folder: Path, resume) -> str | None:
         return None
     if isinstance(resume, (str, os.PathLike)) and resume is not True:
         return str(resume)
-    if not folder.is_dir():
-        return None
-    complete = [
-        p for p in folder.glob("checkpoint-*") if p.name[11:].isdigit() and (p / "trainer_state.json").is_file()
-    ]
-    for partial in folder.glob("checkpoint-*"):
-        if partial not in complete and partial.is_dir():
+    complete = complete_checkpoints(folder)
+    for partial in folder.glob("checkpoint-*") if folder.is_dir() else ():
+        if str(partial) not in complete.values() and partial.is_dir():
             shutil.rmtree(partial, ignore_errors=True)  # killed mid-write: never resume from it
-    return str(max(complete, key=lambda p: int(p.name[11:]))) if complete else None
+    return complete[max(complete)] if complete else None
+
+
+def complete_checkpoints(folder: Path) -> dict[int, str]:
+    """Step -> path of every complete checkpoint (one whose trainer_state.json, written last, exists) in `folder`."""
+    if not folder.is_dir():
+        return {}
+    return {int(p.name[11:]): str(p) for p in folder.glob("checkpoint-*")
+            if p.name[11:].isdigit() and (p / "trainer_state.json").is_file()}  # fmt: skip
 
 
 def resume_point(out: Path, growths: int) -> str:

@@ -37,6 +37,7 @@ from .outputs import training_summary, write_final_outputs
 from .run_folder import (
     carried_optimizer,
     check_run_config,
+    complete_checkpoints,
     init_dir,
     is_write_failure,
     last_checkpoint,
@@ -86,6 +87,8 @@ class StackingTrainer(Trainer):
         self.add_callback(_ResumeClock(self))
         self._last_log = None
         self.completed_phases: list[dict] = []  # accounting of the phases before the current one
+        # cooldown ladders (set in train): the rungs, finished branches' summaries; the unigram floor, counted once
+        self._ladder, self._cooldowns, self._full_train_dataset, self._baseline = [], [], None, None
         # MSG masks on the grown model while they ramp in (mask_steps)
         self.mask_ramp = MaskRamp(args.mask_steps) if args is not None and args.mask_steps else None
         if self.mask_ramp is not None:
@@ -223,7 +226,7 @@ class StackingTrainer(Trainer):
         result = None
         try:
             args.warmup_steps = warmup
-            stable = _complete_checkpoints(out) if resume else {}
+            stable = complete_checkpoints(out) if resume else {}
             if rungs[-1]["start"] not in stable:
                 ladder.save_at = {r["start"] for r in rungs}
                 args.max_steps = rungs[-1]["start"]
@@ -240,7 +243,7 @@ class StackingTrainer(Trainer):
                     log = json.loads((dest / TRAINING_LOG).read_text())
                     self._cooldowns.append(branch_summary(rung, log, dest.name))
                     continue
-                own = {k: p for k, p in _complete_checkpoints(dest).items() if k > rung["start"]}
+                own = {k: p for k, p in complete_checkpoints(dest).items() if k > rung["start"]}
                 begin = own[max(own)] if own else str(out / f"checkpoint-{rung['start']}")
                 args.output_dir, args.max_steps = str(dest), rung["end"]
                 args.lr_scheduler_type = "warmup_stable_decay"
@@ -395,12 +398,13 @@ class StackingTrainer(Trainer):
         on all of the run's training data, whichever phase or branch asks)."""
         from ..data import unigram_loss
 
-        evaluation, train = self.eval_dataset, getattr(self, "_full_train_dataset", self.train_dataset)
+        train = self.train_dataset if self._full_train_dataset is None else self._full_train_dataset
+        evaluation = self.eval_dataset
         if evaluation is None or isinstance(evaluation, dict) or not hasattr(evaluation, "with_format"):
             return None
         if not hasattr(train, "with_format") or "input_ids" not in evaluation.column_names:
             return None
-        if getattr(self, "_baseline", None) is None:
+        if self._baseline is None:
             vocab = getattr(self.accelerator.unwrap_model(self.model).config, "vocab_size", None)
             self._baseline = round(unigram_loss(train, evaluation, vocab), 6)
         return self._baseline
@@ -550,14 +554,6 @@ class _ResumeClock(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.trainer._resume_clock(state)
-
-
-def _complete_checkpoints(folder: Path) -> dict[int, str]:
-    """Step -> path of every complete checkpoint in `folder` (see `last_checkpoint`)."""
-    if not folder.is_dir():
-        return {}
-    return {int(p.name[11:]): str(p) for p in folder.glob("checkpoint-*")
-            if p.name[11:].isdigit() and (p / "trainer_state.json").is_file()}  # fmt: skip
 
 
 def _tail(dataset, start: int):
