@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from .data import VALIDATION_TOKENS
 from .errors import HfStackError
 from .plans.config import StackedConfig, setting_type
 
@@ -183,7 +184,12 @@ class TrainCommandArguments:
     block_size: int = dataclasses.field(default=256, metadata={"help": "Tokens per packed training block."})
     text_column: str = dataclasses.field(default="text", metadata={"help": "Text column of jsonl/parquet/Hub data."})
     validation_fraction: float = dataclasses.field(
-        default=0.0, metadata={"help": "Hold out this tail fraction of the token stream for eval_loss."}
+        default=0.0,
+        metadata={"help": "Hold out every (1/f)-th block of the token stream for eval_loss (0: no validation set)."},
+    )
+    validation_tokens: int = dataclasses.field(
+        default=VALIDATION_TOKENS,
+        metadata={"help": "Size of the validation set (the same whatever --max-tokens says, so runs compare)."},
     )
     resume: bool = dataclasses.field(
         default=False, metadata={"help": "Resume the run in --output_dir from its last checkpoint."}
@@ -248,6 +254,8 @@ def cmd_compare(args) -> int:
     r = compare(args.grown, args.scratch if len(args.scratch) > 1 else args.scratch[0], args.output)
     print(describe_endpoints(r["currencies"]) if "currencies" in r else describe_speedup(r))
     print(describe_health(r["health"]))
+    for note in r["notes"]:
+        print(f"note: {note}")
     print(f"plot: {r['plot']}")
     return 0
 

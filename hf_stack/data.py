@@ -4,11 +4,17 @@ read by the `learn` operator at growth and by the trainer.
 Blocks are contiguous token windows over the concatenated documents (each followed by a separator token), with
 no padding; their order is shuffled once with a seed, so the stream is deterministic and a run that grows
 mid-way continues on the blocks that follow instead of replaying what the small model saw.
+
+What a run validates on, and the order of the blocks it trains on, do not depend on its budget: runs of different
+lengths on the same data and seed validate on the same blocks and train on the same first blocks (the longer run
+continues where the shorter one stopped), so their end points can be compared.
 """
 
 from __future__ import annotations
 
 import glob
+import hashlib
+import math
 import os
 from pathlib import Path
 
@@ -18,6 +24,11 @@ from .errors import HfStackError, error_reason
 
 TEXT_SUFFIXES = (".txt", ".text", ".md")
 TABLE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+# Blocks are shuffled within windows of this many tokens (a shuffle buffer): a budget reads whole windows, so the
+# order of the blocks it trains on is the same in every run that reads at least as far.
+SHUFFLE_WINDOW_TOKENS = 1 << 22
+# The validation set's default size: 2^17 tokens put the standard error of a loss near 0.005 nats.
+VALIDATION_TOKENS = 1 << 17
 
 
 def iter_documents(sources: str | list[str], text_column: str = "text", split: str = "train", max_documents=None):
@@ -109,45 +120,76 @@ def _pieces(doc: str, size: int = 200_000):
 
 def tokenize_documents(documents, tokenizer, max_tokens: int | None = None) -> np.ndarray:
     """Concatenate tokenised documents, each followed by the separator; stop once `max_tokens` are collected."""
+    return _token_stream(documents, tokenizer, max_tokens)[0]
+
+
+def _token_stream(documents, tokenizer, max_tokens: int | None) -> tuple[np.ndarray, bool]:
+    """The token stream and whether it holds every document (False: the budget cut it, mid-document or not).
+
+    A cut stream is a prefix of the whole one: a document cut short gets no separator."""
     sep = separator_id(tokenizer)
     chunks, total, n_docs = [], 0, 0
     for doc in documents:
+        if max_tokens is not None and total >= max_tokens:
+            return _joined(chunks, total, n_docs), False
         if not doc.strip():  # whitespace-only documents carry no text; they would train on separators alone
             continue
         n_docs += 1
         for piece in _pieces(doc):
+            if max_tokens is not None and total >= max_tokens:
+                return _joined(chunks, total, n_docs), False
             ids = tokenizer(piece, add_special_tokens=False)["input_ids"]
             chunks.append(np.asarray(ids, dtype=np.int64))
             total += len(ids)
-            if max_tokens is not None and total >= max_tokens:
-                break
         chunks.append(np.asarray([sep], dtype=np.int64))
         total += 1
-        if max_tokens is not None and total >= max_tokens:
-            break
+    return _joined(chunks, total, n_docs), True
+
+
+def _joined(chunks: list, total: int, n_docs: int) -> np.ndarray:
     if total <= n_docs:  # nothing but separators (or no documents at all): every document tokenised to nothing
         raise HfStackError("the training data tokenises to nothing (empty files or an empty text column)")
     return np.concatenate(chunks)
 
 
-def pack(tokens: np.ndarray, block_size: int, seed: int = 0, shuffle: bool = True):
+def pack(tokens: np.ndarray, block_size: int, seed: int = 0, shuffle: bool = True, window: int | None = None):
     """Cut the token stream into `block_size` blocks (the remainder is dropped) and shuffle them with `seed`.
+
+    Args:
+        window: shuffle within consecutive windows of this many blocks (the last may be shorter) instead of over
+            all of them, so the first blocks of the order do not depend on how far the stream was read.
 
     Returns:
         A `datasets.Dataset` with `input_ids` and `labels` (equal: the model shifts labels itself), torch format.
     """
-    from datasets import Dataset
+    blocks = _blocks(tokens, block_size)
+    if shuffle:
+        blocks = blocks[_order(len(blocks), seed, window)]
+    return _dataset(blocks)
 
+
+def _blocks(tokens: np.ndarray, block_size: int) -> np.ndarray:
     if block_size < 2:
         raise HfStackError(f"block size must be at least 2, got {block_size}")
     n = len(tokens) // block_size
     if n == 0:
         raise HfStackError(f"the data has {len(tokens)} tokens, fewer than one block of {block_size}")
-    blocks = tokens[: n * block_size].reshape(n, block_size)
-    if shuffle:
-        blocks = blocks[np.random.default_rng(seed).permutation(n)]
-    ds = Dataset.from_dict({"input_ids": blocks, "labels": blocks})
-    return ds.with_format("torch")
+    return tokens[: n * block_size].reshape(n, block_size)
+
+
+def _order(n: int, seed: int, window: int | None) -> np.ndarray:
+    if window is None:
+        return np.random.default_rng(seed).permutation(n)
+    return np.concatenate(
+        [start + np.random.default_rng([seed, start // window]).permutation(min(window, n - start))
+         for start in range(0, n, window)]
+    )  # fmt: skip
+
+
+def _dataset(blocks: np.ndarray):
+    from datasets import Dataset
+
+    return Dataset.from_dict({"input_ids": blocks, "labels": blocks}).with_format("torch")
 
 
 def build_dataset(
@@ -158,28 +200,64 @@ def build_dataset(
     seed: int = 0,
     max_tokens: int | None = None,
     validation_fraction: float = 0.0,
+    validation_tokens: int = VALIDATION_TOKENS,
     text_column: str = "text",
     split: str = "train",
 ):
-    """Tokenise and pack `sources`; optionally hold out the stream's tail for validation (never trained on).
+    """Tokenise and pack `sources`; optionally hold out validation blocks (never trained on).
+
+    Neither set depends on `max_tokens`, which only bounds how much of the stream is read: the validation blocks are
+    every (1 / `validation_fraction`)-th block of the stream from its start, up to `validation_tokens` of them (all
+    of them when the data is smaller), and the training blocks, the others, are shuffled within windows of
+    `SHUFFLE_WINDOW_TOKENS` that a budget reads whole. Two runs of different budgets on the same data and seed
+    validate on the same blocks, and the shorter run's training blocks are the longer run's first ones.
+
+    Args:
+        max_tokens: the training tokens needed (default: read all of `sources`).
+        validation_fraction: the spacing of the validation blocks (0: no validation set).
+        validation_tokens: the validation set's size, rounded up to whole blocks.
 
     Returns:
         `(train, validation)` datasets; `validation` is None when `validation_fraction` is 0.
     """
     if not 0 <= validation_fraction < 1:
         raise HfStackError(f"validation fraction must be in [0, 1), got {validation_fraction}")
-    budget = None if max_tokens is None else int(max_tokens / (1 - validation_fraction)) + block_size
-    tokens = tokenize_documents(iter_documents(sources, text_column, split), tokenizer, budget)
-    n_val = int(len(tokens) * validation_fraction)
-    if 0 < n_val < block_size:
+    if validation_fraction and validation_tokens < 1:
+        raise HfStackError(f"validation tokens must be at least 1, got {validation_tokens}")
+    stride = max(2, round(1 / validation_fraction)) if validation_fraction else 0
+    n_val = math.ceil(validation_tokens / block_size) if validation_fraction else 0
+    window = max(1, SHUFFLE_WINDOW_TOKENS // block_size)
+    need = None if max_tokens is None else math.ceil(math.ceil(max_tokens / block_size) / window) * window
+    # read whole windows of training blocks, past the last validation block, and one block more (a cut stream's
+    # last block may end in a document cut short)
+    budget = None if need is None else (max(n_val * stride, need + n_val) + 1) * block_size
+    tokens, whole = _token_stream(iter_documents(sources, text_column, split), tokenizer, budget)
+    blocks = _blocks(tokens, block_size)
+    held = np.zeros(len(blocks), dtype=bool)
+    if stride:
+        held[stride - 1 : stride * n_val : stride] = True
+    if validation_fraction and not held.any():
         raise HfStackError(
-            f"the validation tail ({validation_fraction:g} of {len(tokens):,} tokens) is shorter than one block of "
-            f"{block_size}; add data or hold out a larger fraction"
+            f"the data holds {len(blocks)} blocks of {block_size}, too few to hold out every "
+            f"{stride}th for validation; add data or hold out a larger fraction"
         )
-    train_tokens, val_tokens = tokens[: len(tokens) - n_val], tokens[len(tokens) - n_val :]
-    train = pack(train_tokens, block_size, seed)
-    validation = pack(val_tokens, block_size, seed, shuffle=False) if n_val else None
+    train = blocks[~held]
+    if not whole:  # a partial window would differ from the whole one a longer run reads
+        train = train[: len(train) // window * window]
+    train = _dataset(train[_order(len(train), seed, window)])
+    validation = _dataset(blocks[held]) if held.any() else None
     return train, validation
+
+
+def fingerprint(dataset) -> dict:
+    """What identifies a set of packed blocks (a run's validation set): its size and a digest of its token ids.
+
+    Returns:
+        `{"blocks", "tokens", "sha256"}` (the first 16 hex digits of the ids' digest, as little-endian int64).
+    """
+    ids = np.asarray(dataset.with_format("numpy")["input_ids"], dtype="<i8")
+    return {"blocks": int(ids.shape[0]), "tokens": int(ids.size),
+            "sha256": hashlib.sha256(np.ascontiguousarray(ids).tobytes()).hexdigest()[:16]}  # fmt: skip
 
 
 def unigram_loss(train, validation, vocab_size: int | None = None, max_blocks: int = 50_000) -> float:

@@ -79,6 +79,56 @@ def test_per_request_loglikelihoods_match_hflm(scorer_model, add_bos_token):
     assert n_checked > 100
 
 
+def _greedy_on_some(folder, ref, requests):
+    """A bigram model (every block's output zeroed, so the residual stream is the token's embedding) whose head
+    makes the continuation greedy for the requests whose token chains fit one next-token map, about half of them."""
+    model = build_checkpoint(folder, "llama", num_layers=1, tie_word_embeddings=False)
+    following = {}
+    for inst in requests:
+        ctx, cont = ref._encode_pair(*inst.args)
+        chain, trial = [ctx[-1], *cont], dict(following)
+        if all(trial.setdefault(a, b) == b for a, b in zip(chain, chain[1:])) and len(set(trial)) <= 32:
+            following = trial
+        if len(following) >= 16:
+            break
+    hidden = model.config.hidden_size
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.model.norm.weight.fill_(1.0)
+        head = model.lm_head.weight
+        head.mul_(0.01)
+        for i, token in enumerate(sorted(following)):  # orthogonal directions for the tokens that predict
+            model.model.embed_tokens.weight[token] = torch.nn.functional.one_hot(torch.tensor(i), hidden).float()
+            head[following[token]] += 10.0 * model.model.embed_tokens.weight[token]
+    model.save_pretrained(folder)
+    return model.eval()
+
+
+def test_lambada_greedy_match_and_a_chunked_head_match_hflm(tmp_path, monkeypatch):
+    """Lambada's accuracy is its greedy match: a model made greedy on some continuations (the random fixtures are
+    greedy on none), scored with the head in chunks of 5 positions, gives HFLM's flags, some true and some false."""
+    from hf_stack.evaluation import scorer
+
+    insts = _instances(["lambada_openai", "arc_easy"])
+    lambada = insts["lambada_openai"]
+    build_checkpoint(tmp_path / "m", "llama", num_layers=1)
+    ref = make_lm(AutoModelForCausalLM.from_pretrained(tmp_path / "m"), AutoTokenizer.from_pretrained(tmp_path / "m"),
+                  "lm-eval", batch_size=3)  # fmt: skip
+    model = _greedy_on_some(tmp_path / "m", ref, lambada)
+    tok = AutoTokenizer.from_pretrained(tmp_path / "m")
+    ref = make_lm(model, tok, "lm-eval", batch_size=3)
+    monkeypatch.setattr(scorer, "HEAD_CHUNK", 5)
+    fast = make_lm(model, tok, "hf-stack", batch_size=3)
+    expected = ref.loglikelihood(lambada + insts["arc_easy"])
+    got = fast.loglikelihood(lambada + insts["arc_easy"])
+    assert [g for _, g in got] == [g for _, g in expected]
+    assert [lp for lp, _ in got] == pytest.approx([lp for lp, _ in expected], abs=1e-4)
+    accuracy = sum(g for _, g in expected[: len(lambada)]) / len(lambada)
+    assert 0 < accuracy < 1, accuracy
+
+
 WINDOW = 4
 SLIDING = {
     # no layer_types: every layer slides

@@ -24,6 +24,18 @@ STAGES = {
 FORBIDDEN = [("hf_stack.evaluation", "hf_stack.training")]
 
 
+def _lazy_exports() -> dict[str, str]:
+    """`hf_stack`'s lazy exports (name -> defining module), read from its source: `from hf_stack import X` is an
+    import of the module that defines X, not of stage 0."""
+    for node in ast.parse((ROOT / "__init__.py").read_text()).body:
+        if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == ["_EXPORTS"]:
+            return {name: f"hf_stack.{module}" for name, module in ast.literal_eval(node.value).items()}
+    raise AssertionError("hf_stack/__init__.py has no _EXPORTS table")
+
+
+EXPORTS = _lazy_exports()
+
+
 def modules() -> dict[str, Path]:
     out = {}
     for path in ROOT.rglob("*.py"):
@@ -42,7 +54,8 @@ def imports(name: str, path: Path, known) -> set[str]:
             if node.level:
                 anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join(anchor + ([node.module] if node.module else []))
-            names = [base] + [f"{base}.{a.name}" for a in node.names]
+            names = [base] + [EXPORTS.get(a.name, f"{base}.{a.name}") if base == "hf_stack" else f"{base}.{a.name}"
+                              for a in node.names]  # fmt: skip
         elif isinstance(node, ast.Import):
             names = [a.name for a in node.names]
         else:
@@ -83,6 +96,17 @@ def test_the_walk_sees_imports_inside_functions():
     assert "hf_stack.checkpoints.ligo" in GRAPH["hf_stack.checkpoints.tensors"]
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_the_walk_resolves_the_packages_lazy_exports(tmp_path):
+    # `from hf_stack import StackingTrainer` (or `from .. import push`) reaches the trainer (the hub), not stage 0
+    known = set(modules())
+    harness = tmp_path / "harness.py"
+    harness.write_text("def f():\n    from hf_stack import StackingTrainer\n")
+    assert "hf_stack.training.trainer" in imports("hf_stack.evaluation.harness", harness, known)
+    layers = tmp_path / "layers.py"
+    layers.write_text("from .. import push, HfStackError\n")
+    assert {"hf_stack.hub", "hf_stack.errors"} <= imports("hf_stack.plans.layers", layers, known)
 
 
 def test_no_import_cycle():

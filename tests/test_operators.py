@@ -241,19 +241,25 @@ def test_direct_width_split_matches_the_net2net_formula_written_out(tmp_path):
 
 
 @pytest.mark.parametrize("operator", ["direct", "zero", "random"])
-def test_verify_catches_a_wrong_width_builder(operator, tmp_path, monkeypatch):
+@pytest.mark.parametrize("dtype", [None, "bfloat16"])
+def test_verify_catches_a_wrong_width_builder(operator, dtype, tmp_path, monkeypatch):
     """--verify checks the written tensors against the source, not against a second run of the same builder: a
-    builder bug (here: every widened block off by 1%) fails it."""
+    builder bug (here: every widened block off by 1%) fails it, in bfloat16 too (each value's own rounding is
+    allowed, not a share of the tensor's largest)."""
     import hf_stack.checkpoints.tensors as tensors
 
     build_checkpoint(tmp_path / "s", "llama", num_layers=2)
-    stacked = StackedConfig(operator=operator, width_factor=2)
+    stacked = StackedConfig(operator=operator, width_factor=2, dtype=dtype)
     grow(tmp_path / "s", tmp_path / "ok", stacked, verify=True)
     real = tensors._widen_block
-    monkeypatch.setattr(tensors, "_widen_block", lambda *a, **k: real(*a, **k) * 1.01)
-    with pytest.raises(HfStackError, match="verification failed"):
-        grow(tmp_path / "s", tmp_path / "bad", stacked, verify=True)
-    assert not (tmp_path / "bad").exists()
+    for planted in ("", "q_proj", "up_proj", "gate_proj"):  # every widened block, then the noisy readers alone
+        monkeypatch.setattr(
+            tensors, "_widen_block",
+            lambda entry, *a, p=planted, **k: real(entry, *a, **k) * (1.01 if p in entry.target else 1.0),
+        )  # fmt: skip
+        with pytest.raises(HfStackError, match="verification failed"):
+            grow(tmp_path / "s", tmp_path / "bad", stacked, verify=True)
+        assert not (tmp_path / "bad").exists()
 
 
 @pytest.mark.parametrize("operator", ["direct", "zero"])

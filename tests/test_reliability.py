@@ -2,6 +2,7 @@
 
 import json
 import resource
+import shutil
 import signal
 import struct
 import subprocess
@@ -82,6 +83,7 @@ def test_grow_killed_mid_write_never_leaves_a_half_checkpoint(tmp_path):
                         pass
             if written >= fraction * total:
                 break
+            time.sleep(0.002)  # a poll without a pause would take a core from the process it times
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         assert proc.returncode == -signal.SIGKILL, "the growth finished before it could be killed"
@@ -136,6 +138,14 @@ def test_training_killed_after_growth_resumes_exactly(training_setup, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (tmp_path / "b" / "final").exists(), "the run finished before it could be killed"
+    assert (ckpt / "trainer_state.json").is_file(), "killed before the phase's first checkpoint"
+    # what a kill mid-write leaves in a later checkpoint: a cut trainer_state.json (transformers writes it in place),
+    # or a state beside cut weights; neither counts, and both are removed
+    for step, cut in ((30, "trainer_state.json"), (40, "model.safetensors")):
+        partial = shutil.copytree(ckpt, tmp_path / "b" / f"checkpoint-{step}")
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+        (partial / "trainer_state.json").write_text(json.dumps({**state, "global_step": step}))
+        (partial / cut).write_bytes((partial / cut).read_bytes()[: (partial / cut).stat().st_size // 2])
     r = subprocess.run(train_cmd(small, data, tmp_path / "b", "--resume", "true"), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     a = AutoModelForCausalLM.from_pretrained(tmp_path / "a" / "final")

@@ -210,6 +210,25 @@ def test_trainer_logs_three_currencies_the_baseline_and_a_schedule_per_phase(tmp
     assert max(lr2) == pytest.approx(5e-4) and lr2[-1] < 1e-4 and min(lr2[2:]) >= 5e-5 - 1e-12
 
 
+def test_the_study_table_shows_every_bound_and_the_growth_point_it_ran():
+    """Each cell marks every kind of bound its seeds hold (the d=0.125M row: one seed an upper bound, the others
+    lower ones), and each row the d it grew at (steps are whole evaluation intervals: 0.125M ran at 163,840)."""
+    from pathlib import Path
+
+    from hf_stack.analysis.study import describe_study
+
+    study = json.loads((Path(__file__).resolve().parent.parent / "bench/results/study.json").read_text())
+    lines = {line.split(" | ")[0][2:]: line for line in describe_study(study).splitlines() if line.startswith("| ")}
+    mixed = 0
+    for row in study["rows"]:
+        bounds = {p["figures"]["flops"]["bound"] for p in row["per_seed"]} - {None}
+        cells = lines[row["name"]].split(" | ")
+        assert cells[1] == f"{row['sizes']['d']:,}"
+        assert ("(>)" in cells[2], "(<)" in cells[2]) == ("lower" in bounds, "upper" in bounds), row["name"]
+        mixed += bounds == {"lower", "upper"}
+    assert mixed  # the file holds a row with both kinds
+
+
 def test_unknown_grown_schedule_is_refused():
     with pytest.raises(HfStackError, match="unknown grown_lr_scheduler_type 'cosnie'"):
         StackingTrainingArguments("x", grown_lr_scheduler_type="cosnie", report_to=[])

@@ -20,7 +20,7 @@ from hf_stack import (
     when_to_grow,
 )
 from hf_stack.analysis.compare import Curve, speedup
-from hf_stack.data import iter_documents, pack, tokenize_documents
+from hf_stack.data import fingerprint, iter_documents, pack, tokenize_documents
 from tests.conftest import CORPUS, accounting, build_checkpoint
 
 
@@ -81,7 +81,7 @@ def test_packing_is_deterministic_with_separators_and_no_padding(llama_small, tm
     assert sorted(a[:]["input_ids"].flatten().tolist()) == list(range(100))  # every token once, nothing padded
 
 
-def test_data_sources_and_validation_tail(llama_small, tmp_path, data_file):
+def test_data_sources_and_validation_blocks(llama_small, tmp_path, data_file):
     tok = AutoTokenizer.from_pretrained(llama_small)
     (tmp_path / "a.txt").write_text(CORPUS[0])
     import pandas as pd
@@ -90,13 +90,37 @@ def test_data_sources_and_validation_tail(llama_small, tmp_path, data_file):
     for src in ([str(tmp_path / "*.txt")], [str(tmp_path / "b.parquet")], [str(data_file)]):
         train, _ = build_dataset(src, tok, 8)
         assert len(train) > 0 and train[:]["input_ids"].shape[1] == 8
-    train, val = build_dataset([str(data_file)], tok, 8, validation_fraction=0.2)
+    train, val = build_dataset([str(data_file)], tok, 8, validation_fraction=0.2, validation_tokens=60)
     stream = tokenize_documents(iter_documents([str(data_file)]), tok)
-    head, tail = stream[: len(stream) - int(len(stream) * 0.2)], stream[len(stream) - int(len(stream) * 0.2) :]
-    # validation is the stream's tail in order; training is the head's blocks (shuffled): never the same tokens
-    assert val[:]["input_ids"].flatten().tolist() == tail[: len(val) * 8].tolist()
-    head_blocks = sorted(map(tuple, head[: len(head) // 8 * 8].reshape(-1, 8).tolist()))
-    assert sorted(map(tuple, train[:]["input_ids"].tolist())) == head_blocks
+    blocks = stream[: len(stream) // 8 * 8].reshape(-1, 8).tolist()
+    # validation: every 5th block of the stream from its start, 60 tokens rounded up to 8 blocks; training: the
+    # other blocks (shuffled), never the same tokens
+    assert val[:]["input_ids"].tolist() == blocks[4:40:5]
+    held = set(range(4, 40, 5))
+    expected = sorted(tuple(b) for i, b in enumerate(blocks) if i not in held)
+    assert sorted(map(tuple, train[:]["input_ids"].tolist())) == expected
+    _, everything = build_dataset([str(data_file)], tok, 8, validation_fraction=0.2, validation_tokens=10**9)
+    assert everything[:]["input_ids"].tolist() == blocks[4::5]  # a set larger than the data: every 5th block
+
+
+def test_validation_and_block_order_do_not_depend_on_the_budget(llama_small, data_file, monkeypatch):
+    """Runs of different --max-tokens validate on the same blocks, and the shorter run trains on the longer run's
+    first blocks (a window of 64 tokens here, so the small budgets read only part of the data)."""
+    import hf_stack.data
+
+    monkeypatch.setattr(hf_stack.data, "SHUFFLE_WINDOW_TOKENS", 64)
+    tok = AutoTokenizer.from_pretrained(llama_small)
+    stream = tokenize_documents(iter_documents([str(data_file)]), tok)
+    runs = {budget: build_dataset([str(data_file)], tok, 8, seed=3, max_tokens=budget, validation_fraction=0.1,
+                                  validation_tokens=48) for budget in (100, 1500, None)}  # fmt: skip
+    full_train, full_val = runs[None]
+    assert len(runs[100][0]) < len(runs[1500][0]) < len(full_train) == len(stream) // 8 - 6  # budgets read less
+    for budget in (100, 1500):
+        train, val = runs[budget]
+        assert val[:]["input_ids"].tolist() == full_val[:]["input_ids"].tolist()
+        assert len(train) * 8 >= budget
+        assert train[:]["input_ids"].tolist() == full_train[: len(train)]["input_ids"].tolist()
+    assert fingerprint(runs[100][1]) == fingerprint(full_val) != fingerprint(full_train)
 
 
 @pytest.mark.parametrize(
@@ -113,6 +137,46 @@ def test_bad_data_is_refused(llama_small, tmp_path, content, match):
 
 
 # ---------------------------------------------------------------- growth in the run
+
+
+@pytest.mark.parametrize("grow_at", [None, 1000])
+def test_tokens_logged_are_tokens_trained_when_the_data_runs_out(llama_small, tmp_path, data_file, grow_at):
+    """Batch 4 x accumulation 3 over a block count that is not a multiple of 12, to 1.7 passes over the data:
+    every block fed to the model is counted (Trainer gives a pass's last step only the blocks left), and the
+    repetition is warned about and recorded in the log and the card."""
+    from transformers import default_data_collator
+
+    fed = []
+
+    def counting(features):
+        fed.append(len(features))
+        return default_data_collator(features)
+
+    tok = AutoTokenizer.from_pretrained(llama_small)
+    train, _ = build_dataset([str(data_file)], tok, 16, seed=0)
+    assert len(train) % 12
+    budget = int(1.7 * len(train) * 16)
+    args = StackingTrainingArguments(
+        str(tmp_path / "run"), per_device_train_batch_size=4, gradient_accumulation_steps=3, max_tokens=budget,
+        grow_at_tokens=grow_at, stacked_config=StackedConfig(factor=2), learning_rate=1e-3, logging_steps=5,
+        save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
+    )  # fmt: skip
+    model = AutoModelForCausalLM.from_pretrained(llama_small)
+    trainer = StackingTrainer(model=model, args=args, train_dataset=train, processing_class=tok, data_collator=counting)
+    with pytest.warns(UserWarning, match=r"runs out at step \d+ \(phase \d\): the run trains on it 1\.\d+ times"):
+        trainer.train()
+    log = json.loads((tmp_path / "run" / "training_log.json").read_text())
+    training = log["training"]
+    assert sum(fed) * 16 == training["total_tokens"] == budget // (12 * 16) * 12 * 16
+    assert training["data_epochs"] == round(training["total_tokens"] / (len(train) * 16), 4) > 1.6
+    logged = [e for e in log["log_history"] if "loss" in e]
+    assert logged and all(e["data_epoch"] == round(e["tokens"] / (len(train) * 16), 4) for e in logged)
+    assert f"trained on it {training['data_epochs']:.2f} times" in (tmp_path / "run/final/README.md").read_text()
+    from hf_stack.analysis.compare import compare
+
+    notes = compare(tmp_path / "run", tmp_path / "run", tmp_path / "c.png")["notes"]
+    assert f"run trained on its data {training['data_epochs']:.2f} times (data_epochs in its log)" in notes
+
 
 
 class RecordBatches(StackingTrainer):
@@ -370,6 +434,20 @@ def test_train_and_compare_commands(small2, tmp_path, data_file):
     r = hf_stack("compare", tmp_path / "run", tmp_path / "base", "-o", tmp_path / "cmp.png")
     assert r.returncode == 0, r.stderr
     assert "speed-up" in r.stdout and (tmp_path / "cmp.png").read_bytes()[:4] == b"\x89PNG"
+    # a longer scratch run validates on the same text (its fingerprint is the same); one with another validation
+    # set is refused
+    fingerprints = []
+    for name, extra in (("longer", ["--max-tokens", 64 * 30]), ("other", ["--validation-fraction", 0.25])):
+        r = hf_stack("train", "--from-scratch-like", tmp_path / "run" / "final", "-o", tmp_path / name, *common, *extra)
+        assert r.returncode == 0, r.stderr[-3000:]
+        fingerprints.append(json.loads((tmp_path / name / "training_log.json").read_text())["validation"])
+    base = json.loads((tmp_path / "base" / "training_log.json").read_text())["validation"]
+    assert fingerprints[0] == base != fingerprints[1]
+    r = hf_stack("compare", tmp_path / "run", tmp_path / "base", tmp_path / "longer")
+    assert r.returncode == 0 and "speed-up" in r.stdout, r.stderr
+    r = hf_stack("compare", tmp_path / "run", tmp_path / "base", tmp_path / "other")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith("error: ") and "validated on different text" in r.stderr
     # a bad input: one line, exit 2, nothing trained
     (tmp_path / "empty.txt").write_text("")
     r = hf_stack(
@@ -394,7 +472,8 @@ def test_two_processes_with_torchrun_grow_together(small2, tmp_path, data_file):
     """DDP with 2 CPU processes, started as the README's many-GPU line reads (no --use-cpu / --ddp-backend: on a
     machine without GPUs the arguments choose gloo): the same run, growth included, twice the tokens per step."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    # --standalone: a rendezvous on a free local port (a fixed port collides with another run on the machine)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "hf_stack.cli", "train", "--model", small2, "--data", data_file, "--block-size", 16,
            "--per-device-train-batch-size", 2, "--grow-at-tokens", 64 * 3, "--max-tokens", 64 * 8, "--factor", 2,
            "--logging-steps", 1, "--disable-tqdm", "true", "-o", tmp_path / "ddp"]  # fmt: skip

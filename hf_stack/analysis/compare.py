@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from ..errors import HfStackError
 from ..training.log import CURRENCIES, CURRENCY_LABELS, Curve, plot, read_curve
 
 __all__ = ["CURRENCIES", "Curve", "compare", "endpoint_speedup", "health", "interpolate_log", "plot", "read_curve",
@@ -133,6 +134,19 @@ def health(grown: Curve, scratch: list[Curve] = ()) -> dict:
             "scratch_loss_at_growth_tokens": at_d, "unigram_loss": unigram, "warning": warning}  # fmt: skip
 
 
+def check_validation(curves: list[Curve], runs: list) -> list:
+    """Refuse runs whose eval losses come from different validation sets; return the runs that log none."""
+    logged = {c.validation["sha256"]: (run, c.validation) for c, run in zip(curves, runs) if c.validation}
+    if len(logged) > 1:
+        (a, fa), (b, fb) = list(logged.values())[:2]
+        raise HfStackError(
+            f"{a} and {b} were validated on different text ({fa['blocks']} blocks, {fa['sha256']} vs {fb['blocks']} "
+            f"blocks, {fb['sha256']}); train them on the same --data with the same --block-size, "
+            "--validation-fraction and --validation-tokens"
+        )
+    return [run for c, run in zip(curves, runs) if not c.validation]
+
+
 def describe_speedup(r: dict) -> str:
     """One line: the speed-up, or its lower bound when scratch never reached the grown run's loss."""
     if r.get("upper_bound"):
@@ -186,6 +200,7 @@ def compare(grown_run: str | Path, scratch_run, output: str | Path | None = None
     grown, scratch = read_curve(grown_run), [read_curve(r) for r in runs]
     if any(s.metric != grown.metric for s in scratch):
         grown, scratch = read_curve(grown_run, "loss"), [read_curve(r, "loss") for r in runs]
+    unchecked = check_validation([grown, *scratch], [grown_run, *runs]) if grown.metric == "eval_loss" else []
     names = [s.name for s in scratch]
     if len(set(names)) < len(names):
         scratch = [Curve(**{**s.__dict__, "name": str(r)}) for s, r in zip(scratch, runs)]
@@ -200,6 +215,10 @@ def compare(grown_run: str | Path, scratch_run, output: str | Path | None = None
                   "lower_bound": f["bound"] == "lower", "upper_bound": f["bound"] == "upper",
                   "metric": grown.metric, "currencies": figures, "scratch_end_points": ends}  # fmt: skip
     result["health"] = health(grown, scratch)
+    result["notes"] = [f"{r} logs no validation fingerprint (written before hf-stack recorded one): its eval_loss may "
+                       "come from other text" for r in unchecked]  # fmt: skip
+    result["notes"] += [f"{c.name} trained on its data {c.data_epochs:.2f} times (data_epochs in its log)"
+                        for c in [grown, *scratch] if (c.data_epochs or 0) > 1]  # fmt: skip
     out = Path(output) if output else Path(grown_run) / "compare.png"
     bound = ">" if result["lower_bound"] else "<" if result.get("upper_bound") else "="
     title = f"speed-up {bound} {result['speedup']:.1%} (FLOPs scratch needs to reach the grown run's final loss)"

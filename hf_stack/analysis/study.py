@@ -589,7 +589,8 @@ def _pm(stats: dict, key: str = "speedup", pct: bool = True) -> str:
     if m is None:
         return "n/a"
     if pct:
-        bound = {"lower": " (>)", "upper": " (<)"}.get(stats["bounds"][0], "") if stats["bounds"] else ""
+        # every bound the seeds hold: "(>) (<)" when some seeds are lower bounds and others upper ones
+        bound = "".join({"lower": " (>)", "upper": " (<)"}[b] for b in stats["bounds"])
         return f"{m:+.1%} ± {sd:.1%}{bound}"
     return f"{m:+.3f} ± {sd:.3f}"
 
@@ -597,15 +598,15 @@ def _pm(stats: dict, key: str = "speedup", pct: bool = True) -> str:
 def describe_study(study: dict) -> str:
     """The study as a markdown table: speed-up in three currencies (mean ± std over seeds), gap, health, verdict."""
     lines = [
-        "| row | speed-up, FLOPs | non-embedding FLOPs | wall-clock | loss gap at equal FLOPs | grown loss | small at d "
-        "| target at d | unigram | tokens / small param | verdict (FLOPs) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| row | d (tokens, whole steps) | speed-up, FLOPs | non-embedding FLOPs | wall-clock | loss gap at equal FLOPs "
+        "| grown loss | small at d | target at d | unigram | tokens / small param | verdict (FLOPs) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in study["rows"]:
         h, f = row["health"], row["flops"]
         gap = "n/a" if f["loss_gap_mean"] is None else f"{f['loss_gap_mean']:+.3f} ± {f['loss_gap_std'] or 0:.3f}"
         lines.append(
-            f"| {row['name']} | {_pm(f)} | {_pm(row['non_embedding_flops'])} | {_pm(row['train_seconds'])} | {gap} "
+            f"| {row['name']} | {row['sizes']['d']:,} | {_pm(f)} | {_pm(row['non_embedding_flops'])} | {_pm(row['train_seconds'])} | {gap} "
             f"| {h['grown_loss']:.3f} | {h['small_loss_at_growth']:.3f} | {h['scratch_loss_at_growth_tokens']:.3f} "
             f"| {h['unigram_loss']:.3f} | {row['sizes']['tokens_per_small_parameter']:.2f} | {f['verdict']} |"
         )

@@ -102,6 +102,8 @@ def training_section(training: dict, plot: str | None = None) -> str:
         "",
         f"Total: {training['total_tokens']:,} tokens, {training['total_flops']:.3g} FLOPs ({training['flops_convention']}).",
     ]
+    if (training.get("data_epochs") or 0) > 1:
+        lines += ["", f"The training data ran out: the run trained on it {training['data_epochs']:.2f} times."]
     if plot:
         lines += ["", f"![training loss]({plot})"]
     return "\n".join(lines)

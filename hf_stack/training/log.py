@@ -34,6 +34,8 @@ class Curve:
     growth_tokens: float | None = None
     unigram_loss: float | None = None  # validation loss of unigram frequencies (the trainer's baseline)
     growth_points: list[float] = field(default_factory=list)  # FLOPs at every growth of the run, in order
+    validation: dict | None = None  # the validation set's fingerprint (hf_stack.data.fingerprint), if logged
+    data_epochs: float | None = None  # passes over the run's training data, if logged
 
     def cost_at_last(self, currency: str) -> float | None:
         """The cost in `currency` at the last logged loss (not the run's total: the two are read together)."""
@@ -75,6 +77,7 @@ def read_curve(run_dir: str | Path, metric: str | None = None) -> Curve:
         growth_flops=growth, cost=cost, phase=[e.get("phase", 1) for e in rows],
         growth_tokens=phases[0]["tokens"] if len(phases) > 1 else None,
         unigram_loss=data.get("baselines", {}).get("unigram_eval_loss"), growth_points=ends,
+        validation=data.get("validation"), data_epochs=training.get("data_epochs"),
     )  # fmt: skip
 
 

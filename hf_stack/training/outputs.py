@@ -31,6 +31,8 @@ def training_summary(phases: list[dict]) -> dict:
             p.get("non_embedding_flops", 0.0) + p.get("growth_non_embedding_flops", 0.0) for p in phases
         ),
         "total_train_seconds": round(sum(p.get("train_seconds", 0.0) for p in phases), 3),
+        # passes over the run's training data (above 1: it trained on some blocks again)
+        "data_epochs": phases[-1].get("data_epoch"),
         "flops_convention": FLOPS_CONVENTION,
     }
 

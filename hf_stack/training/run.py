@@ -30,7 +30,8 @@ def run_training(cli, args: StackingTrainingArguments) -> dict:
     # Data first: bad data should fail before the model is loaded.
     train, validation = build_dataset(
         cli.data, tokenizer, cli.block_size, seed=args.seed, max_tokens=args.max_tokens,
-        validation_fraction=cli.validation_fraction, text_column=cli.text_column,
+        validation_fraction=cli.validation_fraction, validation_tokens=cli.validation_tokens,
+        text_column=cli.text_column,
     )  # fmt: skip
     config = AutoConfig.from_pretrained(source.folder, trust_remote_code=False)
     # Then the settings, the context and the run folder, still before the weights load.

@@ -100,7 +100,7 @@ def is_write_failure(e: BaseException | None) -> bool:
 
 
 def last_checkpoint(folder: Path, resume) -> str | None:
-    """The newest *complete* checkpoint (one whose trainer_state.json, written last, exists) in `folder`."""
+    """The newest complete checkpoint ([`complete_checkpoints`]) in `folder`; partial ones are removed."""
     if not resume:
         return None
     if isinstance(resume, (str, os.PathLike)) and resume is not True:
@@ -113,11 +113,27 @@ def last_checkpoint(folder: Path, resume) -> str | None:
 
 
 def complete_checkpoints(folder: Path) -> dict[int, str]:
-    """Step -> path of every complete checkpoint (one whose trainer_state.json, written last, exists) in `folder`."""
+    """Step -> path of every complete checkpoint in `folder`: its trainer_state.json (transformers writes it last,
+    with a plain open and write, so a kill can leave it empty or cut) parses and names its step, and its
+    safetensors weights, written before it, hold every byte their headers promise."""
     if not folder.is_dir():
         return {}
     return {int(p.name[11:]): str(p) for p in folder.glob("checkpoint-*")
-            if p.name[11:].isdigit() and (p / "trainer_state.json").is_file()}  # fmt: skip
+            if p.name[11:].isdigit() and _is_complete(p, int(p.name[11:]))}  # fmt: skip
+
+
+def _is_complete(checkpoint: Path, step: int) -> bool:
+    from ..checkpoints.source import read_safetensors_header
+
+    try:
+        state = json.loads((checkpoint / "trainer_state.json").read_text())
+        if not isinstance(state, dict) or state.get("global_step") != step:
+            return False
+        for shard in checkpoint.glob("*.safetensors"):
+            read_safetensors_header(shard)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, HfStackError):
+        return False
+    return True
 
 
 def resume_point(out: Path, growths: int) -> str:

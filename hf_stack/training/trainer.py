@@ -89,6 +89,7 @@ class StackingTrainer(Trainer):
         self.completed_phases: list[dict] = []  # accounting of the phases before the current one
         # cooldown ladders (set in train): the rungs, finished branches' summaries; the unigram floor, counted once
         self._ladder, self._cooldowns, self._full_train_dataset, self._baseline = [], [], None, None
+        self._data_tokens = 0  # tokens in the run's training data (set in train)
         # MSG masks on the grown model while they ramp in (mask_steps)
         self.mask_ramp = MaskRamp(args.mask_steps) if args is not None and args.mask_steps else None
         if self.mask_ramp is not None:
@@ -118,6 +119,8 @@ class StackingTrainer(Trainer):
         now = time.perf_counter()
         extra = {"tokens": tokens, "flops": flops, "non_embedding_flops": non_embedding, "phase": self.phase,
                  "num_parameters": params, "train_seconds": round(self._phase_seconds(), 3)}  # fmt: skip
+        if self._data_tokens:  # passes over the run's data (Trainer's own `epoch` counts the phase's blocks)
+            extra["data_epoch"] = round(tokens / self._data_tokens, 4)
         if self.phase == 2 and self.args.mask_steps:
             extra["growth_mask"] = self.mask_ramp.value
         if self._last_log is not None and now > self._last_log[1] and tokens > self._last_log[0]:
@@ -164,6 +167,14 @@ class StackingTrainer(Trainer):
             peft=self.peft_config is not None,
         )  # fmt: skip
         n_blocks = len(self.train_dataset)
+        self._data_tokens = n_blocks * self._block_size()
+        if total_steps * tps > self._data_tokens:
+            out_at = self._data_tokens // tps + 1
+            phase = 1 + sum(out_at > g for g in grow_steps)
+            warnings.warn(
+                f"the training data ({self._data_tokens:,} tokens) runs out at step {out_at} (phase {phase}): the run "
+                f"trains on it {total_steps * tps / self._data_tokens:.2f} times (data_epoch in the log)", stacklevel=2
+            )  # fmt: skip
         self._clock = [time.perf_counter(), 0.0]
         saved = {k: getattr(args, k) for k in ("output_dir", "max_steps", "learning_rate", "warmup_steps",
                                                "lr_scheduler_type", "lr_scheduler_kwargs")}  # fmt: skip
@@ -175,6 +186,7 @@ class StackingTrainer(Trainer):
         self._full_train_dataset = full_dataset
         try:
             if not growths:
+                self.train_dataset = _phase_blocks(full_dataset, 0, total_steps * tps // self._block_size())
                 result = self._train_last_phase(out, 0, total_steps, resume_from_checkpoint, growths, tps, kwargs)
             state = read_growth_state(out)
             done = len(state["growths"]) if growths else 0
@@ -184,11 +196,10 @@ class StackingTrainer(Trainer):
                 self._load_grown(out, state, growths)
             for phase in range(done + 1, growths + 2) if growths else ():
                 # Each phase: its model on the blocks that follow, fresh optimizer (unless carried), its schedule.
-                consumed = bounds[phase - 1] * tps // self._block_size()
                 steps = bounds[phase] - bounds[phase - 1]
-                if consumed + steps * tps // self._block_size() > n_blocks:
-                    warnings.warn(f"the data runs out in phase {phase}; it will see blocks again", stacklevel=2)
-                self.train_dataset = _tail(full_dataset, consumed) if consumed else full_dataset
+                self.train_dataset = _phase_blocks(
+                    full_dataset, bounds[phase - 1] * tps // self._block_size(), steps * tps // self._block_size()
+                )
                 self._use_phase_settings(phase, saved)
                 folder = phase_dir(out, phase, growths)
                 args.output_dir, args.max_steps = str(folder), steps
@@ -284,7 +295,8 @@ class StackingTrainer(Trainer):
 
     def _save_checkpoint(self, model, trial) -> None:
         """transformers writes checkpoints in place; a checkpoint counts only once its trainer_state.json (written
-        last) exists. A failed write (full disk) removes the partial folder and says which checkpoint is intact."""
+        last) parses and its weights are whole (`run_folder.complete_checkpoints`). A failed write (full disk)
+        removes the partial folder and says which checkpoint is intact."""
         folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
         try:
             super()._save_checkpoint(model, trial)
@@ -305,7 +317,7 @@ class StackingTrainer(Trainer):
         grown, plan, learned = grow_model(small, stacked, self.processing_class)
         grown.to(self.args.device)
         seconds = self._phase_seconds() - self.phase_start["train_seconds"]
-        finished = phase_record(growth, small, steps, tps, seconds)
+        finished = self._phase_record(growth, small, steps, tps, seconds)
         finished["num_layers"] = plan.source_num_layers
         if learned is not None:  # LiGO's maps were trained at growth: their compute is part of the run's
             finished["growth_flops"] = learned["flops"]
@@ -358,6 +370,13 @@ class StackingTrainer(Trainer):
             saved = torch.load(carried_optimizer(out, done), map_location=self.args.device, weights_only=True)
             self.optimizer.load_state_dict(saved)
 
+    def _phase_record(self, phase: int, model, steps: int, tps: int, seconds: float) -> dict:
+        """The phase's accounting, with the passes over the run's data at its end (`data_epoch`)."""
+        record = phase_record(phase, model, steps, tps, seconds)
+        if self._data_tokens:
+            record["data_epoch"] = round((self.phase_start["tokens"] + record["tokens"]) / self._data_tokens, 4)
+        return record
+
     def _install_model(self, grown, phases: list[dict]) -> None:
         """The grown model in place for the phase after `phases`, its accounting starting where theirs ends."""
         if self.peft_config is not None:
@@ -393,16 +412,21 @@ class StackingTrainer(Trainer):
             }
         return optimizer
 
+    def _eval_blocks(self):
+        """The eval set when it is packed blocks (a `datasets.Dataset` with `input_ids`), else None."""
+        evaluation = self.eval_dataset
+        if evaluation is None or isinstance(evaluation, dict) or not hasattr(evaluation, "with_format"):
+            return None
+        return evaluation if "input_ids" in evaluation.column_names else None
+
     def _unigram_baseline(self) -> float | None:
         """The validation loss of unigram frequencies, the floor `hf-stack compare`'s health check reads (counted
         on all of the run's training data, whichever phase or branch asks)."""
         from ..data import unigram_loss
 
         train = self.train_dataset if self._full_train_dataset is None else self._full_train_dataset
-        evaluation = self.eval_dataset
-        if evaluation is None or isinstance(evaluation, dict) or not hasattr(evaluation, "with_format"):
-            return None
-        if not hasattr(train, "with_format") or "input_ids" not in evaluation.column_names:
+        evaluation = self._eval_blocks()
+        if evaluation is None or not hasattr(train, "with_format"):
             return None
         if self._baseline is None:
             vocab = getattr(self.accelerator.unwrap_model(self.model).config, "vocab_size", None)
@@ -418,19 +442,23 @@ class StackingTrainer(Trainer):
     def _write_final(self, dest: Path, out: Path, tps: int, growths: int) -> None:
         model = self.accelerator.unwrap_model(self.model)
         seconds = self._phase_seconds() - self.phase_start["train_seconds"]
-        phases = [*self.completed_phases, phase_record(self.phase, model, self.state.global_step, tps, seconds)]
+        phases = [*self.completed_phases, self._phase_record(self.phase, model, self.state.global_step, tps, seconds)]
         phases[-1]["num_layers"] = model.config.num_hidden_layers
         # Earlier phases' logs live in their last checkpoints; the current phase's in self.state (restored on resume).
         history = [e for p in range(1, self.phase) for e in read_history(phase_dir(out, p, growths))]
         history += [e for e in self.state.log_history if "tokens" in e]
         baseline = self._unigram_baseline()
         baselines = {"unigram_eval_loss": baseline} if baseline is not None else None
-        extra = None
+        extra = {}
+        if self._eval_blocks() is not None:  # what `hf-stack compare` checks runs were validated on
+            from ..data import fingerprint
+
+            extra["validation"] = fingerprint(self._eval_blocks())
         if self._ladder and dest == out:  # the run's own end is the largest budget's branch; the others are listed
             largest = branch_summary(
                 self._ladder[-1], {"training": training_summary(phases), "log_history": history}, "."
             )
-            extra = {"cooldowns": [*self._cooldowns, largest]}
+            extra["cooldowns"] = [*self._cooldowns, largest]
         write_final_outputs(dest, model, self.processing_class, phases, history, baselines,
                             growths=read_growth_state(out)["growths"], extra=extra)  # fmt: skip
 
@@ -556,11 +584,16 @@ class _ResumeClock(TrainerCallback):
         self.trainer._resume_clock(state)
 
 
-def _tail(dataset, start: int):
-    """The blocks from `start` on (what follows the small model's data)."""
+def _phase_blocks(dataset, start: int, count: int):
+    """The `count` blocks a phase trains on, from block `start` of the run's data (what follows the earlier phases'),
+    going round to the first block when the data runs out: every step gets whole batches, so the tokens counted are
+    the tokens trained (Trainer would give a pass's last step only the blocks left)."""
+    if start == 0 and count == len(dataset):
+        return dataset
+    indices = [(start + i) % len(dataset) for i in range(count)]
     if hasattr(dataset, "select"):
-        return dataset.select(range(start, len(dataset)))
-    return torch.utils.data.Subset(dataset, range(start, len(dataset)))
+        return dataset.select(indices)
+    return torch.utils.data.Subset(dataset, indices)
 
 
 def _apply_peft(model, peft_config):
