@@ -45,12 +45,22 @@ def test_bootstrap_interval_and_trend_fit():
     assert rising["zero_crossing"] is None and rising["slope_per_ln"] > 0
 
 
+# budgets in tokens per target parameter (14,800 parameters; the corpus holds about 3,100 tokens)
+TARGET = dict(name="T", hidden_size=16, num_attention_heads=2, layers=2, small_layers=1, d=[0.02], budgets=[0.1, 0.2],
+              scratch_budgets=[0.05, 0.1, 0.2, 0.25], tune_at=0.1, cosine_check=[0.2], controls=["random"])  # fmt: skip
+TINY = dict(vocab_size=300, block_size=16, batch_size=4, validation_blocks=8, eval_steps=2, warmup_steps=2, workers=1,
+            seeds=[0, 1], tuning_seeds=[0, 1], max_epochs=2,
+            learning_rates={"small": [1e-3, 1e-2], "grown": [1e-3, 1e-2], "scratch": [1e-3, 1e-2]},
+            targets=[TARGET])  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "recipe, match",
     [
         ({"targets": []}, "at least one target"),
         ({"targets": [{"name": "T"}]}, "missing"),
-        ({"tuning_seeds": [5], "targets": [{}]}, "tuning_seeds must be among seeds"),
+        ({"tuning_seeds": [5], "targets": [TARGET]}, "target T: tuning_seeds must be among seeds"),
+        ({"targets": [{**TARGET, "seeds": [0], "tuning_seeds": [1]}]}, "target T: tuning_seeds must be among seeds"),
         ({"warmup": 3}, "unknown regime recipe keys: warmup"),
     ],
 )
@@ -59,13 +69,9 @@ def test_regime_recipe_refusals(recipe, match):
         load_recipe(recipe)
 
 
-# budgets in tokens per target parameter (14,800 parameters; the corpus holds about 3,100 tokens)
-TARGET = dict(name="T", hidden_size=16, num_attention_heads=2, layers=2, small_layers=1, d=[0.02], budgets=[0.1, 0.2],
-              scratch_budgets=[0.05, 0.1, 0.2, 0.25], tune_at=0.1, cosine_check=[0.2], controls=["random"])  # fmt: skip
-TINY = dict(vocab_size=300, block_size=16, batch_size=4, validation_blocks=8, eval_steps=2, warmup_steps=2, workers=1,
-            seeds=[0, 1], tuning_seeds=[0, 1], max_epochs=2,
-            learning_rates={"small": [1e-3, 1e-2], "grown": [1e-3, 1e-2], "scratch": [1e-3, 1e-2]},
-            targets=[TARGET])  # fmt: skip
+def test_a_target_may_set_its_own_seeds():
+    r = load_recipe({**TINY, "targets": [TARGET, {**TARGET, "name": "U", "seeds": [3, 4], "tuning_seeds": [4]}]})
+    assert [(t["seeds"], t["tuning_seeds"]) for t in r["targets"]] == [([0, 1], [0, 1]), ([3, 4], [4])]
 
 
 def test_a_tiny_map_tunes_on_two_seeds_reads_every_budget_and_resumes(tmp_path):

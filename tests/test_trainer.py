@@ -162,7 +162,9 @@ def test_tokens_logged_are_tokens_trained_when_the_data_runs_out(llama_small, tm
         save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
     )  # fmt: skip
     model = AutoModelForCausalLM.from_pretrained(llama_small)
-    trainer = StackingTrainer(model=model, args=args, train_dataset=train, processing_class=tok, data_collator=counting)
+    trainer = StackingTrainer(
+        model=model, args=args, train_dataset=train, processing_class=tok, data_collator=counting
+    )
     with pytest.warns(UserWarning, match=r"runs out at step \d+ \(phase \d\): the run trains on it 1\.\d+ times"):
         trainer.train()
     log = json.loads((tmp_path / "run" / "training_log.json").read_text())
@@ -176,7 +178,6 @@ def test_tokens_logged_are_tokens_trained_when_the_data_runs_out(llama_small, tm
 
     notes = compare(tmp_path / "run", tmp_path / "run", tmp_path / "c.png")["notes"]
     assert f"run trained on its data {training['data_epochs']:.2f} times (data_epochs in its log)" in notes
-
 
 
 class RecordBatches(StackingTrainer):
@@ -438,7 +439,9 @@ def test_train_and_compare_commands(small2, tmp_path, data_file):
     # set is refused
     fingerprints = []
     for name, extra in (("longer", ["--max-tokens", 64 * 30]), ("other", ["--validation-fraction", 0.25])):
-        r = hf_stack("train", "--from-scratch-like", tmp_path / "run" / "final", "-o", tmp_path / name, *common, *extra)
+        r = hf_stack(
+            "train", "--from-scratch-like", tmp_path / "run" / "final", "-o", tmp_path / name, *common, *extra
+        )
         assert r.returncode == 0, r.stderr[-3000:]
         fingerprints.append(json.loads((tmp_path / name / "training_log.json").read_text())["validation"])
     base = json.loads((tmp_path / "base" / "training_log.json").read_text())["validation"]

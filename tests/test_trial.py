@@ -114,7 +114,9 @@ def test_losses_are_the_models_losses_on_the_held_out_blocks(api, world):
     assert result["small"]["held_out_loss"] == pytest.approx(small_loss, abs=1e-4)
     # zero growth keeps the function: its loss right after growth is the small model's; stacking changes it
     assert rows["operator-zero_factor-2"]["loss_after_growth"] == pytest.approx(small_loss, abs=1e-4)
-    assert abs(rows["factor-2"]["loss_after_growth"] - small_loss) > 3e-4  # well outside the 1e-4 that "the same" allows above
+    assert (
+        abs(rows["factor-2"]["loss_after_growth"] - small_loss) > 3e-4
+    )  # well outside the 1e-4 that "the same" allows above
     stacked = StackedModelForCausalLM.from_small_pretrained(world / "small", StackedConfig(factor=2))
     assert rows["factor-2"]["loss_after_growth"] == pytest.approx(held_out_loss(stacked, blocks), abs=1e-4)
     for r in rows.values():  # after the trial: the saved final model's loss on the same blocks

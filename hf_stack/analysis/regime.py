@@ -64,7 +64,8 @@ TARGET_DEFAULTS = {
     "cosine_check": [],
 }
 TARGET_KEYS = {"name", "hidden_size", "num_attention_heads", "layers", "small_layers", "d", "budgets",
-               "scratch_budgets", "controls", "tune_at", "cosine_check", "learning_rates"}  # fmt: skip
+               "scratch_budgets", "controls", "tune_at", "cosine_check", "learning_rates", "seeds",
+               "tuning_seeds"}  # fmt: skip
 PAPER_POINT = {"tokens_per_parameter": 300e9 / 6.9e9, "speedup": 0.546, "label": "paper, 7B (300B tokens)"}
 
 
@@ -78,15 +79,20 @@ def load_recipe(recipe: dict) -> dict:
     r = {**copy.deepcopy(DEFAULTS), **copy.deepcopy(recipe)}
     if not r["targets"]:
         raise HfStackError("a regime recipe needs at least one target")
-    if not set(r["tuning_seeds"]) <= set(r["seeds"]):
-        raise HfStackError("tuning_seeds must be among seeds")
     targets = []
     for t in r["targets"]:
         bad = sorted(set(t) - TARGET_KEYS)
         missing = sorted({"name", "hidden_size", "layers", "small_layers", "d", "budgets", "scratch_budgets"} - set(t))
         if bad or missing:
             raise HfStackError(f"target {t.get('name', t)!r}: unknown keys {bad}, missing {missing}")
-        t = {**TARGET_DEFAULTS, **t}
+        t = {
+            **TARGET_DEFAULTS,
+            "seeds": r["seeds"],
+            "tuning_seeds": r["tuning_seeds"],
+            **t,
+        }  # a target may set its own
+        if not set(t["tuning_seeds"]) <= set(t["seeds"]):
+            raise HfStackError(f"target {t['name']}: tuning_seeds must be among seeds")
         if t["layers"] % t["small_layers"]:
             raise HfStackError(f"target {t['name']}: layers ({t['layers']}) must be a multiple of small_layers")
         for role, grid in {**r["learning_rates"], **t.get("learning_rates", {})}.items():
@@ -264,15 +270,15 @@ def run_regime(recipe: dict, output: Path, files, only: list[str] | None = None,
         d0 = plan["d"][0]
         arm = functools.partial(_arm, r, t, data, output)
         # Stage 1: the small model's and scratch's sweeps (independent), on the tuning seeds.
-        small_f = runner.submit([arm("sweep", "small", s, lr, max(plan["d"])) for s in r["tuning_seeds"]
+        small_f = runner.submit([arm("sweep", "small", s, lr, max(plan["d"])) for s in t["tuning_seeds"]
                                  for lr in grids["small"]])  # fmt: skip
         scratch_f = runner.submit([arm("main", "scratch", s, lr, None, ladder=plan["scratch"])
-                                   for s in r["tuning_seeds"] for lr in grids["scratch"]])  # fmt: skip
+                                   for s in t["tuning_seeds"] for lr in grids["scratch"]])  # fmt: skip
         small = runner.wait(small_f)
         small_lr, small_means = _best(small, "lr", functools.partial(_loss_at, tokens=d0))
         # Stage 2: the grown model's sweep from the chosen small model.
         grown_f = runner.submit([arm("main", "grown", s, small_lr, None, grown_lr=lr, d=d0, ladder=_grown_ladder(plan, d0))
-                                 for s in r["tuning_seeds"] for lr in grids["grown"]])  # fmt: skip
+                                 for s in t["tuning_seeds"] for lr in grids["grown"]])  # fmt: skip
         grown, scratch = runner.wait(grown_f), runner.wait(scratch_f)
         at = _nearest(_grown_ladder(plan, d0), plan["tune_at"])
         grown_lr, grown_means = _best(grown, "grown_lr", functools.partial(_rung_loss, tokens=at))
@@ -286,17 +292,17 @@ def run_regime(recipe: dict, output: Path, files, only: list[str] | None = None,
         print(f"[{t['name']}] chosen: small {small_lr:g}, grown {grown_lr:g}, scratch {scratch_lr:g}", flush=True)
         # Stage 3: every seed at the chosen rates, every row, the controls, the cosine check (not waited for here).
         rest = [arm("main", "grown", s, small_lr, None, grown_lr=grown_lr, d=d0, ladder=_grown_ladder(plan, d0))
-                for s in r["seeds"] if s not in r["tuning_seeds"]]  # fmt: skip
+                for s in t["seeds"] if s not in t["tuning_seeds"]]  # fmt: skip
         rest += [arm("main", "scratch", s, scratch_lr, None, ladder=plan["scratch"])
-                 for s in r["seeds"] if s not in r["tuning_seeds"]]  # fmt: skip
+                 for s in t["seeds"] if s not in t["tuning_seeds"]]  # fmt: skip
         for i, d in enumerate(plan["d"][1:], 1):
             rest += [arm(f"d{i}", "grown", s, small_lr, None, grown_lr=grown_lr, d=d, ladder=_grown_ladder(plan, d))
-                     for s in r["seeds"]]  # fmt: skip
+                     for s in t["seeds"]]  # fmt: skip
         for op in t["controls"]:
             rest += [arm(op, "grown", s, small_lr, None, grown_lr=grown_lr, d=d0, operator=op, ladder=_grown_ladder(plan, d0))
-                     for s in r["seeds"]]  # fmt: skip
+                     for s in t["seeds"]]  # fmt: skip
         rest += [arm("cosine", "scratch", s, scratch_lr, b, schedule="cosine_with_min_lr")
-                 for b in plan["cosine"] for s in r["tuning_seeds"]]  # fmt: skip
+                 for b in plan["cosine"] for s in t["tuning_seeds"]]  # fmt: skip
         pending.append((t, n, plan, tuning, small + grown + scratch, runner.submit(rest)))
     result = {"recipe": r, "data": data, "baselines": baselines, "targets": out_targets, "paper": PAPER_POINT}
     for t, n, plan, tuning, swept, futures in pending:
@@ -452,7 +458,7 @@ def summarize_target(r, t, n, plan, tuning, arms, baselines) -> dict:
                      "budgets": budgets, "fit_flops": fit_trend(points),
                      "health": {"small_at_d": statistics.fmean(small_at_d), "scratch_at_d": statistics.fmean(scratch_at_d),
                                 **baselines}})  # fmt: skip
-    retuned = _retuned_per_budget(r, arms, tuning)
+    retuned = _retuned_per_budget(t, arms, tuning)
     cosine = []
     for a in arms:
         if a["row"] == "cosine" and a["seed"] in scratch:
@@ -467,7 +473,7 @@ def summarize_target(r, t, n, plan, tuning, arms, baselines) -> dict:
             "arms": arms}  # fmt: skip
 
 
-def _retuned_per_budget(r: dict, arms: list[dict], tuning: dict) -> list[dict]:
+def _retuned_per_budget(t: dict, arms: list[dict], tuning: dict) -> list[dict]:
     """A sensitivity check of the tuning rule: on the tuning seeds, every budget of the grown ladder and of scratch's
     read at its own best rate (the sweep's `best_per_budget`), instead of one rate chosen at tune_at."""
     from .compare import endpoint_speedup
@@ -480,7 +486,7 @@ def _retuned_per_budget(r: dict, arms: list[dict], tuning: dict) -> list[dict]:
             a for a in arms if a["row"] == "main" and a["role"] == role and (role == "scratch" or a["lr"] == small)
         ]
         return {int(tokens): (b["best"], {a["seed"]: next(c for c in a["cooldowns"] if c["tokens"] == int(tokens))
-                                          for a in runs if a[key] == b["best"] and a["seed"] in r["tuning_seeds"]})
+                                          for a in runs if a[key] == b["best"] and a["seed"] in t["tuning_seeds"]})
                 for tokens, b in best.items()}  # fmt: skip
 
     grown = rungs("grown", "grown_lr", tuning["grown"].get("best_per_budget", {}))
@@ -488,7 +494,7 @@ def _retuned_per_budget(r: dict, arms: list[dict], tuning: dict) -> list[dict]:
     out = []
     for tokens, (lr, per_seed) in grown.items():
         figures = [endpoint_speedup(_end(per_seed[seed]), [_end(v[1][seed]) for v in scratch.values()])["flops"]
-                   for seed in r["tuning_seeds"]]  # fmt: skip
+                   for seed in t["tuning_seeds"]]  # fmt: skip
         out.append({"tokens": tokens, "grown_lr": lr, "scratch_lrs": {str(t): v[0] for t, v in scratch.items()},
                     "speedup_mean": statistics.fmean(f["speedup"] for f in figures),
                     "per_seed": [f["speedup"] for f in figures],
