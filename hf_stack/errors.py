@@ -1,5 +1,11 @@
 """User-facing error type shared by every pipeline stage; the CLI prints it as one `error:` line."""
 
+import errno
+
+# What a full disk looks like to a write: no space, a file-size limit (RLIMIT_FSIZE, some filesystems' largest
+# file), a quota.
+WRITE_FAILURE_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+
 
 class HfStackError(ValueError):
     """A problem with the user's input (arguments, checkpoint, config, disk) that they can fix.

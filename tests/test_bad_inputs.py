@@ -31,7 +31,8 @@ CATALOGUE = [
     ("factor 0", [*GROW, "--factor", "0"], "factor must be at least 1", {}),
     ("factor not whole", [*GROW, "--factor", "1.5"], "invalid int value", {}),
     ("layer map beyond the source", [*GROW, "--layer-map", "0-1,7"], "source layers [7]", {}),
-    ("layer map against --layers", [*GROW, "--layer-map", "0-1", "--layers", "5"], "agree", {}),
+    ("layer map against --layers", [*GROW, "--layer-map", "0-1", "--layers", "5"],
+     "the layer map has 2 layers but --layers asks for 5", {}),
     ("layer map unparsable", [*GROW, "--layer-map", "0-1,x"], "cannot parse layer map part 'x'", {}),
     ("layer map backwards", [*GROW, "--layer-map", "1-0"], "runs backwards", {}),
     ("absurd depth", [*GROW, "--layers", "1000000000"], "more than the supported", {}),
@@ -55,10 +56,12 @@ CATALOGUE = [
     ("width noise of 5", [*GROW, "--operator", "direct", "--width-factor", "2", "--width-noise", "5"], "width_noise", {}),
     ("unknown dtype", [*GROW, "--dtype", "float8"], "unknown dtype 'float8'", {}),
     # grow: sources
-    ("truncated shard", ["grow", "{bad:truncated shard}", "-o", "{out}"], "truncated", {}),
+    ("truncated shard", ["grow", "{bad:truncated shard}", "-o", "{out}"],
+     "model.safetensors is truncated: tensor 'model.norm.weight' ends past the end of the file", {}),
     ("corrupt header", ["grow", "{bad:corrupt header}", "-o", "{out}"], "corrupt or truncated safetensors header", {}),
     ("header not JSON", ["grow", "{bad:header not json}", "-o", "{out}"], "not JSON", {}),
-    ("missing shard", ["grow", "{bad:missing shard}", "-o", "{out}"], "missing", {}),
+    ("missing shard", ["grow", "{bad:missing shard}", "-o", "{out}"],
+     "shard model-00001-of-00002.safetensors is missing from", {}),
     ("index names missing tensors", ["grow", "{bad:index names missing tensors}", "-o", "{out}"], "no shard holds", {}),
     ("index escapes the folder", ["grow", "{bad:index escapes folder}", "-o", "{out}"], "not a plain file name", {}),
     ("auto_map", ["grow", "{bad:auto_map}", "-o", "{out}"], "never runs remote code", {}),
@@ -224,3 +227,17 @@ def test_bad_input(workspace, case, command, message, env, capsys, monkeypatch):
     assert message in line
     assert "hf_catalogue_marker" not in err
     assert snapshot(workspace) == before  # nothing written, nothing left behind
+
+
+def test_the_snapshot_sees_a_rewrite_that_keeps_size_and_mtime(tmp_path):
+    """ "Nothing written" is checked on the bytes: a file rewritten in place with its size and mtime restored (what
+    a size-and-mtime check would miss) changes the snapshot."""
+    import os
+
+    path = tmp_path / "config.json"
+    path.write_text('{"a": 1}')
+    before, stat = snapshot(tmp_path), path.stat()
+    path.write_text('{"a": 2}')
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert path.stat().st_size == stat.st_size and path.stat().st_mtime_ns == stat.st_mtime_ns
+    assert snapshot(tmp_path) != before

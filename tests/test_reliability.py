@@ -169,6 +169,26 @@ def _limit_file_size(limit):
     return apply
 
 
+def test_grow_hitting_a_real_file_size_limit_leaves_nothing(tmp_path):
+    """A real write limit (RLIMIT_FSIZE: writes past it fail with EFBIG, as on a full disk) at the first bytes, mid
+    shard and at the shard's last bytes (the failure then surfaces when the file is flushed and closed): one
+    `error:` line, exit 2, no output and no temporary folder; without the limit the same command completes."""
+    build_checkpoint(tmp_path / "src", "llama", num_layers=2)
+    r = subprocess.run([*HF_STACK, "grow", str(tmp_path / "src"), "--factor", "4", "-o", str(tmp_path / "ok")],
+                       capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    size = (tmp_path / "ok" / "model.safetensors").stat().st_size
+    for limit in (100, size // 2, size - 1):
+        out = tmp_path / f"out-{limit}"
+        r = subprocess.run([*HF_STACK, "grow", str(tmp_path / "src"), "--factor", "4", "-o", str(out)],
+                           capture_output=True, text=True, preexec_fn=_limit_file_size(limit))  # fmt: skip
+        assert r.returncode == 2, r.stderr[-2000:]
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: no space left on the device"), r.stderr[-2000:]
+        assert "file-size limit" in lines[0] and not out.exists()
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith(f".{out.name}.")]  # no temporary folder
+
+
 def test_checkpoint_write_on_a_full_disk_keeps_the_previous_checkpoint(training_setup, tmp_path):
     small, data = training_setup
     out = tmp_path / "run"

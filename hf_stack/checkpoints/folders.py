@@ -4,13 +4,12 @@ copied beside grown weights."""
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
-from ..errors import HfStackError
+from ..errors import WRITE_FAILURE_ERRNOS, HfStackError
 
 # Files copied next to the grown weights: tokenizer, generation defaults, licence.
 AUX_FILES = (
@@ -101,8 +100,11 @@ def atomic_output_dir(out: Path, overwrite: bool = False):
             os.rename(tmp, out)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if e.errno == errno.ENOSPC:
-            raise HfStackError(f"no space left on the device holding {parent}; free space and run again") from None
+        if e.errno in WRITE_FAILURE_ERRNOS:
+            raise HfStackError(
+                f"no space left on the device holding {parent} (or a file-size limit was hit): {e.strerror}; "
+                "the partial output was removed; free space and run again"
+            ) from None
         raise HfStackError(f"writing {out} failed: {e.strerror or e}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -15,13 +15,12 @@ Layout of a run with growth (K growths, K + 1 phases):
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import shutil
 from pathlib import Path
 
-from ..errors import HfStackError
+from ..errors import WRITE_FAILURE_ERRNOS, HfStackError
 
 RUN_CONFIG = "run_config.json"
 GROWTH_STATE = "growth_state.json"
@@ -89,7 +88,7 @@ def is_write_failure(e: BaseException | None) -> bool:
     """A full disk or file-size limit; torch.save reports it as RuntimeError ("iostream error", "unexpected pos")
     rather than OSError(ENOSPC), so the exception chain is searched."""
     while e is not None:
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+        if isinstance(e, OSError) and e.errno in WRITE_FAILURE_ERRNOS:
             return True
         if isinstance(e, RuntimeError) and any(
             m in str(e) for m in ("iostream error", "unexpected pos", "failed writing")
