@@ -99,6 +99,14 @@ def test_data_sources_and_validation_blocks(llama_small, tmp_path, data_file):
     held = set(range(4, 40, 5))
     expected = sorted(tuple(b) for i, b in enumerate(blocks) if i not in held)
     assert sorted(map(tuple, train[:]["input_ids"].tolist())) == expected
+    # --text-column: the same documents under another column name give the same stream
+    body = tmp_path / "body.jsonl"
+    body.write_text("".join(json.dumps({"body": json.loads(line)["text"], "text": ""}) + "\n"
+                            for line in data_file.read_text().splitlines()))  # fmt: skip
+    same, _ = build_dataset([str(body)], tok, 8, text_column="body")
+    assert sorted(map(tuple, same[:]["input_ids"].tolist())) == sorted(tuple(b) for b in blocks)
+    with pytest.raises(HfStackError, match="has no 'content' column"):
+        build_dataset([str(body)], tok, 8, text_column="content")
     _, everything = build_dataset([str(data_file)], tok, 8, validation_fraction=0.2, validation_tokens=10**9)
     assert everything[:]["input_ids"].tolist() == blocks[4::5]  # a set larger than the data: every 5th block
 
@@ -173,6 +181,7 @@ def test_tokens_logged_are_tokens_trained_when_the_data_runs_out(llama_small, tm
     assert training["data_epochs"] == round(training["total_tokens"] / (len(train) * 16), 4) > 1.6
     logged = [e for e in log["log_history"] if "loss" in e]
     assert logged and all(e["data_epoch"] == round(e["tokens"] / (len(train) * 16), 4) for e in logged)
+    assert all(e["tokens_per_second"] > 0 for e in logged[1:])  # throughput since the last log entry
     assert f"trained on it {training['data_epochs']:.2f} times" in (tmp_path / "run/final/README.md").read_text()
     from hf_stack.analysis.compare import compare
 

@@ -45,6 +45,35 @@ def installed(tmp_path_factory):
     return venv, Path(purelib)
 
 
+def test_every_third_party_import_is_a_declared_dependency():
+    """The wheel test borrows the test environment's packages, so it cannot see a dependency missing from
+    pyproject.toml: every distribution hf_stack imports directly must be declared there (core or an extra)."""
+    import ast
+    import re
+    import tomllib
+    from importlib.metadata import packages_distributions
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    requirements = [
+        *project["dependencies"],
+        *(r for extra in project["optional-dependencies"].values() for r in extra),
+    ]
+    declared = {re.split(r"[<>=!~\[ ;]", r, maxsplit=1)[0].lower().replace("_", "-") for r in requirements}
+    imported = set()
+    for path in (REPO / "hf_stack").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported.update(a.name.split(".")[0] for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                imported.add(node.module.split(".")[0])
+    imported -= {*sys.stdlib_module_names, "hf_stack", "__future__"}
+    provided = packages_distributions()
+    undeclared = {m: provided.get(m) for m in imported
+                  if not {d.lower().replace("_", "-") for d in provided.get(m, [m])} & declared}  # fmt: skip
+    assert not undeclared, f"imported but not declared in pyproject.toml: {undeclared}"
+    assert "numpy" in imported and "torch" in imported  # the walk sees the imports
+
+
 def run(venv, *args, cwd):
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env.update(HF_HUB_OFFLINE="1", PYTHONNOUSERSITE="1")
