@@ -50,8 +50,9 @@ def test_every_third_party_import_is_a_declared_dependency():
     pyproject.toml: every distribution hf_stack imports directly must be declared there (core or an extra)."""
     import ast
     import re
-    import tomllib
     from importlib.metadata import packages_distributions
+
+    import tomllib
 
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     requirements = [
