@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, TrainerCallback
 from hf_stack import HfStackError, StackedConfig, StackingTrainingArguments
 from hf_stack.training.log import read_curve
 
-from .test_trainer import Crash, hf_stack, make_trainer
+from .test_trainer import hf_stack, make_trainer
 
 SCHEDULE = [
     {"at_tokens": 64 * 3, "stacked_config": {"factor": 2}},  # 2 -> 4 layers
@@ -71,27 +71,49 @@ def test_two_growths_train_every_parameter_and_account_every_phase(small2, tmp_p
     assert "| 3 | 8 |" in card  # the card's table of phases
 
 
-def test_a_run_killed_after_its_second_growth_resumes_as_the_twice_grown_model(small2, tmp_path, data_file):
-    settings = dict(growth_schedule=SCHEDULE, max_tokens=64 * 10, stacked_config=None, save_steps=100)
-    make_trainer(small2, tmp_path / "a", data_file, **settings).train()
+def test_a_run_killed_mid_phase_after_its_second_growth_resumes_exactly(small2, tmp_path, data_file):
+    """A real kill (SIGKILL, not an exception) once the third phase has a checkpoint: the resumed run continues from
+    that checkpoint of the twice-grown model and ends where an uninterrupted run ends."""
+    import signal
+    import subprocess
+    import sys
+    import time
 
-    class CrashGrown(Crash):
-        def on_step_end(self, args, state, control, model=None, **kw):
-            if model.config.num_hidden_layers == 8 and state.global_step == 2:
-                raise RuntimeError("simulated crash")
+    from hf_stack.training.run_folder import complete_checkpoints
 
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        make_trainer(small2, tmp_path / "b", data_file, callbacks=[CrashGrown(0)], **settings).train()
-    assert (tmp_path / "b" / "grown-init").is_dir() and not (tmp_path / "b" / "final").exists()
-    make_trainer(small2, tmp_path / "b", data_file, **settings).train(resume_from_checkpoint=True)
+    def cmd(out, *extra):
+        return [sys.executable, "-m", "hf_stack.cli", "train", "--model", str(small2), "--data", str(data_file),
+                "--block-size", "16", "--per-device-train-batch-size", "4", "--grow-schedule",
+                "192:factor=2;384:factor=2,order=middle,learning_rate=2e-4", "--max-tokens", str(64 * 40),
+                "--save-steps", "4", "--logging-steps", "4", "--disable-tqdm", "true", "--use-cpu", "true",
+                "-o", str(out), *extra]  # fmt: skip
+
+    r = subprocess.run(cmd(tmp_path / "a"), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    proc = subprocess.Popen(cmd(tmp_path / "b"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not complete_checkpoints(tmp_path / "b") and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "b" / "final").exists(), "the run finished before it could be killed"
+    at_kill = complete_checkpoints(
+        tmp_path / "b"
+    )  # phase 3's own checkpoints (the last phase's live in the run folder)
+    assert at_kill and (tmp_path / "b" / "grown-init").is_dir(), "killed before phase 3 had a checkpoint"
+    r = subprocess.run(cmd(tmp_path / "b", "--resume", "true"), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
     a = AutoModelForCausalLM.from_pretrained(tmp_path / "a" / "final").state_dict()
     b = AutoModelForCausalLM.from_pretrained(tmp_path / "b" / "final").state_dict()
-    assert len(a) == len(b)
+    assert len(a) == len(b) and next(iter(b.values())).shape == next(iter(a.values())).shape
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
-    la, lb = (json.loads((tmp_path / r / "training_log.json").read_text())["training"] for r in "ab")
-    assert [p["tokens"] for p in la["phases"]] == [p["tokens"] for p in lb["phases"]]
-    assert la["total_flops"] == lb["total_flops"]
+    la, lb = (json.loads((tmp_path / r / "training_log.json").read_text()) for r in "ab")
+    assert [p["tokens"] for p in la["training"]["phases"]] == [p["tokens"] for p in lb["training"]["phases"]]
+    assert la["training"]["total_flops"] == lb["training"]["total_flops"]
+    # the resumed phase 3 logged from its checkpoint on, not from its start
+    steps_b = [e["step"] for e in lb["log_history"] if e.get("phase") == 3 and "loss" in e]
+    assert steps_b == [e["step"] for e in la["log_history"] if e.get("phase") == 3 and "loss" in e]
 
 
 @pytest.mark.parametrize(
