@@ -211,33 +211,61 @@ def test_growth_masks_are_for_random_growth_only(tmp_path):
                                   stacked_config={"operator": "direct", "width_factor": 2})  # fmt: skip
 
 
-def test_direct_width_split_matches_the_net2net_formula_written_out(tmp_path):
+@pytest.mark.parametrize("f", [2, 3])
+def test_direct_width_split_matches_the_net2net_formula_written_out(f, tmp_path):
     """The split, restated here without the plan: target hidden unit k copies source unit k mod H, FFN unit k copies
     k mod F, query head h copies ((h // G) mod n_kv) G + h mod G (whole GQA groups), key/value head g copies g mod
-    n_kv; readers of a twice-copied attention output or FFN unit take half its column; norms take H / H'."""
+    n_kv; readers of an f times copied attention output or FFN unit take 1/f of its column; norms take H / H'."""
     small = build_checkpoint(tmp_path / "s", "llama", num_layers=2)  # H 32, F 64, 4 heads of 8, 2 kv heads
-    grow(tmp_path / "s", tmp_path / "g", StackedConfig(operator="direct", width_factor=2, width_noise=0.0))
+    grow(tmp_path / "s", tmp_path / "g", StackedConfig(operator="direct", width_factor=f, width_noise=0.0))
     src, out = small.state_dict(), load_all(tmp_path / "g")
     H, F, hd, G, n_kv = 32, 64, 8, 2, 2
-    hidden, ffn = torch.arange(2 * H) % H, torch.arange(2 * F) % F
-    q_heads = torch.tensor([((h // G) % n_kv) * G + h % G for h in range(8)])
+    hidden, ffn = torch.arange(f * H) % H, torch.arange(f * F) % F
+    q_heads = torch.tensor([((h // G) % n_kv) * G + h % G for h in range(4 * f)])
     q_units = (q_heads[:, None] * hd + torch.arange(hd)).flatten()
-    kv_units = ((torch.arange(4) % n_kv)[:, None] * hd + torch.arange(hd)).flatten()
+    kv_units = ((torch.arange(n_kv * f) % n_kv)[:, None] * hd + torch.arange(hd)).flatten()
     assert torch.equal(out["model.embed_tokens.weight"], src["model.embed_tokens.weight"][:, hidden])
     assert torch.equal(out["lm_head.weight"], src["lm_head.weight"][:, hidden])
-    assert torch.equal(out["model.norm.weight"], src["model.norm.weight"][hidden] / 2)
+    assert torch.allclose(out["model.norm.weight"], src["model.norm.weight"][hidden] / f, rtol=1e-6, atol=0)
     for i in range(2):
         s = {k.split(f"layers.{i}.")[1]: v for k, v in src.items() if f"layers.{i}." in k}
         o = {k.split(f"layers.{i}.")[1]: v for k, v in out.items() if f"layers.{i}." in k}
         assert torch.equal(o["self_attn.q_proj.weight"], s["self_attn.q_proj.weight"][q_units][:, hidden])
         for name in ("k_proj", "v_proj"):
             assert torch.equal(o[f"self_attn.{name}.weight"], s[f"self_attn.{name}.weight"][kv_units][:, hidden])
-        assert torch.equal(o["self_attn.o_proj.weight"], s["self_attn.o_proj.weight"][hidden][:, q_units] / 2)
+        torch.testing.assert_close(o["self_attn.o_proj.weight"], s["self_attn.o_proj.weight"][hidden][:, q_units] / f,
+                                   rtol=1e-6, atol=0)  # fmt: skip
         for name in ("gate_proj", "up_proj"):
             assert torch.equal(o[f"mlp.{name}.weight"], s[f"mlp.{name}.weight"][ffn][:, hidden])
-        assert torch.equal(o["mlp.down_proj.weight"], s["mlp.down_proj.weight"][hidden][:, ffn] / 2)
+        torch.testing.assert_close(o["mlp.down_proj.weight"], s["mlp.down_proj.weight"][hidden][:, ffn] / f,
+                                   rtol=1e-6, atol=0)  # fmt: skip
         for name in ("input_layernorm", "post_attention_layernorm"):
-            assert torch.equal(o[f"{name}.weight"], s[f"{name}.weight"][hidden] / 2)
+            torch.testing.assert_close(o[f"{name}.weight"], s[f"{name}.weight"][hidden] / f, rtol=1e-6, atol=0)
+
+
+def test_width_noise_sums_to_zero_over_the_copies_written_out(tmp_path):
+    """The symmetry-breaking noise, checked without the plan: the noisy growth minus the noiseless one is zero
+    except in the readers' columns, sums to zero over the copies of each source unit (k mod H, k mod F), and is of
+    the requested size (width_noise times the tensor's standard deviation)."""
+    build_checkpoint(tmp_path / "s", "llama", num_layers=1)
+    grow(tmp_path / "s", tmp_path / "plain", StackedConfig(operator="direct", width_factor=2, width_noise=0.0))
+    grow(tmp_path / "s", tmp_path / "noisy", StackedConfig(operator="direct", width_factor=2, width_noise=0.05))
+    src, plain, noisy = load_all(tmp_path / "s"), load_all(tmp_path / "plain"), load_all(tmp_path / "noisy")
+    H, F = 32, 64
+    noisy_tensors = 0
+    for name, value in noisy.items():
+        noise = value - plain[name]
+        if not noise.any():
+            continue
+        noisy_tensors += 1
+        assert noise.ndim == 2, name
+        units = H if noise.shape[1] == 2 * H else F  # the copied axis the noise runs along: the columns
+        assert noise.shape[1] == 2 * units, name
+        sums = torch.zeros(noise.shape[0], units).index_add_(1, torch.arange(2 * units) % units, noise)
+        assert sums.abs().max() <= 1e-6 * max(1.0, float(value.abs().max())), name
+        ratio = float(noise.std() / src[name].std())
+        assert 0.02 < ratio < 0.1, (name, ratio)
+    assert noisy_tensors >= 5  # the readers: q, k, v, gate, up (and down, reading the FFN units)
 
 
 @pytest.mark.parametrize("operator", ["direct", "zero", "random"])
