@@ -430,6 +430,30 @@ def test_batched_tokenising_gives_hflms_tokens(scorer_model, add_bos_token):
     assert len(ours) > len(rolling) and sorted(ours) == sorted(theirs)  # one call, sorted: order may differ
 
 
+@pytest.mark.parametrize("softcap", [None, 2.0])
+def test_a_soft_capped_model_is_scored_through_its_full_forward(tmp_path, softcap):
+    """Gemma 2's final logit soft-capping happens after the head: the config says so, the scorer takes the full
+    forward for it (and the head on read positions without it), and the scores are HFLM's either way."""
+    from transformers import CONFIG_MAPPING
+
+    from tests.conftest import build_tokenizer
+
+    tok = build_tokenizer(tmp_path / "m")
+    config = CONFIG_MAPPING["gemma2"](vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                      max_position_embeddings=128, final_logit_softcapping=softcap,
+                                      bos_token_id=1, eos_token_id=2, pad_token_id=0)  # fmt: skip
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "m")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    requests = _instances(["arc_easy"])["arc_easy"]
+    fast, ref = make_lm(model, tok, "hf-stack", batch_size=4), make_lm(model, tok, "lm-eval", batch_size=4)
+    ours, theirs = fast.loglikelihood(requests), ref.loglikelihood(requests)
+    assert fast._split_head is (softcap is None)
+    for (la, ga), (lb, gb) in zip(ours, theirs, strict=True):
+        assert la == pytest.approx(lb, abs=1e-4) and ga == gb
+
+
 def test_head_on_read_positions_falls_back_when_the_forward_changes_the_logits(scorer_model):
     """The scorer runs the output embeddings on the positions it reads, which is right only where the model's
     logits are the head of the decoder's states. A model that changes them after the head (here a hook scaling
