@@ -357,7 +357,10 @@ def test_eval_cli(scorer_model, tmp_path):
         assert match in r.stderr and not (tmp_path / "fail.json").exists()
 
 
-def test_eval_callback_logs_benchmarks_against_tokens(tmp_path):
+@pytest.mark.parametrize(
+    "every, saving, steps", [(3, dict(save_strategy="no"), [3, 6]), (None, dict(save_steps=2), [2, 4, 6])]
+)  # every 3 steps; by default at each checkpoint save
+def test_eval_callback_logs_benchmarks_against_tokens(tmp_path, every, saving, steps):
     from hf_stack import EvalCallback, StackingTrainer, StackingTrainingArguments, build_dataset
 
     build_checkpoint(tmp_path / "s", "llama", num_layers=1)
@@ -365,18 +368,18 @@ def test_eval_callback_logs_benchmarks_against_tokens(tmp_path):
     (tmp_path / "d.txt").write_text(" ".join(["the cat sat on the mat and looked at the dog"] * 200))
     train, _ = build_dataset([str(tmp_path / "d.txt")], tok, 16)
     args = StackingTrainingArguments(str(tmp_path / "run"), max_tokens=64 * 6, per_device_train_batch_size=4,
-                                     report_to=[], use_cpu=True, disable_tqdm=True, save_strategy="no")  # fmt: skip
+                                     report_to=[], use_cpu=True, disable_tqdm=True, **saving)  # fmt: skip
     trainer = StackingTrainer(
         model=AutoModelForCausalLM.from_pretrained(tmp_path / "s"), args=args, train_dataset=train
     )
-    cb = EvalCallback(tok, tasks="arc_easy,piqa", data_dir=SAMPLES_DIR, limit=2, every_n_steps=3, trainer=trainer)
+    cb = EvalCallback(tok, tasks="arc_easy,piqa", data_dir=SAMPLES_DIR, limit=2, every_n_steps=every, trainer=trainer)
     trainer.add_callback(cb)
     trainer.train()
-    assert [h["step"] for h in cb.history] == [3, 6]
+    assert [h["step"] for h in cb.history] == steps
     logged = [
         e for e in json.loads((tmp_path / "run" / "training_log.json").read_text())["log_history"] if "bench/piqa" in e
     ]
-    assert [e["tokens"] for e in logged] == [192, 384] and all("bench/average" in e for e in logged)
+    assert [e["tokens"] for e in logged] == [64 * s for s in steps] and all("bench/average" in e for e in logged)
 
 
 def test_only_full_official_splits_go_to_the_model_index(scorer_model, tmp_path):
