@@ -457,6 +457,34 @@ def test_a_soft_capped_model_is_scored_through_its_full_forward(tmp_path, softca
         assert la == pytest.approx(lb, abs=1e-4) and ga == gb
 
 
+@pytest.mark.parametrize(
+    "model_type, layout",
+    [("gemma3_text", ({"full_attention", "sliding_attention"}, 4096)), ("mistral", ({"sliding_attention"}, 4096)),
+     ("llama", ({"full_attention"}, None)), ("llama4_text", None), ("qwen3_next", None), ("falcon_h1", None)],
+)  # fmt: skip
+def test_attention_kinds_a_packed_mask_cannot_describe_take_hflms_path(scorer_model, model_type, layout, monkeypatch):
+    """Chunked (Llama 4), linear (Qwen3-Next) and hybrid (Falcon-H1) layers have no packed-row mask: the layout is
+    None for them, and a model without a layout is scored by HFLM's own loop (never a packed row), with its scores."""
+    from transformers import CONFIG_MAPPING
+
+    from hf_stack.evaluation import scorer
+
+    config = (
+        CONFIG_MAPPING[model_type](sliding_window=4096) if model_type == "mistral" else CONFIG_MAPPING[model_type]()
+    )
+    assert scorer._attention_layout(config) == layout
+    model = AutoModelForCausalLM.from_pretrained(scorer_model).eval()
+    tok = AutoTokenizer.from_pretrained(scorer_model)
+    requests = _instances(["arc_easy"])["arc_easy"]
+    monkeypatch.setattr(scorer, "_attention_layout", lambda config: layout)
+    fast, ref = make_lm(model, tok, "hf-stack", batch_size=4), make_lm(model, tok, "lm-eval", batch_size=4)
+    packed = _spy_rows(fast)
+    ours, theirs = fast.loglikelihood(requests), ref.loglikelihood(requests)
+    assert bool(packed) is (layout is not None)
+    for (la, ga), (lb, gb) in zip(ours, theirs, strict=True):
+        assert la == pytest.approx(lb, abs=1e-4) and ga == gb
+
+
 def test_head_on_read_positions_falls_back_when_the_forward_changes_the_logits(scorer_model):
     """The scorer runs the output embeddings on the positions it reads, which is right only where the model's
     logits are the head of the decoder's states. A model that changes them after the head (here a hook scaling
