@@ -504,11 +504,13 @@ def test_resume_point_names_what_a_resume_continues_from(tmp_path):
 
     def complete(folder):
         folder.mkdir(parents=True)
-        (folder / "trainer_state.json").write_text("{}")
+        (folder / "trainer_state.json").write_text(json.dumps({"global_step": int(folder.name.split("-")[1])}))
 
     assert resume_point(tmp_path, 1) == "the beginning (no checkpoint is complete yet)"
     complete(tmp_path / "small" / "checkpoint-4")
     (tmp_path / "small" / "checkpoint-8").mkdir()  # partial: never resumed from
+    (tmp_path / "small" / "checkpoint-6").mkdir()  # its state cut by a kill mid-write: never resumed from either
+    (tmp_path / "small" / "checkpoint-6" / "trainer_state.json").write_text('{"global_step": 6, "log_hist')
     assert resume_point(tmp_path, 1) == str(tmp_path / "small" / "checkpoint-4")
     write_growth_state(tmp_path, [{}], [{}])
     assert (
