@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -480,13 +481,25 @@ def test_speedup_arithmetic():
     assert speedup(grown, never)["lower_bound"] is True
 
 
-def test_two_processes_with_torchrun_grow_together(small2, tmp_path, data_file):
-    """DDP with 2 CPU processes, started as the README's many-GPU line reads (no --use-cpu / --ddp-backend: on a
-    machine without GPUs the arguments choose gloo): the same run, growth included, twice the tokens per step."""
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_two_processes_grow_together(small2, tmp_path, data_file, launcher):
+    """DDP with 2 CPU processes, started as the README's many-GPU lines read (`torchrun`, or `accelerate launch
+    --multi_gpu` as on a GPU machine: accelerate's `--cpu` starts one process unless MPI is set up; no --use-cpu /
+    --ddp-backend: on a machine without GPUs the arguments choose gloo): the same run, growth included, twice the
+    tokens per step."""
+    import socket
+
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    # --standalone: a rendezvous on a free local port (a fixed port collides with another run on the machine)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "hf_stack.cli", "train", "--model", small2, "--data", data_file, "--block-size", 16,
+    if launcher == "torchrun":  # --standalone: a rendezvous on a free local port (a fixed one collides)
+        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    else:
+        with socket.socket() as s:  # a free port for the main process
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        launch = [Path(sys.executable).with_name("accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+                  "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                  "--main_process_port", port]  # fmt: skip
+    cmd = [*launch, "-m", "hf_stack.cli", "train", "--model", small2, "--data", data_file, "--block-size", 16,
            "--per-device-train-batch-size", 2, "--grow-at-tokens", 64 * 3, "--max-tokens", 64 * 8, "--factor", 2,
            "--logging-steps", 1, "--disable-tqdm", "true", "-o", tmp_path / "ddp"]  # fmt: skip
     r = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, env=env, timeout=600)
