@@ -112,6 +112,26 @@ def test_data_sources_and_validation_blocks(llama_small, tmp_path, data_file):
     assert everything[:]["input_ids"].tolist() == blocks[4::5]  # a set larger than the data: every 5th block
 
 
+def test_a_budget_stops_reading_the_documents(llama_small):
+    """A streamed source (a Hub dataset is read as a generator of documents) is pulled only until the budget is
+    tokenised: an endless stream ends, and a long document is cut without a separator after it."""
+    import itertools
+
+    tok = AutoTokenizer.from_pretrained(llama_small)
+    pulled = []
+
+    def endless():
+        for i in itertools.count():
+            pulled.append(i)
+            yield CORPUS[i % len(CORPUS)]
+
+    tokens = tokenize_documents(endless(), tok, max_tokens=1000)
+    assert 1000 <= len(tokens) < 1000 + 200 and len(pulled) <= 11  # about 100 tokens a document
+    whole = tokenize_documents([CORPUS[0] * 2000], tok)
+    cut = tokenize_documents([CORPUS[0] * 2000], tok, max_tokens=10)
+    assert len(cut) < len(whole) and cut.tolist() == whole[: len(cut)].tolist()  # a prefix: no separator added
+
+
 def test_validation_and_block_order_do_not_depend_on_the_budget(llama_small, data_file, monkeypatch):
     """Runs of different --max-tokens validate on the same blocks, and the shorter run trains on the longer run's
     first blocks (a window of 64 tokens here, so the small budgets read only part of the data)."""
