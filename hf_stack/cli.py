@@ -424,7 +424,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--seed", type=int, default=0, help="Seed of the block order and of training (default 0).")
     tr.add_argument(
         "--validation-fraction", type=float, default=0.1,
-        help="Tail of the token stream held out for the losses after growth and after the trial (default 0.1).",
+        help=f"Share of the stream's blocks held out (every 1/f-th from its start, up to {VALIDATION_TOKENS:,} tokens) "
+        "for the losses after growth and after the trial (default 0.1).",
     )  # fmt: skip
     tr.add_argument("--text-column", default="text", help="Text column of jsonl/parquet/Hub data.")
     tr.add_argument("--revision", help="Hub revision of the source.")

@@ -25,8 +25,9 @@ from .errors import HfStackError, error_reason
 TEXT_SUFFIXES = (".txt", ".text", ".md")
 TABLE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 # Blocks are shuffled within windows of this many tokens (a shuffle buffer): a budget reads whole windows, so the
-# order of the blocks it trains on is the same in every run that reads at least as far.
-SHUFFLE_WINDOW_TOKENS = 1 << 22
+# order of the blocks it trains on is the same in every run that reads at least as far. 2^24 tokens (128 MB of ids):
+# a corpus smaller than that is shuffled as a whole, and a small budget costs seconds of tokenising at most.
+SHUFFLE_WINDOW_TOKENS = 1 << 24
 # The validation set's default size: 2^17 tokens put the standard error of a loss near 0.005 nats.
 VALIDATION_TOKENS = 1 << 17
 
@@ -124,7 +125,7 @@ def tokenize_documents(documents, tokenizer, max_tokens: int | None = None) -> n
 
 
 def _token_stream(documents, tokenizer, max_tokens: int | None) -> tuple[np.ndarray, bool]:
-    """The token stream and whether it holds every document (False: the budget cut it, mid-document or not).
+    """The token stream and whether it holds every document (False: the budget stopped it before the source ended).
 
     A cut stream is a prefix of the whole one: a document cut short gets no separator."""
     sep = separator_id(tokenizer)
@@ -152,19 +153,15 @@ def _joined(chunks: list, total: int, n_docs: int) -> np.ndarray:
     return np.concatenate(chunks)
 
 
-def pack(tokens: np.ndarray, block_size: int, seed: int = 0, shuffle: bool = True, window: int | None = None):
+def pack(tokens: np.ndarray, block_size: int, seed: int = 0, shuffle: bool = True):
     """Cut the token stream into `block_size` blocks (the remainder is dropped) and shuffle them with `seed`.
-
-    Args:
-        window: shuffle within consecutive windows of this many blocks (the last may be shorter) instead of over
-            all of them, so the first blocks of the order do not depend on how far the stream was read.
 
     Returns:
         A `datasets.Dataset` with `input_ids` and `labels` (equal: the model shifts labels itself), torch format.
     """
     blocks = _blocks(tokens, block_size)
     if shuffle:
-        blocks = blocks[_order(len(blocks), seed, window)]
+        blocks = blocks[_order(len(blocks), seed, None)]
     return _dataset(blocks)
 
 
@@ -178,7 +175,7 @@ def _blocks(tokens: np.ndarray, block_size: int) -> np.ndarray:
 
 
 def _order(n: int, seed: int, window: int | None) -> np.ndarray:
-    if window is None:
+    if window is None or n == 0:
         return np.random.default_rng(seed).permutation(n)
     return np.concatenate(
         [start + np.random.default_rng([seed, start // window]).permutation(min(window, n - start))
@@ -207,14 +204,15 @@ def build_dataset(
     """Tokenise and pack `sources`; optionally hold out validation blocks (never trained on).
 
     Neither set depends on `max_tokens`, which only bounds how much of the stream is read: the validation blocks are
-    every (1 / `validation_fraction`)-th block of the stream from its start, up to `validation_tokens` of them (all
-    of them when the data is smaller), and the training blocks, the others, are shuffled within windows of
-    `SHUFFLE_WINDOW_TOKENS` that a budget reads whole. Two runs of different budgets on the same data and seed
+    a `validation_fraction` share of the stream's blocks from its start (every 1/f-th), up to `validation_tokens`
+    of them (all of them when the data is smaller), and the training blocks, the others, are shuffled within windows
+    of `SHUFFLE_WINDOW_TOKENS` that a budget reads whole. Two runs of different budgets on the same data and seed
     validate on the same blocks, and the shorter run's training blocks are the longer run's first ones.
 
     Args:
         max_tokens: the training tokens needed (default: read all of `sources`).
-        validation_fraction: the spacing of the validation blocks (0: no validation set).
+        validation_fraction: the share of blocks held out from the stream's start (every 1/f-th; 0: no validation
+            set), until there are `validation_tokens` of them.
         validation_tokens: the validation set's size, rounded up to whole blocks.
 
     Returns:
@@ -224,22 +222,23 @@ def build_dataset(
         raise HfStackError(f"validation fraction must be in [0, 1), got {validation_fraction}")
     if validation_fraction and validation_tokens < 1:
         raise HfStackError(f"validation tokens must be at least 1, got {validation_tokens}")
-    stride = max(2, round(1 / validation_fraction)) if validation_fraction else 0
     n_val = math.ceil(validation_tokens / block_size) if validation_fraction else 0
+    span = math.ceil(n_val / validation_fraction) if validation_fraction else 0  # blocks holding the first n_val
     window = max(1, SHUFFLE_WINDOW_TOKENS // block_size)
     need = None if max_tokens is None else math.ceil(math.ceil(max_tokens / block_size) / window) * window
-    # read whole windows of training blocks, past the last validation block, and one block more (a cut stream's
-    # last block may end in a document cut short)
-    budget = None if need is None else (max(n_val * stride, need + n_val) + 1) * block_size
+    # read past the last validation block and whole windows of training blocks (one block of slack for rounding)
+    budget = None if need is None else (max(span, need + n_val) + 1) * block_size
     tokens, whole = _token_stream(iter_documents(sources, text_column, split), tokenizer, budget)
     blocks = _blocks(tokens, block_size)
-    held = np.zeros(len(blocks), dtype=bool)
-    if stride:
-        held[stride - 1 : stride * n_val : stride] = True
+    # block i is held out when it completes another `validation_fraction` of the blocks before it: every 1/f-th
+    # block for any f (0.3: three in ten), the first n_val of them
+    i = np.arange(len(blocks))
+    held = np.floor((i + 1) * validation_fraction) > np.floor(i * validation_fraction)
+    held &= np.cumsum(held) <= n_val
     if validation_fraction and not held.any():
         raise HfStackError(
-            f"the data holds {len(blocks)} blocks of {block_size}, too few to hold out every "
-            f"{stride}th for validation; add data or hold out a larger fraction"
+            f"the data holds {len(blocks)} blocks of {block_size}, too few to hold out a {validation_fraction:g} "
+            "share for validation; add data or hold out a larger fraction"
         )
     train = blocks[~held]
     if not whole:  # a partial window would differ from the whole one a longer run reads

@@ -140,7 +140,7 @@ def test_training_killed_after_growth_resumes_exactly(training_setup, tmp_path):
     assert not (tmp_path / "b" / "final").exists(), "the run finished before it could be killed"
     assert (ckpt / "trainer_state.json").is_file(), "killed before the phase's first checkpoint"
     # what a kill mid-write leaves in a later checkpoint: a cut trainer_state.json (transformers writes it in place),
-    # or a state beside cut weights; neither counts, and both are removed
+    # or a state beside cut weights; neither counts (the resumed run writes its own checkpoints 30 and 40)
     for step, cut in ((30, "trainer_state.json"), (40, "model.safetensors")):
         partial = shutil.copytree(ckpt, tmp_path / "b" / f"checkpoint-{step}")
         state = json.loads((ckpt / "trainer_state.json").read_text())

@@ -110,6 +110,9 @@ def test_data_sources_and_validation_blocks(llama_small, tmp_path, data_file):
         build_dataset([str(body)], tok, 8, text_column="content")
     _, everything = build_dataset([str(data_file)], tok, 8, validation_fraction=0.2, validation_tokens=10**9)
     assert everything[:]["input_ids"].tolist() == blocks[4::5]  # a set larger than the data: every 5th block
+    for f in (0.3, 0.45):  # a share, not a rounded stride: 3 blocks in 10, 9 in 20
+        _, share = build_dataset([str(data_file)], tok, 8, validation_fraction=f, validation_tokens=10**9)
+        assert abs(len(share) - f * len(blocks)) <= 1, (f, len(share), len(blocks))
 
 
 def test_a_budget_stops_reading_the_documents(llama_small):

@@ -495,7 +495,7 @@ def _retuned_per_budget(t: dict, arms: list[dict], tuning: dict) -> list[dict]:
     for tokens, (lr, per_seed) in grown.items():
         figures = [endpoint_speedup(_end(per_seed[seed]), [_end(v[1][seed]) for v in scratch.values()])["flops"]
                    for seed in t["tuning_seeds"]]  # fmt: skip
-        out.append({"tokens": tokens, "grown_lr": lr, "scratch_lrs": {str(t): v[0] for t, v in scratch.items()},
+        out.append({"tokens": tokens, "grown_lr": lr, "scratch_lrs": {str(k): v[0] for k, v in scratch.items()},
                     "speedup_mean": statistics.fmean(f["speedup"] for f in figures),
                     "per_seed": [f["speedup"] for f in figures],
                     "bounds": sorted({f["bound"] for f in figures if f["bound"]})})  # fmt: skip

@@ -122,16 +122,25 @@ def complete_checkpoints(folder: Path) -> dict[int, str]:
 
 
 def _is_complete(checkpoint: Path, step: int) -> bool:
+    """False only on evidence that the write did not finish (a missing, cut or foreign state file, a cut weights
+    file): an unreadable disk (permissions, I/O errors) is an error, never a reason to delete a checkpoint."""
     from ..checkpoints.source import read_safetensors_header
 
     try:
         state = json.loads((checkpoint / "trainer_state.json").read_text())
-        if not isinstance(state, dict) or state.get("global_step") != step:
-            return False
-        for shard in checkpoint.glob("*.safetensors"):
-            read_safetensors_header(shard)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, HfStackError):
+    except (FileNotFoundError, UnicodeDecodeError, json.JSONDecodeError):
         return False
+    except OSError as e:
+        raise HfStackError(f"cannot read {checkpoint / 'trainer_state.json'}: {e.strerror or e}") from None
+    if not isinstance(state, dict) or state.get("global_step") != step:
+        return False
+    for shard in checkpoint.glob("*.safetensors"):
+        try:
+            read_safetensors_header(shard)
+        except HfStackError as e:
+            if "truncated" in str(e) or "corrupt" in str(e) or "not JSON" in str(e):
+                return False
+            raise
     return True
 
 

@@ -450,10 +450,10 @@ class StackingTrainer(Trainer):
         baseline = self._unigram_baseline()
         baselines = {"unigram_eval_loss": baseline} if baseline is not None else None
         extra = {}
-        if self._eval_blocks() is not None:  # what `hf-stack compare` checks runs were validated on
+        if (evaluation := self._eval_blocks()) is not None:  # what `hf-stack compare` checks runs were validated on
             from ..data import fingerprint
 
-            extra["validation"] = fingerprint(self._eval_blocks())
+            extra["validation"] = fingerprint(evaluation)
         if self._ladder and dest == out:  # the run's own end is the largest budget's branch; the others are listed
             largest = branch_summary(
                 self._ladder[-1], {"training": training_summary(phases), "log_history": history}, "."
@@ -590,7 +590,8 @@ def _phase_blocks(dataset, start: int, count: int):
     the tokens trained (Trainer would give a pass's last step only the blocks left)."""
     if start == 0 and count == len(dataset):
         return dataset
-    indices = [(start + i) % len(dataset) for i in range(count)]
+    n = len(dataset)
+    indices = range(start, start + count) if start + count <= n else [(start + i) % n for i in range(count)]
     if hasattr(dataset, "select"):
         return dataset.select(indices)
     return torch.utils.data.Subset(dataset, indices)
