@@ -30,7 +30,7 @@ _EXPORTS = {
     "StackingTrainingArguments": "training.arguments",
     "GrowthMasks": "training.msg",
     "evaluate_model": "evaluation.harness",
-    "EvalCallback": "evaluation.harness",
+    "EvalCallback": "evaluation.callback",
     "compare": "analysis.compare",
     "trial": "analysis.trial",
     "push": "hub",

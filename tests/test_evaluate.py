@@ -28,8 +28,8 @@ def scorer_model(tmp_path_factory):
     return folder
 
 
-def _instances(tasks):
-    manager, folder = _task_manager()
+def _instances(tasks, full_index=False):
+    manager, folder = _task_manager(full_index)
     (folder / "hf_stack_run.yaml").write_text(
         yaml.safe_dump({"group": "hf_stack_run", "task": _task_specs(tasks, SAMPLES_DIR)})
     )
@@ -39,6 +39,18 @@ def _instances(tasks):
         task.build_all_requests(limit=None, rank=0, world_size=1)
         out[name] = task.instances
     return out
+
+
+def test_the_eight_tasks_index_gives_the_full_indexs_requests():
+    """The task index holds only the folders of lm-eval's tasks that define the eight (a run indexes 13 tasks, not
+    some 15,000): the requests it builds are the ones lm-eval's full index builds."""
+    from hf_stack.evaluation.benchmarks import TASKS
+
+    assert len(_task_manager()[0].task_index) < 50
+    ours, full = _instances(list(TASKS)), _instances(list(TASKS), full_index=True)
+    assert sorted(ours) == sorted(full) == sorted(TASKS)
+    for task in TASKS:
+        assert [(i.request_type, i.args) for i in ours[task]] == [(i.request_type, i.args) for i in full[task]], task
 
 
 def _bos_tokenizer(folder):

@@ -33,6 +33,12 @@ DATASETS = {
     "winogrande": ("allenai/winogrande", "winogrande_xl", "validation"),
     "wikitext": ("EleutherAI/wikitext_document_level", "wikitext-2-raw-v1", "test"),
 }
+# The folder of lm-eval's own tasks (under `lm_eval/tasks/`) that defines each task: the only YAMLs a run indexes
+# (indexing all of lm-eval's, some 15,000 tasks, costs seconds per process).
+LM_EVAL_TASK_DIRS = {
+    "lambada_openai": "lambada", "arc_challenge": "arc", "arc_easy": "arc", "logiqa": "logiqa", "piqa": "piqa",
+    "sciq": "sciq", "winogrande": "winogrande", "wikitext": "wikitext",
+}  # fmt: skip
 # The metric the paper reports per task (accuracy; perplexity for wikitext).
 HEADLINE = {t: "acc,none" for t in TASKS} | {"wikitext": "word_perplexity,none"}
 

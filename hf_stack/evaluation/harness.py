@@ -15,10 +15,9 @@ from importlib.metadata import version
 from pathlib import Path
 
 import yaml
-from transformers import TrainerCallback
 
 from ..errors import HfStackError, error_reason
-from .benchmarks import GROUP, REQUIRED_FIELDS, TASKS_DIR, headline, parse_tasks
+from .benchmarks import GROUP, LM_EVAL_TASK_DIRS, REQUIRED_FIELDS, TASKS_DIR, headline, parse_tasks
 
 # The default: no BOS, as the paper-era harness; lm-eval >= 0.4.9.2 follows the tokenizer (`add_bos_token=None`).
 ADD_BOS_TOKEN = False
@@ -29,19 +28,25 @@ _RUN_GROUP = "hf_stack_run"
 _MANAGER: dict = {}
 
 
-def _task_manager():
-    """One lm-eval TaskManager per process: indexing every lm-eval task costs seconds. It indexes a private folder
-    holding the run's group YAML, which each evaluation rewrites (lm-eval reads it when the group is built)."""
-    if not _MANAGER:
+def _task_manager(full_index: bool = False):
+    """One lm-eval TaskManager per process, indexing only the folders of lm-eval's tasks that define the eight
+    (`LM_EVAL_TASK_DIRS`; all of lm-eval's with `full_index`) and a private folder holding the run's group YAML,
+    which each evaluation rewrites (lm-eval reads it when the group is built)."""
+    if full_index or not _MANAGER:
         import atexit
         import shutil
 
+        import lm_eval.tasks
         from lm_eval.tasks import TaskManager
 
         folder = Path(tempfile.mkdtemp(prefix="hf_stack_tasks-"))
         atexit.register(shutil.rmtree, folder, True)
         (folder / f"{_RUN_GROUP}.yaml").write_text(yaml.safe_dump({"group": _RUN_GROUP, "task": ["arc_easy"]}))
-        _MANAGER.update(manager=TaskManager(include_path=str(folder)), folder=folder)
+        if full_index:
+            return TaskManager(include_path=str(folder)), folder
+        shipped = Path(lm_eval.tasks.__file__).parent
+        paths = [str(folder), *(str(shipped / d) for d in sorted(set(LM_EVAL_TASK_DIRS.values())))]
+        _MANAGER.update(manager=TaskManager(include_path=paths, include_defaults=False), folder=folder)
     return _MANAGER["manager"], _MANAGER["folder"]
 
 
@@ -275,51 +280,3 @@ def print_table(results: dict) -> None:
     for task, value in headline(results).items():
         table.add_row(task, "word perplexity" if task == "wikitext" else "accuracy", f"{value:.4f}")
     Console().print(table)
-
-
-class EvalCallback(TrainerCallback):
-    """Score chosen benchmarks during training, at each save or every `every_n_steps`, and log them.
-
-    Logged as `bench/<task>` (and `bench/average`) next to the trainer's loss; with `StackingTrainer` each entry
-    also carries tokens and FLOPs, so benchmark curves can be drawn against training compute.
-
-    Args:
-        tokenizer: the model's tokenizer.
-        tasks, data_dir, limit, batch_size, add_bos_token: as for [`evaluate_model`] (keep `limit` small: it runs
-            in the loop).
-        every_n_steps: score every N optimizer steps; by default at each checkpoint save.
-        trainer: the trainer whose `log` receives the scores (so `report_to` integrations see them).
-
-    Example:
-
-    ```python
-    >>> trainer.add_callback(EvalCallback(tok, tasks="arc_easy,piqa", limit=50, every_n_steps=500, trainer=trainer))  # doctest: +SKIP
-    ```
-    """
-
-    def __init__(self, tokenizer, tasks="hf_stack_8", data_dir=None, limit: int | None = 20, batch_size: int = 16,
-                 every_n_steps: int | None = None, trainer=None, add_bos_token: bool | None = ADD_BOS_TOKEN):  # fmt: skip
-        self.tokenizer, self.tasks, self.data_dir, self.limit = tokenizer, parse_tasks(tasks), data_dir, limit
-        self.add_bos_token = add_bos_token
-        self.batch_size, self.every_n_steps, self.trainer = batch_size, every_n_steps, trainer
-        self.history: list[dict] = []
-
-    def _score(self, state, model):
-        was_training = model.training
-        results = evaluate_model(model, self.tokenizer, tasks=self.tasks, data_dir=self.data_dir, limit=self.limit,
-                                 batch_size=self.batch_size, bootstrap_iters=0, add_bos_token=self.add_bos_token)  # fmt: skip
-        model.train(was_training)
-        logs = {f"bench/{k.replace(' (acc)', '')}": float(v) for k, v in headline(results).items()}
-        self.history.append({"step": state.global_step, **logs})
-        if self.trainer is not None:
-            self.trainer.log(logs)
-        else:
-            state.log_history.append({**logs, "step": state.global_step})
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        if self.every_n_steps and state.global_step % self.every_n_steps == 0:
-            self._score(state, model)
-
-    def on_save(self, args, state, control, model=None, **kwargs):
-        if not self.every_n_steps:
-            self._score(state, model)
