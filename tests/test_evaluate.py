@@ -5,6 +5,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 from collections import defaultdict
 
 import pytest
@@ -15,7 +16,7 @@ from lm_eval.models.huggingface import HFLM
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_stack import HfStackError
-from hf_stack.evaluation.benchmarks import SAMPLES_DIR, TASKS
+from hf_stack.evaluation.benchmarks import SAMPLES_DIR, TASKS, headline
 from hf_stack.evaluation.harness import ADD_BOS_TOKEN, _task_manager, _task_specs, evaluate_model, make_lm
 from tests.conftest import build_checkpoint
 
@@ -372,8 +373,17 @@ def test_eval_cli(scorer_model, tmp_path):
 @pytest.mark.parametrize(
     "every, saving, steps", [(3, dict(save_strategy="no"), [3, 6]), (None, dict(save_steps=2), [2, 4, 6])]
 )  # every 3 steps; by default at each checkpoint save
-def test_eval_callback_logs_benchmarks_against_tokens(tmp_path, every, saving, steps):
+def test_eval_callback_logs_benchmarks_against_tokens(tmp_path, every, saving, steps, monkeypatch):
+    """Scores at every N steps or at each save, logged against tokens; the tasks loaded once for all calls; the
+    scores those of `evaluate_model`; the calls' seconds logged as their own and kept out of train_seconds."""
     from hf_stack import EvalCallback, StackingTrainer, StackingTrainingArguments, build_dataset
+    from hf_stack.evaluation import callback
+
+    loads = []
+    real_load, real_score = callback.load_tasks, callback.score_tasks
+    monkeypatch.setattr(callback, "load_tasks", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    # each call made a second slower than it is: the train_seconds it would add are unmistakable
+    monkeypatch.setattr(callback, "score_tasks", lambda *a, **k: time.sleep(1.0) or real_score(*a, **k))
 
     build_checkpoint(tmp_path / "s", "llama", num_layers=1)
     tok = AutoTokenizer.from_pretrained(tmp_path / "s")
@@ -392,6 +402,14 @@ def test_eval_callback_logs_benchmarks_against_tokens(tmp_path, every, saving, s
         e for e in json.loads((tmp_path / "run" / "training_log.json").read_text())["log_history"] if "bench/piqa" in e
     ]
     assert [e["tokens"] for e in logged] == [64 * s for s in steps] and all("bench/average" in e for e in logged)
+    assert len(loads) == 1
+    final = evaluate_model(trainer.model, tok, tasks="arc_easy,piqa", data_dir=SAMPLES_DIR, limit=2, bootstrap_iters=0)
+    assert {f"bench/{k.replace(' (acc)', '')}": v for k, v in headline(final).items()} == {
+        k: v for k, v in cb.history[-1].items() if k not in ("step", "bench/seconds")
+    }
+    training = json.loads((tmp_path / "run" / "training_log.json").read_text())["training"]
+    benchmark_seconds = sum(e["bench/seconds"] for e in logged)
+    assert benchmark_seconds > len(steps) and 0 < training["total_train_seconds"] < benchmark_seconds
 
 
 def test_only_full_official_splits_go_to_the_model_index(scorer_model, tmp_path):

@@ -5,17 +5,22 @@ Its own module so that `hf-stack eval` and `evaluate_model` never import transfo
 
 from __future__ import annotations
 
+import contextlib
+import time
+
 from transformers import TrainerCallback
 
 from .benchmarks import headline, parse_tasks
-from .harness import ADD_BOS_TOKEN, evaluate_model
+from .harness import ADD_BOS_TOKEN, load_tasks, make_lm, score_tasks
 
 
 class EvalCallback(TrainerCallback):
     """Score chosen benchmarks during training, at each save or every `every_n_steps`, and log them.
 
-    Logged as `bench/<task>` (and `bench/average`) next to the trainer's loss; with `StackingTrainer` each entry
-    also carries tokens and FLOPs, so benchmark curves can be drawn against training compute.
+    Logged as `bench/<task>` (and `bench/average`, and `bench/seconds`, the call's time) next to the trainer's
+    loss; with `StackingTrainer` each entry also carries tokens and FLOPs, so benchmark curves can be drawn against
+    training compute, and the seconds are kept out of its `train_seconds`. The tasks are loaded at the first call
+    and reused; under DDP process zero scores while the others wait (each call scores every request once).
 
     Args:
         tokenizer: the model's tokenizer.
@@ -37,23 +42,45 @@ class EvalCallback(TrainerCallback):
         self.add_bos_token = add_bos_token
         self.batch_size, self.every_n_steps, self.trainer = batch_size, every_n_steps, trainer
         self.history: list[dict] = []
+        self._loaded = None  # the tasks, loaded at the first call
+        self._lm = (None, None)  # (the model it wraps, the lm-eval LM): a growth brings a new model
 
-    def _score(self, state, model):
-        was_training = model.training
-        results = evaluate_model(model, self.tokenizer, tasks=self.tasks, data_dir=self.data_dir, limit=self.limit,
-                                 batch_size=self.batch_size, bootstrap_iters=0, add_bos_token=self.add_bos_token)  # fmt: skip
-        model.train(was_training)
+    def _score(self, args, state, model):
+        if not state.is_world_process_zero:  # scored once, on process zero; the others wait for it below
+            self._wait()
+            return
+        # not training time: StackingTrainer keeps benchmark seconds out of train_seconds, as evaluation's
+        outside = getattr(self.trainer, "outside_training_clock", contextlib.nullcontext)
+        start = time.perf_counter()
+        with outside():
+            if self._loaded is None:
+                self._loaded = load_tasks(self.tasks, self.data_dir)
+            if self._lm[0] is not model:
+                self._lm = (model, make_lm(model, self.tokenizer, "hf-stack", self.batch_size,
+                                           add_bos_token=self.add_bos_token))  # fmt: skip
+            was_training = model.training
+            model.eval()
+            try:
+                results = score_tasks(self._lm[1], self._loaded, self.limit)
+            finally:
+                model.train(was_training)
         logs = {f"bench/{k.replace(' (acc)', '')}": float(v) for k, v in headline(results).items()}
+        logs["bench/seconds"] = round(time.perf_counter() - start, 3)
         self.history.append({"step": state.global_step, **logs})
         if self.trainer is not None:
             self.trainer.log(logs)
         else:
             state.log_history.append({**logs, "step": state.global_step})
+        self._wait()
+
+    def _wait(self):
+        if self.trainer is not None:
+            self.trainer.accelerator.wait_for_everyone()
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if self.every_n_steps and state.global_step % self.every_n_steps == 0:
-            self._score(state, model)
+            self._score(args, state, model)
 
     def on_save(self, args, state, control, model=None, **kwargs):
         if not self.every_n_steps:
-            self._score(state, model)
+            self._score(args, state, model)

@@ -217,24 +217,56 @@ def evaluate_model(
 
     import lm_eval
 
-    _memoize_lm_eval_overheads()
-    manager, folder = _task_manager()
-    group = {"group": _RUN_GROUP, "task": specs, "metadata": {"version": 1.0},
-             "aggregate_metric_list": [{"metric": "acc", "aggregation": "mean", "weight_by_size": False}]}  # fmt: skip
-    (folder / f"{_RUN_GROUP}.yaml").write_text(yaml.safe_dump(group, sort_keys=False))
-    results = lm_eval.simple_evaluate(
+    manager = _write_run_group(specs)
+    results = _named(lm_eval.simple_evaluate(
         model=lm, tasks=[_RUN_GROUP], task_manager=manager, limit=limit, num_fewshot=0, log_samples=False,
         batch_size=batch_size, bootstrap_iters=bootstrap_iters,
-    )  # fmt: skip
-    # The run's group is the paper's average of the accuracies; name it as the shipped group.
-    if _RUN_GROUP in results.get("groups", {}):
-        results["groups"][GROUP] = {**results["groups"].pop(_RUN_GROUP), "alias": GROUP, "name": GROUP}
-        results["results"].pop(_RUN_GROUP, None)
+    ))  # fmt: skip
     results["hf_stack"] = {"backend": backend, "add_bos_token": add_bos_token, "lm_eval_version": version("lm_eval"),
                            "data_dir": str(data_dir) if data_dir else None, "limit": limit, "batch_size": batch_size}  # fmt: skip
     if output is not None:
         write_results(results, output)
     return results
+
+
+def _write_run_group(specs: list):
+    """The run's group YAML (the tasks' specs and the paper's average) in the task manager's private folder."""
+    _memoize_lm_eval_overheads()
+    manager, folder = _task_manager()
+    group = {"group": _RUN_GROUP, "task": specs, "metadata": {"version": 1.0},
+             "aggregate_metric_list": [{"metric": "acc", "aggregation": "mean", "weight_by_size": False}]}  # fmt: skip
+    (folder / f"{_RUN_GROUP}.yaml").write_text(yaml.safe_dump(group, sort_keys=False))
+    return manager
+
+
+def _named(results: dict) -> dict:
+    """The run's group is the paper's average of the accuracies: named as the shipped group."""
+    if _RUN_GROUP in results.get("groups", {}):
+        results["groups"][GROUP] = {**results["groups"].pop(_RUN_GROUP), "alias": GROUP, "name": GROUP}
+        results["results"].pop(_RUN_GROUP, None)
+    return results
+
+
+def load_tasks(tasks: str | list[str] | None = GROUP, data_dir: str | os.PathLike | None = None) -> dict:
+    """lm-eval's task objects (documents loaded, zero-shot) for [`score_tasks`]: built once, scored many times.
+
+    Args:
+        tasks, data_dir: as for [`evaluate_model`].
+    """
+    data_dir = Path(data_dir) if data_dir is not None else None
+    loaded = _write_run_group(_task_specs(parse_tasks(tasks), data_dir)).load([_RUN_GROUP])
+    for task in loaded["tasks"].values():  # what simple_evaluate sets for num_fewshot=0
+        task.set_config(key="num_fewshot", value=0)
+        task.set_fewshot_seed(seed=1234)
+    return loaded
+
+
+def score_tasks(lm, loaded: dict, limit: int | None = None, bootstrap_iters: int = 0) -> dict:
+    """lm-eval's `evaluate` of `lm` (from [`make_lm`]) on tasks from [`load_tasks`]: the results (`results`,
+    `groups`, ...) without `simple_evaluate`'s task loading and environment record."""
+    from lm_eval.evaluator import evaluate
+
+    return _named(evaluate(lm=lm, task_dict=loaded, limit=limit, bootstrap_iters=bootstrap_iters, log_samples=False))
 
 
 def write_results(results: dict, output: str | os.PathLike) -> Path:

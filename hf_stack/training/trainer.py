@@ -10,6 +10,7 @@ run folder's layout and bookkeeping are `hf_stack.training.run_folder`, the fina
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -144,13 +145,19 @@ class StackingTrainer(Trainer):
         return self.phase_start["train_seconds"] + self.train_seconds() - self._phase_clock_start
 
     def evaluate(self, *args, **kwargs):
-        # Timed out of train_seconds. A dict of eval sets makes Trainer.evaluate call itself once per set: only the
-        # outermost call counts.
-        if self._eval_started is not None:
+        with self.outside_training_clock():
             return super().evaluate(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def outside_training_clock(self):
+        """Time spent inside is not training (evaluation, benchmarks in the loop): kept out of `train_seconds`.
+        Nested uses (a dict of eval sets makes Trainer.evaluate call itself once per set) count once."""
+        if self._eval_started is not None:
+            yield
+            return
         self._eval_started = started = time.perf_counter()
         try:
-            return super().evaluate(*args, **kwargs)
+            yield
         finally:
             if self._clock is not None:
                 self._clock[1] += time.perf_counter() - started
