@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from .data import VALIDATION_TOKENS
-from .errors import HfStackError
+from .errors import HfStackError, error_reason
 from .plans.config import StackedConfig, setting_type
 
 GROW_EXAMPLES = """examples:
@@ -233,7 +233,12 @@ def cmd_train(argv: list[str]) -> int:
     settings = {f.name: namespace[f.name] for f in dataclasses.fields(StackingTrainingArguments) if f.init}
     if settings["stacked_config"] is None:  # the growth flags (--factor, --operator, ...), checked with the rest
         settings["stacked_config"] = stacked
-    targs = StackingTrainingArguments(**settings)
+    try:
+        targs = StackingTrainingArguments(**settings)
+    except HfStackError:
+        raise
+    except (ValueError, TypeError, ImportError) as e:  # transformers' own checks (an unknown --fsdp option, ...)
+        raise HfStackError(f"invalid training arguments: {error_reason(e)}") from None
     if (cli.model is None) == (cli.from_scratch_like is None):
         raise HfStackError(
             "give exactly one of --model (a checkpoint to train) or --from-scratch-like (a config to initialise)"

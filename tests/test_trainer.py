@@ -533,6 +533,29 @@ def test_two_processes_grow_together(small2, tmp_path, data_file, launcher):
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "ddp" / "final").config.num_hidden_layers == 4
     log = json.loads((tmp_path / "ddp" / "training_log.json").read_text())
     assert log["training"]["total_tokens"] == 512
+    assert log["parallelism"] == {"strategy": "ddp", "world_size": 2}  # what the run really ran with
+
+
+def test_a_sharding_request_is_honoured_or_refused(small2, tmp_path, data_file):
+    """`--fsdp` on a machine without GPUs would be dropped by transformers (full replicas under DDP, nothing said):
+    refused with one error line before anything is written, as is a DeepSpeed run without DeepSpeed installed (a
+    traceback from transformers' argument checks before); an ordinary run records that it ran in one process."""
+    common = ["train", "--model", small2, "--data", data_file, "--block-size", 16, "--max-tokens", 512]
+    for extra, message in (
+        (
+            ["--fsdp", "full_shard auto_wrap", "--use-cpu", "true"],
+            "error: --fsdp shards over GPUs and this run has none",
+        ),
+        (["--deepspeed", '{"zero_optimization": {"stage": 2}}'], "error: invalid training arguments: "),
+    ):
+        r = hf_stack(*common, *extra, "-o", tmp_path / "x")
+        last = r.stderr.strip().splitlines()[-1]
+        assert r.returncode == 2 and last.startswith(message) and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert not (tmp_path / "x").exists()
+    r = hf_stack(*common, "--use-cpu", "true", "--disable-tqdm", "true", "-o", tmp_path / "one")
+    assert r.returncode == 0, r.stderr[-2000:]
+    log = json.loads((tmp_path / "one" / "training_log.json").read_text())
+    assert log["parallelism"] == {"strategy": "single process", "world_size": 1}
 
 
 def test_resume_point_names_what_a_resume_continues_from(tmp_path):

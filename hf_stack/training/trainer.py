@@ -456,7 +456,7 @@ class StackingTrainer(Trainer):
         history += [e for e in self.state.log_history if "tokens" in e]
         baseline = self._unigram_baseline()
         baselines = {"unigram_eval_loss": baseline} if baseline is not None else None
-        extra = {}
+        extra = {"parallelism": parallelism(self)}
         if (evaluation := self._eval_blocks()) is not None:  # what `hf-stack compare` checks runs were validated on
             from ..data import fingerprint
 
@@ -479,6 +479,7 @@ def check_run(args, n_blocks: int, block_size: int, model_config, resume, write=
         `(tokens_per_step, total_steps, grow_steps)`, one optimizer step per growth (none for a run that does not grow).
     """
     args.check_growth()  # stacked_config may have been replaced since the arguments were built
+    check_strategy(args)
     if peft and len(args.growths) > 1:
         raise HfStackError("peft_config trains adapters on the grown model: give it one growth, not several")
     limit = getattr(model_config, "max_position_embeddings", None)
@@ -544,6 +545,35 @@ def check_run(args, n_blocks: int, block_size: int, model_config, resume, write=
         config["cooldowns"] = {"rungs": ladder, "type": args.cooldown_type, "min_lr_rate": args.cooldown_min_lr_rate}
     check_run_config(Path(args.output_dir), config, resume, write, wait or (lambda: None))
     return tps, total_steps, grow_steps
+
+
+def check_strategy(args) -> None:
+    """A requested sharding is honoured or refused, never dropped: transformers runs `--fsdp` on CPU as plain DDP
+    with full replicas, and in-run growth needs the whole model on every process (grow between two runs instead)."""
+    sharded = "--fsdp" if args.fsdp else "--deepspeed" if args.deepspeed else None
+    if sharded is None:
+        return
+    if args.use_cpu or not torch.cuda.is_available():
+        raise HfStackError(
+            f"{sharded} shards over GPUs and this run has none (or --use-cpu): transformers would drop it and train "
+            "full replicas with DDP; remove it, or run on GPUs"
+        )
+    if args.growths:
+        raise HfStackError(
+            f"growth inside a {sharded} run is not supported: train the small model, grow it between two runs "
+            f"(`hf-stack grow run/final --factor 4 -o grown`), then train the grown model with {sharded}"
+        )
+
+
+def parallelism(trainer) -> dict:
+    """How the run was really distributed, for its records."""
+    if getattr(trainer, "is_fsdp_enabled", False):
+        strategy = "fsdp"
+    elif getattr(trainer, "is_deepspeed_enabled", False):
+        strategy = "deepspeed"
+    else:
+        strategy = "ddp" if trainer.args.world_size > 1 else "single process"
+    return {"strategy": strategy, "world_size": trainer.args.world_size}
 
 
 def run_ladder(args, tps: int, grow_steps: list[int], total_steps: int) -> list[dict]:
