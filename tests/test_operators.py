@@ -416,3 +416,40 @@ def test_width_noise_by_slices_and_gathers_is_the_dense_formula(layout):
     # both ways of applying a map are exercised: slices for appended copies, gathers for scattered ones
     assert (maps.later.runs is None) == (layout == "interleaved x2")
     assert (maps.first.runs is None) == (layout in ("interleaved x2", "shuffled x3 with new units"))
+
+
+MOE = {
+    # (config class fields) -> each family's names for its experts' residual writes
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),  # block_sparse_moe.experts.N.w2
+    "olmoe": dict(num_experts=4, num_experts_per_tok=2),  # mlp.experts.N.down_proj
+    "gpt_oss": dict(num_local_experts=4, num_experts_per_tok=2, head_dim=8, sliding_window=8,
+                    layer_types=["sliding_attention", "full_attention"]),  # fused mlp.experts.down_proj and its bias
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("family", sorted(MOE))
+def test_zero_growth_of_mixture_of_experts_keeps_the_function(family, tmp_path):
+    """`zero` claims the function is kept: with experts, every expert's down projection (and bias) writes into the
+    residual stream too, so each must be zeroed in the repeated layers, or the logits move (by 0.01-0.03 here)."""
+    from transformers import CONFIG_MAPPING
+
+    from tests.conftest import build_tokenizer
+
+    tok = build_tokenizer(tmp_path / "s")
+    config = CONFIG_MAPPING[family](vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                    bos_token_id=1, eos_token_id=2, **MOE[family])  # fmt: skip
+    torch.manual_seed(0)
+    source = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for p in source.parameters():  # biases and norms away from 0 and 1, so a missed one shows
+            if p.ndim == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+    source.save_pretrained(tmp_path / "s")
+    plan = grow(tmp_path / "s", tmp_path / "g", StackedConfig(operator="zero", factor=2))
+    assert plan.function_preserving
+    grown = AutoModelForCausalLM.from_pretrained(tmp_path / "g").eval()
+    assert grown.config.num_hidden_layers == 4
+    ids = torch.arange(1, 17)[None] % len(tok)
+    with torch.no_grad():
+        torch.testing.assert_close(grown(ids).logits, source.eval()(ids).logits, rtol=0, atol=1e-5)

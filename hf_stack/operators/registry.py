@@ -39,8 +39,9 @@ class Operator:
         paper: link to the paper the operator comes from (reused by the model card).
         depth: what it does in depth.
         width: what it does in width.
-        layer_ops: (target layer index, layer map) -> {parameter suffix: op} overrides for that layer ("zero",
-            "random"); parameters not named are copied from the mapped source layer.
+        layer_ops: (target layer index, layer map) -> {parameter suffix pattern: op} overrides for that layer
+            ("zero", "random"); a pattern is a regular expression matched against the whole suffix, `"*"` any
+            suffix no other pattern matches; parameters not matched are copied from the mapped source layer.
         width_axes: ([`~hf_stack.plans.width.WidthDims`], noise) -> {axis name: [`~hf_stack.plans.width.Axis`]}; `noise` is
             the `width_noise` setting, for operators that copy units.
         needs_data: the grown tensors are trained (`learn`), so growth needs data.

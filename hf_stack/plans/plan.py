@@ -385,7 +385,8 @@ def build_plan(
     for i, j in enumerate(layer_map):
         overrides = operator.layer_ops(i, layer_map) if "depth" in directions else {}
         for suffix in suffixes:
-            op = overrides.get(suffix, overrides.get("*", "copy"))
+            op = next((o for pattern, o in overrides.items() if pattern != "*" and re.fullmatch(pattern, suffix)),
+                      overrides.get("*", "copy"))  # fmt: skip
             add(f"model.layers.{i}.{suffix}", f"model.layers.{j}.{suffix}", op, suffix)
     for key in sorted(k for k in others if k != EMBED_KEY):
         add(key, key)
