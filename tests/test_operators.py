@@ -424,6 +424,8 @@ MOE = {
     "olmoe": dict(num_experts=4, num_experts_per_tok=2),  # mlp.experts.N.down_proj
     "gpt_oss": dict(num_local_experts=4, num_experts_per_tok=2, head_dim=8, sliding_window=8,
                     layer_types=["sliding_attention", "full_attention"]),  # fused mlp.experts.down_proj and its bias
+    # mlp.experts.N.down_proj, and a config saying every layer is sparse (decoder_sparse_step 1)
+    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=8),
 }  # fmt: skip
 
 

@@ -152,6 +152,22 @@ def test_per_layer_config_fields_grow_with_the_layers():
 
 
 @pytest.mark.parametrize(
+    "field, value, layers, layer_map, grown",
+    [
+        ("decoder_sparse_step", 1, 2, (0, 1, 0, 1), 1),  # Qwen-MoE: every layer sparse, whatever the map
+        ("decoder_sparse_step", 2, 2, (0, 1, 0, 1), 2),  # every second layer sparse, stacked: still every second
+        ("first_k_dense_replace", 1, 3, (0, 0, 1, 1, 2, 2), 2),  # DeepSeek: the dense first layer, interpolated
+        ("sliding_window_pattern", 6, 6, tuple(range(6)) * 2, 6),  # Gemma 3 (1B as published), stacked
+        ("sliding_window_pattern", 2, 2, (0, 1) * 3, 2),  # [local, global] stacked x3: every second global
+    ],
+)
+def test_per_layer_patterns_are_carried_by_the_layer_map(field, value, layers, layer_map, grown):
+    """A scalar that sets which layers are sparse, dense or global is grown by what it means: the target layers get
+    their source layers' kinds, and the value that says so is written (the source's when it still fits)."""
+    assert grow_config({"num_hidden_layers": layers, field: value}, layer_map)[field] == grown
+
+
+@pytest.mark.parametrize(
     "field, value", [("num_experts_per_layer", [1, 2]), ("first_k_dense_replace", 1), ("sliding_window_pattern", 2)]
 )
 def test_unknown_per_layer_config_field_is_an_error(field, value):

@@ -45,16 +45,19 @@ LAYER_INDEX_LISTS = frozenset({"mlp_only_layers", "no_rope_layer_indices", "full
 LAYER_SCALARS = frozenset(
     {"num_hidden_layers", "max_window_layers", "layer_norm_eps", "layer_norm_epsilon", "layerdrop"}
 )
+# Per-layer behaviour encoded as a scalar: whether layer i is of the marked kind, given the value. A layer map
+# carries the field when the target's kinds (each target layer its source layer's) follow the same rule for some
+# value, which the grown config then holds; otherwise growth is refused with the kinds it would need.
+PATTERN_SCALARS = {
+    # Qwen2/3-MoE: layer i is sparse (experts) when (i + 1) % step == 0; step 1: every layer
+    "decoder_sparse_step": ("sparse", lambda i, step: step > 0 and (i + 1) % step == 0, "--order stack"),
+    # DeepSeek-V3: the first k layers are dense, the rest mixtures of experts
+    "first_k_dense_replace": ("dense", lambda i, k: i < k, "--order interpolate"),
+    # Gemma 3: every p-th layer attends globally, the others in a sliding window
+    "sliding_window_pattern": ("global", lambda i, p: p > 0 and (i + 1) % p == 0, "--order stack"),
+}
 # Per-layer settings encoded as scalars that a layer map cannot carry over faithfully.
-UNSUPPORTED_PER_LAYER = frozenset(
-    {
-        "first_k_dense_replace",
-        "decoder_sparse_step",
-        "moe_layer_freq",
-        "num_nextn_predict_layers",
-        "sliding_window_pattern",
-    }
-)
+UNSUPPORTED_PER_LAYER = frozenset({"moe_layer_freq", "num_nextn_predict_layers"})
 
 
 @dataclass(frozen=True)
@@ -229,6 +232,9 @@ def grow_config(config: dict, layer_map: tuple[int, ...]) -> dict:
                 f"config field {key!r}={value!r} sets per-layer behaviour that a layer map cannot carry over; "
                 "this architecture is not supported for growth"
             )
+        if key in PATTERN_SCALARS and isinstance(value, int) and not isinstance(value, bool):
+            out[key] = _carried_pattern(key, value, layer_map, L)
+            continue
         if key in NON_LAYER_LISTS or key in LAYER_SCALARS:
             continue
         if key in LAYER_INDEX_LISTS and isinstance(value, list):
@@ -256,6 +262,22 @@ def grow_config(config: dict, layer_map: tuple[int, ...]) -> dict:
                 "save the source with transformers >= 5 so layer_types is written"
             )
     return out
+
+
+def _carried_pattern(key: str, value: int, layer_map: tuple[int, ...], num_source_layers: int) -> int:
+    """The value of a PATTERN_SCALARS field that gives the target layers their source layers' kinds."""
+    kind, rule, keeps = PATTERN_SCALARS[key]
+    want = [rule(j, value) for j in layer_map]
+    candidates = [value, *range(len(layer_map) + 2)]  # the source's value first: kept whenever it still fits
+    fit = next((v for v in candidates if [rule(i, v) for i in range(len(layer_map))] == want), None)
+    if fit is None:
+        marked = [i for i, m in enumerate(want) if m]
+        raise HfStackError(
+            f"config field {key!r}={value} marks layers {[j for j in range(num_source_layers) if rule(j, value)]} of "
+            f"the source {kind}; this layer map would make target layers {marked} {kind}, a pattern {key!r} cannot "
+            f"express; choose a layer map that keeps it ({keeps} does)"
+        )
+    return fit
 
 
 def check_source_config(config: dict) -> None:
