@@ -45,7 +45,7 @@ class EvalCallback(TrainerCallback):
         self._loaded = None  # the tasks, loaded at the first call
         self._lm = (None, None)  # (the model it wraps, the lm-eval LM): a growth brings a new model
 
-    def _score(self, args, state, model):
+    def _score(self, state, model):
         if not state.is_world_process_zero:  # scored once, on process zero; the others wait for it below
             self._wait()
             return
@@ -79,8 +79,8 @@ class EvalCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if self.every_n_steps and state.global_step % self.every_n_steps == 0:
-            self._score(args, state, model)
+            self._score(state, model)
 
     def on_save(self, args, state, control, model=None, **kwargs):
         if not self.every_n_steps:
-            self._score(args, state, model)
+            self._score(state, model)
