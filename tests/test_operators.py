@@ -455,3 +455,27 @@ def test_zero_growth_of_mixture_of_experts_keeps_the_function(family, tmp_path):
     ids = torch.arange(1, 17)[None] % len(tok)
     with torch.no_grad():
         torch.testing.assert_close(grown(ids).logits, source.eval()(ids).logits, rtol=0, atol=1e-5)
+
+
+def test_smollm3_grows_with_its_layers_without_rope(tmp_path):
+    """SmolLM3 (every 4th layer without rotary embeddings, as `no_rope_layers` and `no_rope_layer_interval` say)
+    stacks x2 with its pattern carried: zero growth keeps the logits, the grown layers keep their source's RoPE."""
+    from transformers import CONFIG_MAPPING
+
+    from tests.conftest import build_tokenizer
+
+    tok = build_tokenizer(tmp_path / "s")
+    config = CONFIG_MAPPING["smollm3"](vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                       bos_token_id=1, eos_token_id=2, pad_token_id=0)  # fmt: skip
+    assert config.no_rope_layers == [1, 1, 1, 0]
+    torch.manual_seed(0)
+    source = AutoModelForCausalLM.from_config(config)
+    source.save_pretrained(tmp_path / "s")
+    plan = grow(tmp_path / "s", tmp_path / "g", StackedConfig(operator="zero", factor=2))
+    grown = AutoModelForCausalLM.from_pretrained(tmp_path / "g").eval()
+    assert plan.function_preserving and grown.config.no_rope_layers == [1, 1, 1, 0] * 2
+    assert grown.config.no_rope_layer_interval == 4
+    ids = torch.arange(1, 17)[None] % len(tok)
+    with torch.no_grad():
+        torch.testing.assert_close(grown(ids).logits, source.eval()(ids).logits, rtol=0, atol=1e-5)

@@ -159,12 +159,22 @@ def test_per_layer_config_fields_grow_with_the_layers():
         ("first_k_dense_replace", 1, 3, (0, 0, 1, 1, 2, 2), 2),  # DeepSeek: the dense first layer, interpolated
         ("sliding_window_pattern", 6, 6, tuple(range(6)) * 2, 6),  # Gemma 3 (1B as published), stacked
         ("sliding_window_pattern", 2, 2, (0, 1) * 3, 2),  # [local, global] stacked x3: every second global
+        ("no_rope_layer_interval", 4, 4, tuple(range(4)) * 2, 4),  # SmolLM3: every 4th layer without RoPE
+        ("no_rope_layer_interval", 4, 2, (0, 1, 0, 1), 5),  # none of 2 layers was: none of the 4 is (4 would be)
     ],
 )
 def test_per_layer_patterns_are_carried_by_the_layer_map(field, value, layers, layer_map, grown):
     """A scalar that sets which layers are sparse, dense or global is grown by what it means: the target layers get
     their source layers' kinds, and the value that says so is written (the source's when it still fits)."""
     assert grow_config({"num_hidden_layers": layers, field: value}, layer_map)[field] == grown
+
+
+def test_published_qwen2_5_without_sliding_grows():
+    """Qwen2.5 as published: max_window_layers below the depth, no layer_types, but no sliding window at all."""
+    cfg = {"num_hidden_layers": 2, "max_window_layers": 1, "use_sliding_window": False}
+    assert grow_config(cfg, (0, 1, 0, 1))["num_hidden_layers"] == 4
+    with pytest.raises(HfStackError, match="no layer_types"):
+        grow_config({**cfg, "use_sliding_window": True}, (0, 1, 0, 1))
 
 
 @pytest.mark.parametrize(

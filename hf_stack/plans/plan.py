@@ -55,6 +55,8 @@ PATTERN_SCALARS = {
     "first_k_dense_replace": ("dense", lambda i, k: i < k, "--order interpolate"),
     # Gemma 3: every p-th layer attends globally, the others in a sliding window
     "sliding_window_pattern": ("global", lambda i, p: p > 0 and (i + 1) % p == 0, "--order stack"),
+    # SmolLM3: every k-th layer without rotary embeddings (its `no_rope_layers` list, grown per layer, says the same)
+    "no_rope_layer_interval": ("without RoPE", lambda i, k: k > 0 and (i + 1) % k == 0, "--order stack"),
 }
 # Per-layer settings encoded as scalars that a layer map cannot carry over faithfully.
 UNSUPPORTED_PER_LAYER = frozenset({"moe_layer_freq", "num_nextn_predict_layers"})
@@ -256,6 +258,8 @@ def grow_config(config: dict, layer_map: tuple[int, ...]) -> dict:
             out["max_window_layers"] = lead
         elif config["max_window_layers"] >= L:
             out["max_window_layers"] = max(config["max_window_layers"], N)
+        elif config.get("use_sliding_window") is False:
+            pass  # no layer slides (Qwen2.5 as published): the field is not read
         else:
             raise HfStackError(
                 "config has max_window_layers below num_hidden_layers but no layer_types; "
@@ -268,7 +272,8 @@ def _carried_pattern(key: str, value: int, layer_map: tuple[int, ...], num_sourc
     """The value of a PATTERN_SCALARS field that gives the target layers their source layers' kinds."""
     kind, rule, keeps = PATTERN_SCALARS[key]
     want = [rule(j, value) for j in layer_map]
-    candidates = [value, *range(len(layer_map) + 2)]  # the source's value first: kept whenever it still fits
+    # the source's value first (kept whenever it still fits), 0 last (a divisor there divides by zero)
+    candidates = [value, *range(1, len(layer_map) + 2), 0]
     fit = next((v for v in candidates if [rule(i, v) for i in range(len(layer_map))] == want), None)
     if fit is None:
         marked = [i for i, m in enumerate(want) if m]
