@@ -192,6 +192,8 @@ def test_unknown_per_layer_config_field_is_an_error(field, value):
         (dict(architectures=["BertModel"]), "unsupported architecture"),
         (dict(text_config={"num_hidden_layers": 2}), "nested"),
         (dict(num_hidden_layers=0), "positive integer"),
+        # GPT-2's layout: the reason is the layout, not a missing field
+        (dict(num_hidden_layers=None, n_layer=2, model_type="gpt2"), "'gpt2' keeps its decoder layers outside"),
     ],
 )
 def test_unsupported_sources_are_refused(change, match):

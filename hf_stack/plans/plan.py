@@ -299,6 +299,13 @@ def check_source_config(config: dict) -> None:
                 f"supported: {', '.join(TESTED_ARCHITECTURES)} and other decoder-only models with model.layers.{{i}}"
             )
     L = config.get("num_hidden_layers")
+    if L is None and any(k in config for k in ("n_layer", "num_layers")):
+        # GPT-2, GPT-J, Bloom, ...: another layout (transformer.h.{i}), not a config missing a field
+        raise HfStackError(
+            f"{config.get('model_type', 'this architecture')!r} keeps its decoder layers outside model.layers.{{i}} "
+            f"(its depth is {'n_layer' if 'n_layer' in config else 'num_layers'}); hf_stack grows models laid out as "
+            f"{', '.join(TESTED_ARCHITECTURES)}"
+        )
     if not isinstance(L, int) or isinstance(L, bool) or L < 1:
         raise HfStackError(f"config.json needs num_hidden_layers as a positive integer, found {L!r}")
     archs = config.get("architectures") or []
