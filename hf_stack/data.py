@@ -131,8 +131,6 @@ def _token_stream(documents, tokenizer, max_tokens: int | None) -> tuple[np.ndar
     sep = separator_id(tokenizer)
     chunks, total, n_docs = [], 0, 0
     for doc in documents:
-        if max_tokens is not None and total >= max_tokens:
-            return _joined(chunks, total, n_docs), False
         if not doc.strip():  # whitespace-only documents carry no text; they would train on separators alone
             continue
         n_docs += 1

@@ -426,6 +426,9 @@ MOE = {
                     layer_types=["sliding_attention", "full_attention"]),  # fused mlp.experts.down_proj and its bias
     # mlp.experts.N.down_proj, and a config saying every layer is sparse (decoder_sparse_step 1)
     "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=8),
+    # and a shared expert beside the routed ones (mlp.shared_expert.down_proj)
+    "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                      shared_expert_intermediate_size=32),
 }  # fmt: skip
 
 

@@ -106,8 +106,8 @@ def trial(
         steps, batch_size, block_size: each candidate's optimizer steps, blocks per step and tokens per block.
         learning_rate, warmup_steps, lr_scheduler_type, seed: the same for every candidate (a constant rate after
             a 10% warmup by default: the start of a longer run, not an annealed one).
-        validation_fraction: the spacing of the held-out blocks (as in `build_dataset`); every candidate is
-            evaluated on these blocks right after growth and after its run.
+        validation_fraction: the share of blocks held out (as in `build_dataset`); every candidate is evaluated
+            on these blocks right after growth and after its run.
         text_column: column of jsonl / parquet / Hub data.
         revision: Hub revision of `model`.
         overwrite: replace an existing `output`.

@@ -28,11 +28,11 @@ _RUN_GROUP = "hf_stack_run"
 _MANAGER: dict = {}
 
 
-def _task_manager(full_index: bool = False):
+def _task_manager():
     """One lm-eval TaskManager per process, indexing only the folders of lm-eval's tasks that define the eight
-    (`LM_EVAL_TASK_DIRS`; all of lm-eval's with `full_index`) and a private folder holding the run's group YAML,
-    which each evaluation rewrites (lm-eval reads it when the group is built)."""
-    if full_index or not _MANAGER:
+    (`LM_EVAL_TASK_DIRS`) and a private folder holding the run's group YAML, which each evaluation rewrites (lm-eval
+    reads it when the group is built)."""
+    if not _MANAGER:
         import atexit
         import shutil
 
@@ -42,8 +42,6 @@ def _task_manager(full_index: bool = False):
         folder = Path(tempfile.mkdtemp(prefix="hf_stack_tasks-"))
         atexit.register(shutil.rmtree, folder, True)
         (folder / f"{_RUN_GROUP}.yaml").write_text(yaml.safe_dump({"group": _RUN_GROUP, "task": ["arc_easy"]}))
-        if full_index:
-            return TaskManager(include_path=str(folder)), folder
         shipped = Path(lm_eval.tasks.__file__).parent
         paths = [str(folder), *(str(shipped / d) for d in sorted(set(LM_EVAL_TASK_DIRS.values())))]
         _MANAGER.update(manager=TaskManager(include_path=paths, include_defaults=False), folder=folder)

@@ -18,8 +18,8 @@ from .registry import Growth, Operator, register_operator, repeats
 # Every write of a decoder layer into the residual stream, as the families name it (regular expressions over a
 # layer's parameter suffixes): the attention output, the dense MLP's, each expert's (Mixtral's w2, OLMoE's and
 # Qwen-MoE's per-expert down_proj, gpt-oss's fused experts and their bias), a shared expert's, and a hybrid layer's
-# mixer (Falcon-H1's mamba.out_proj). Zeroing a writer zeroes its branch's contribution; a router or gate only
-# scales branches, so it may keep the copied values.
+# mixer (Falcon-H1's mamba.out_proj, not yet tested). Zeroing a writer zeroes its branch's contribution; a router
+# or gate only scales branches, so it may keep the copied values.
 RESIDUAL_WRITERS = (
     r"self_attn\.o_proj\.(weight|bias)",
     r"(mlp|feed_forward)\.down_proj\.(weight|bias)",

@@ -121,7 +121,7 @@ class StackingTrainer(Trainer):
         extra = {"tokens": tokens, "flops": flops, "non_embedding_flops": non_embedding, "phase": self.phase,
                  "num_parameters": params, "train_seconds": round(self._phase_seconds(), 3)}  # fmt: skip
         if self._data_tokens:  # passes over the run's data (Trainer's own `epoch` counts the phase's blocks)
-            extra["data_epoch"] = round(tokens / self._data_tokens, 4)
+            extra["data_epoch"] = self._data_epoch(tokens)
         if self.phase == 2 and self.args.mask_steps:
             extra["growth_mask"] = self.mask_ramp.value
         if self._last_log is not None and now > self._last_log[1] and tokens > self._last_log[0]:
@@ -381,8 +381,12 @@ class StackingTrainer(Trainer):
         """The phase's accounting, with the passes over the run's data at its end (`data_epoch`)."""
         record = phase_record(phase, model, steps, tps, seconds)
         if self._data_tokens:
-            record["data_epoch"] = round((self.phase_start["tokens"] + record["tokens"]) / self._data_tokens, 4)
+            record["data_epoch"] = self._data_epoch(self.phase_start["tokens"] + record["tokens"])
         return record
+
+    def _data_epoch(self, tokens: int) -> float:
+        """Passes over the run's training data after `tokens` of the run."""
+        return round(tokens / self._data_tokens, 4)
 
     def _install_model(self, grown, phases: list[dict]) -> None:
         """The grown model in place for the phase after `phases`, its accounting starting where theirs ends."""
@@ -625,9 +629,9 @@ def _phase_blocks(dataset, start: int, count: int):
     """The `count` blocks a phase trains on, from block `start` of the run's data (what follows the earlier phases'),
     going round to the first block when the data runs out: every step gets whole batches, so the tokens counted are
     the tokens trained (Trainer would give a pass's last step only the blocks left)."""
-    if start == 0 and count == len(dataset):
-        return dataset
     n = len(dataset)
+    if start == 0 and count == n:
+        return dataset
     indices = range(start, start + count) if start + count <= n else [(start + i) % n for i in range(count)]
     if hasattr(dataset, "select"):
         return dataset.select(indices)
