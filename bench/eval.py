@@ -11,6 +11,17 @@ through `evaluate_model`; per task it records wall time, peak RSS (the kernel's 
 task, after a warm-up forward pass and a two-item evaluation outside the timings) and time per stage (tokenising, layout, forward, head, log-softmax: the scorer's own counters; for HFLM its
 `tok_encode` and `_model_call`, the rest of `_loglikelihood_tokens` being the log-softmax and gathers). The script
 asserts every metric is identical between the backends and writes everything to bench/results/eval.json.
+
+    .venv/bin/python bench/eval.py --end-to-end --items 500 --reps 2 --shapes 4x256x8192,6x384x4096
+
+What a user waits for: the whole `hf-stack eval` command beside the whole `lm_eval --model hf` command (lm-eval's
+own CLI, the same eight tasks through `--include_path`: each task's shipped YAML with its dataset swapped for the
+same local file), each a fresh process timed from start to exit, its peak RSS from the kernel (`wait4`), at two
+sizes of work: a smoke call (`--limit 5`, as typed to see that it runs: results printed, nothing written) and
+every item (results written: `--output`, where hf-stack also draws its bar chart, and `--output_path`), both at
+batch 16 without BOS; on every item accuracies must be identical and perplexities equal to 1e-6. Then `EvalCallback` inside a real `StackingTrainer` run: the seconds of its first and later calls (every
+step, 20 items per task, all eight tasks), beside one `evaluate_model` call of the same work. Everything goes to
+bench/results/eval_end_to_end.json.
 """
 
 from __future__ import annotations
@@ -183,14 +194,172 @@ def worker(shape: str, backend: str, batch_size: int, data: Path) -> dict:
     return out
 
 
+def lm_eval_tasks(data: Path) -> tuple[Path, list[str]]:
+    """The eight tasks for plain `lm_eval --include_path`: each shipped YAML included, its data swapped for `data`'s
+    file (what `hf-stack eval --data-dir` does through its run group)."""
+    import yaml
+
+    from hf_stack.evaluation import harness
+    from hf_stack.evaluation.benchmarks import TASKS
+
+    folder = data.with_name(data.name + "-lm-eval-tasks")
+    folder.mkdir(exist_ok=True)
+    index = harness._task_manager()[0].task_index
+    for task in TASKS:
+        cfg = index[task].cfg
+        split_key = "test_split" if cfg.get("test_split") else "validation_split"
+        spec = {"include": str(index[task].yaml_path), "task": f"local_{task}", "tag": [], "dataset_path": "json",
+                "dataset_name": None, "training_split": None, "validation_split": None, "test_split": None,
+                "fewshot_split": None, split_key: cfg[split_key],
+                "dataset_kwargs": {"data_files": {cfg[split_key]: str((data / f"{task}.jsonl").resolve())}}}  # fmt: skip
+        (folder / f"local_{task}.yaml").write_text(yaml.safe_dump(spec))
+    return folder, [f"local_{t}" for t in TASKS]
+
+
+def run_command(cmd: list, out: Path) -> dict:
+    """One command in a fresh process: its wall seconds (start to exit) and peak RSS (the kernel's, for it alone)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    with open(out.with_suffix(".log"), "w") as log:
+        t0 = time.perf_counter()
+        p = subprocess.Popen(list(map(str, cmd)), stdout=log, stderr=subprocess.STDOUT, env=env, cwd=out.parent)
+        _, status, usage = os.wait4(p.pid, 0)
+        wall = time.perf_counter() - t0
+    if os.waitstatus_to_exitcode(status):
+        raise SystemExit(f"{cmd[0]} failed; see {out.with_suffix('.log')}")
+    return {"seconds": wall, "peak_rss_mb": usage.ru_maxrss / 1024}
+
+
+def end_to_end(args) -> None:
+    from hf_stack.evaluation.benchmarks import TASKS
+
+    bin_dir = Path(sys.executable).parent
+    data = WORK / f"eval-data-{args.items}"
+    synthesise(data, args.items)
+    tasks_dir, local_tasks = lm_eval_tasks(data)
+    shapes = args.shapes.split(",")
+    sizes = {"smoke (--limit 5)": 5, f"all {args.items} items": None}
+    runs: dict = {s: {z: {b: [] for b in BACKENDS} for z in sizes} for s in shapes}
+    out_dir = WORK / "eval-end-to-end"
+    out_dir.mkdir(exist_ok=True)
+    for rep in range(args.reps):
+        for shape in shapes:
+            model = model_folder(shape)
+            for size, limit in sizes.items():
+                extra = ["--limit", limit] if limit else []
+                for backend in BACKENDS:
+                    out = out_dir / f"{shape}-{limit or 'all'}-{backend}"
+                    if backend == "hf-stack":
+                        cmd = [bin_dir / "hf-stack", "eval", model, "--data-dir", data, "--batch-size", args.batch_size,
+                               *extra, *([] if limit else ["--output", out.with_suffix(".json")])]  # fmt: skip
+                    else:
+                        cmd = [bin_dir / "lm_eval", "--model", "hf", "--model_args",
+                               f"pretrained={model},dtype=float32,add_bos_token=False", "--include_path", tasks_dir,
+                               "--tasks", ",".join(local_tasks), "--batch_size", args.batch_size, "--device", "cpu",
+                               *extra, *([] if limit else ["--output_path", out])]  # fmt: skip
+                    r = run_command(cmd, out)
+                    if not limit:  # the metrics, from the results files
+                        found = (
+                            [out.with_suffix(".json")]
+                            if backend == "hf-stack"
+                            else sorted(out.glob("*/results_*.json"))
+                        )
+                        results = json.loads(found[-1].read_text())["results"]
+                        r["metrics"] = {t: {k: v for k, v in results[t if backend == "hf-stack" else f"local_{t}"].items()
+                                            if k.endswith(",none") and "stderr" not in k} for t in TASKS}  # fmt: skip
+                    runs[shape][size][backend].append(r)
+                    print(f"rep {rep + 1}/{args.reps} {shape} {size} {backend}: {r['seconds']:.1f} s, "
+                          f"{r['peak_rss_mb']:.0f} MB", flush=True)  # fmt: skip
+    summary = {}
+    print(
+        "\n| shape | work | hf-stack eval | lm_eval --model hf | speed-up | peak RSS ratio |\n|---|---|---|---|---|---|"
+    )
+    for shape in shapes:
+        for size in sizes:
+            ours, theirs = runs[shape][size]["hf-stack"], runs[shape][size]["lm-eval"]
+            for task in TASKS if "metrics" in ours[0] else ():  # accuracies identical; perplexities to 1e-6
+                a, b = ours[0]["metrics"][task], theirs[0]["metrics"][task]
+                assert a.keys() == b.keys() and all(
+                    a[k] == b[k] if k.startswith("acc") else abs(a[k] - b[k]) <= 1e-6 * abs(b[k]) for k in a
+                ), (shape, size, task, a, b)
+            row = {b: {k: statistics.median(r[k] for r in rs) for k in ("seconds", "peak_rss_mb")}
+                   for b, rs in (("hf-stack", ours), ("lm-eval", theirs))}  # fmt: skip
+            row["speedup"] = row["lm-eval"]["seconds"] / row["hf-stack"]["seconds"]
+            row["peak_rss_ratio"] = row["hf-stack"]["peak_rss_mb"] / row["lm-eval"]["peak_rss_mb"]
+            summary.setdefault(shape, {})[size] = row
+            print(f"| {shape} | {size} | {row['hf-stack']['seconds']:.1f} s, {row['hf-stack']['peak_rss_mb']:.0f} MB | "
+                  f"{row['lm-eval']['seconds']:.1f} s, {row['lm-eval']['peak_rss_mb']:.0f} MB | {row['speedup']:.2f}x | "
+                  f"{row['peak_rss_ratio']:.2f} |")  # fmt: skip
+    calls = {shape: callback_calls(shape, args.items) for shape in shapes}
+    print("\n| shape | EvalCallback first call | later calls (median) | first / later | of a call: forward, head, "
+          "log-softmax | one evaluate_model call |\n|---|---|---|---|---|---|")  # fmt: skip
+    for shape, c in calls.items():
+        compute = sum(
+            v for k, v in c["scorer_stage_seconds_per_call"].items() if k in ("forward", "head", "log-softmax")
+        )
+        print(f"| {shape} | {c['calls'][0]:.2f} s | {c['later']:.2f} s | {c['calls'][0] / c['later']:.2f}x | "
+              f"{compute:.2f} s | {c['evaluate_model']:.2f} s |")  # fmt: skip
+    save_results("eval_end_to_end", {"settings": vars(args), "runs": runs, "summary": summary, "callback": calls})
+
+
+def callback_calls(shape: str, items: int) -> dict:
+    """`EvalCallback` at every step of a real `StackingTrainer` run (in a fresh process): each call's seconds."""
+    cmd = [sys.executable, __file__, "--callback-worker", shape, "--items", str(items)]
+    p = subprocess.run(
+        cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    )
+    if p.returncode:
+        raise SystemExit(p.stderr[-3000:])
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def callback_worker(shape: str, data: Path, calls: int = 4, limit: int = 20) -> dict:
+    import shutil
+
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hf_stack import EvalCallback, StackingTrainer, StackingTrainingArguments
+    from hf_stack.evaluation.harness import evaluate_model
+
+    folder, run = model_folder(shape), WORK / "eval-callback-run"
+    shutil.rmtree(run, ignore_errors=True)
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    rows = torch.randint(0, len(tok), (calls * 4, 128), generator=torch.Generator().manual_seed(0)).tolist()
+    args = StackingTrainingArguments(str(run), max_tokens=128 * 4 * calls,
+                                     per_device_train_batch_size=4, report_to=[], use_cpu=True, disable_tqdm=True,
+                                     save_strategy="no", learning_rate=1e-4)  # fmt: skip
+    trainer = StackingTrainer(
+        model=model, args=args, train_dataset=Dataset.from_dict({"input_ids": rows, "labels": rows})
+    )
+    cb = EvalCallback(tok, data_dir=data, limit=limit, every_n_steps=1, trainer=trainer)
+    trainer.add_callback(cb)
+    trainer.train()
+    seconds = [h["bench/seconds"] for h in cb.history]
+    stages = {k: v / len(seconds) for k, v in cb._lm[1].stage_seconds.items()}  # the scorer's, per call
+    start = time.perf_counter()  # what each call cost when the callback called evaluate_model
+    evaluate_model(model, tok, data_dir=data, limit=limit, bootstrap_iters=0)
+    return {"calls": seconds, "later": statistics.median(seconds[1:]), "evaluate_model": time.perf_counter() - start,
+            "limit": limit, "scorer_stage_seconds_per_call": stages}  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--items", type=int, default=60)
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--shapes", default=",".join(SHAPES), help="layers x hidden x vocabulary, comma-separated")
+    parser.add_argument("--end-to-end", action="store_true", help="whole CLI calls and EvalCallback calls")
     parser.add_argument("--worker", nargs=2, metavar=("SHAPE", "BACKEND"), help=argparse.SUPPRESS)
+    parser.add_argument("--callback-worker", metavar="SHAPE", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.callback_worker:
+        print(json.dumps(callback_worker(args.callback_worker, WORK / f"eval-data-{args.items}")))
+        return
+    if args.end_to_end:
+        end_to_end(args)
+        return
     data = WORK / "eval-data"
     if args.worker:
         print(json.dumps(worker(*args.worker, args.batch_size, data)))

@@ -49,11 +49,15 @@ def _task_manager():
 
 
 def _memoize_lm_eval_overheads() -> None:
-    """Two costs of every lm-eval run that do not depend on the model, paid once per process instead: lm-eval
-    compiles a task's Jinja template anew for every document it renders, and runs `pip list` and friends for the
-    results' environment info on every `simple_evaluate` (0.3 s each time; `EvalCallback` calls it repeatedly).
-    The rendered prompts are the same; the environment info is the first call's (so a later change of the
-    working directory's git commit is not seen). Process-wide: other lm-eval callers in the process share both."""
+    """Costs of every lm-eval run that do not depend on the model, paid once per process instead: lm-eval compiles a
+    task's Jinja template anew for every document it renders, and collects the results' environment info (`pip
+    list`, `git` and friends: 0.3 s) on every `simple_evaluate`; `EvalCallback` calls it repeatedly. The environment
+    is collected in a thread started at the first call, before the model loads, so a one-shot `hf-stack eval` does
+    not wait for it either (the thread mostly waits on subprocesses). The rendered prompts are the same; the
+    environment info is the first call's (a later change of the working directory's git commit is not seen).
+    Process-wide: other lm-eval callers in the process share all three."""
+    import threading
+
     import lm_eval.evaluator
     import lm_eval.loggers.utils
     import lm_eval.utils
@@ -65,16 +69,28 @@ def _memoize_lm_eval_overheads() -> None:
     def apply_template(template: str, doc: dict) -> str:
         return compile_template(template).render(**doc)
 
+    collect_env, git_hash = lm_eval.loggers.utils.add_env_info, lm_eval.evaluator.get_git_commit_hash
     env_info: dict = {}
 
-    def add_env_info(storage: dict) -> None:
-        if not env_info:
-            lm_eval.loggers.utils.add_env_info(env_info)
-        storage.update(env_info)
+    def collect() -> None:
+        env_info["git_hash"] = git_hash()
+        collect_env(env_info)
 
-    apply_template._hf_stack = add_env_info._hf_stack = True
+    collecting = threading.Thread(target=collect, name="hf_stack-env-info", daemon=True)
+    collecting.start()
+
+    def add_env_info(storage: dict) -> None:
+        collecting.join()
+        storage.update({k: v for k, v in env_info.items() if k != "git_hash"})
+
+    def get_git_commit_hash():
+        collecting.join()
+        return env_info["git_hash"]
+
+    apply_template._hf_stack = True
     lm_eval.utils.apply_template = apply_template
     lm_eval.evaluator.add_env_info = add_env_info
+    lm_eval.evaluator.get_git_commit_hash = get_git_commit_hash
 
 
 def _data_file(data_dir: Path, task: str) -> tuple[str, Path]:
@@ -210,6 +226,7 @@ def evaluate_model(
     if limit is not None and limit < 1:
         raise HfStackError(f"limit must be at least 1, got {limit}")
     specs = _task_specs(names, data_dir)  # validates data before the model loads
+    _memoize_lm_eval_overheads()  # starts collecting the environment info while the model loads
     model, tokenizer = load_model(model, tokenizer, revision)
     lm = make_lm(model, tokenizer, backend, batch_size, add_bos_token=add_bos_token)
 

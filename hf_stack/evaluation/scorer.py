@@ -58,28 +58,29 @@ class PrefixSharingLM(HFLM):
         self.stage_seconds: dict[str, float] = defaultdict(float)
         self.stage_tokens: dict[str, int] = defaultdict(int)
         self._split_head: bool | None = None  # decided by the probe on first use
+        self._encoded: dict[str, list[int]] = {}  # string -> token ids, under this LM's BOS setting
 
     # -- tokenising ---------------------------------------------------------------------------------------------
 
     def _encode_many(self, strings: list[str]) -> list[list[int]]:
         """`self.tok_encode(s)` of every string, through batched calls of a fast tokenizer (same special-token rule:
-        the BOS setting, unless the string already starts with BOS)."""
+        the BOS setting, unless the string already starts with BOS). Remembered per LM: an `EvalCallback` scores
+        the same requests at every call, and tokenises them once."""
         start = time.perf_counter()
+        new = sorted({s for s in strings if s not in self._encoded})
         if not getattr(self.tokenizer, "is_fast", False):
-            out = [self.tok_encode(s) for s in strings]
+            self._encoded.update((s, self.tok_encode(s)) for s in new)
         else:
             base = _add_special_kwargs(None, self.add_bos_token)
             bos = self.tokenizer.decode(self.prefix_token_id)
-            by_kwargs: dict[tuple, list[int]] = defaultdict(list)
-            for i, s in enumerate(strings):
+            by_kwargs: dict[tuple, list[str]] = defaultdict(list)
+            for s in new:
                 kwargs = {**base, "add_special_tokens": False} if has_bos_prefix(s, bos) else base
-                by_kwargs[tuple(sorted(kwargs.items()))].append(i)
-            out: list = [None] * len(strings)
-            for key, idx in by_kwargs.items():
-                for i, ids in zip(idx, self.tokenizer([strings[i] for i in idx], **dict(key))["input_ids"]):
-                    out[i] = ids
+                by_kwargs[tuple(sorted(kwargs.items()))].append(s)
+            for key, group in by_kwargs.items():
+                self._encoded.update(zip(group, self.tokenizer(group, **dict(key))["input_ids"]))
         self.stage_seconds["tokenise"] += time.perf_counter() - start
-        return out
+        return [self._encoded[s] for s in strings]
 
     def loglikelihood(self, requests, disable_tqdm: bool = False):
         if self.backend != "causal" or getattr(self, "enable_thinking", False):
