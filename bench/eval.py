@@ -216,17 +216,28 @@ def lm_eval_tasks(data: Path) -> tuple[Path, list[str]]:
     return folder, [f"local_{t}" for t in TASKS]
 
 
+# Starts the command from a small process and reports its rusage: a child's peak RSS starts at its parent's RSS at
+# fork (the kernel carries the old address space's high-water mark over `exec`), and this script's is large.
+LAUNCHER = """import os, sys, time
+t0 = time.perf_counter()
+pid = os.posix_spawn(sys.argv[1], sys.argv[1:], os.environ)
+_, status, usage = os.wait4(pid, 0)
+print(time.perf_counter() - t0, usage.ru_maxrss, os.waitstatus_to_exitcode(status), file=sys.stderr)
+"""
+
+
 def run_command(cmd: list, out: Path) -> dict:
     """One command in a fresh process: its wall seconds (start to exit) and peak RSS (the kernel's, for it alone)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
     with open(out.with_suffix(".log"), "w") as log:
-        t0 = time.perf_counter()
-        p = subprocess.Popen(list(map(str, cmd)), stdout=log, stderr=subprocess.STDOUT, env=env, cwd=out.parent)
-        _, status, usage = os.wait4(p.pid, 0)
-        wall = time.perf_counter() - t0
-    if os.waitstatus_to_exitcode(status):
-        raise SystemExit(f"{cmd[0]} failed; see {out.with_suffix('.log')}")
-    return {"seconds": wall, "peak_rss_mb": usage.ru_maxrss / 1024}
+        p = subprocess.run([sys.executable, "-S", "-c", LAUNCHER, *map(str, cmd)], stdout=log,
+                           stderr=subprocess.PIPE, text=True, env=env, cwd=out.parent)  # fmt: skip
+    log_text = out.with_suffix(".log").read_text()
+    *_, last = p.stderr.strip().splitlines() or [""]
+    wall, maxrss, code = last.split()
+    if p.returncode or int(code):
+        raise SystemExit(f"{cmd[0]} failed; see {out.with_suffix('.log')}\n{p.stderr[-2000:]}{log_text[-2000:]}")
+    return {"seconds": float(wall), "peak_rss_mb": int(maxrss) / 1024}
 
 
 def end_to_end(args) -> None:
