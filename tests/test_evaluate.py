@@ -287,6 +287,8 @@ def test_metrics_are_identical_and_fast_backend_shares_prefixes(scorer_model, tm
     assert saved["results"]["piqa"]["acc,none"] == fast["results"]["piqa"]["acc,none"]
     assert saved["hf_stack"]["add_bos_token"] is False and (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
     assert saved["configs"]["arc_easy"]["doc_to_text"] == "Question: {{question}}\nAnswer:"  # lm-eval's own prompt
+    # lm-eval's environment record, collected in a thread while the model loaded
+    assert "Python version" in saved["pretty_env_info"] and "git_hash" in saved and saved["transformers_version"]
 
 
 def test_prefix_sharing_runs_fewer_tokens(scorer_model):
@@ -460,6 +462,7 @@ def test_batched_tokenising_gives_hflms_tokens(scorer_model, add_bos_token):
     choices += [Instance("loglikelihood", {}, args, k) for k, args in enumerate(edges)]
     ours, theirs = _requests_seen(fast, choices), _requests_seen(ref, choices)
     assert len(ours) == len(choices) and ours == theirs
+    assert _requests_seen(fast, choices[::-1]) == theirs[::-1]  # again, in another order: from its remembered tokens
     with_bos = sum(ctx[0] == tok.bos_token_id for ctx, _ in ours[: -len(edges)])
     assert with_bos == (len(ours) - len(edges) if add_bos_token in (True, None) else 0)
     assert ours[-len(edges)][0].count(tok.bos_token_id) == 1  # BOS in the text: not added twice

@@ -192,8 +192,9 @@ def test_unknown_per_layer_config_field_is_an_error(field, value):
         (dict(architectures=["BertModel"]), "unsupported architecture"),
         (dict(text_config={"num_hidden_layers": 2}), "nested"),
         (dict(num_hidden_layers=0), "positive integer"),
-        # GPT-2's layout: the reason is the layout, not a missing field
-        (dict(num_hidden_layers=None, n_layer=2, model_type="gpt2"), "'gpt2' keeps its decoder layers outside"),
+        # GPT-J's layout (transformer.h, like GPT-2's, which LAYOUTS describes): the reason is the layout, not a
+        # missing field
+        (dict(num_hidden_layers=None, n_layer=2, model_type="gptj"), "'gptj' keeps its decoder layers outside"),
     ],
 )
 def test_unsupported_sources_are_refused(change, match):
@@ -212,6 +213,44 @@ def test_checkpoint_that_does_not_match_config_is_refused():
         build_plan({**cfg, "num_hidden_layers": 4}, infos, StackedConfig(factor=2))
     with pytest.raises(HfStackError, match="names what|supported"):
         build_plan(cfg, {"transformer.h.0.w": ("F32", (2,))}, StackedConfig(factor=2))
+
+
+def test_layers_the_config_sets_apart_may_hold_different_tensors():
+    """Layers a config describes apart (here layer 0 dense by `mlp_only_layers`, as Qwen-MoE; DeepSeek-V3's
+    `first_k_dense_replace` alike) hold different tensors: each target layer takes its own source layer's. The same
+    checkpoint without the field is inconsistent and refused."""
+    cfg, infos = fake_source(3, mlp_only_layers=[0])
+    for i in (1, 2):
+        del infos[f"model.layers.{i}.mlp.down_proj.weight"]
+        infos[f"model.layers.{i}.mlp.experts.0.down_proj.weight"] = ("BF16", (8, 8))
+    plan = build_plan(cfg, infos, StackedConfig(factor=2))
+    assert plan.target_config["mlp_only_layers"] == [0, 3]
+    for i, j in enumerate(plan.layer_map):
+        got = sorted(t.source for t in plan.tensors if t.target.startswith(f"model.layers.{i}."))
+        assert got == sorted(k for k in infos if k.startswith(f"model.layers.{j}.")), i
+    del cfg["mlp_only_layers"]
+    with pytest.raises(HfStackError, match="layer 1 has different tensors from layer 0.*describes the two alike"):
+        build_plan(cfg, infos, StackedConfig(factor=2))
+
+
+def test_layouts_are_data():
+    """GPT-NeoX keeps its layers, embeddings and head under other names: the plan reads them from LAYOUTS."""
+    cfg = {"architectures": ["GPTNeoXForCausalLM"], "model_type": "gpt_neox", "num_hidden_layers": 2}
+    infos = {"gpt_neox.embed_in.weight": ("F32", (10, 4)), "embed_out.weight": ("F32", (10, 4)),
+             "gpt_neox.final_layer_norm.weight": ("F32", (4,))}  # fmt: skip
+    for i in range(2):
+        infos[f"gpt_neox.layers.{i}.attention.dense.weight"] = ("F32", (4, 4))
+    plan = build_plan(cfg, infos, StackedConfig(factor=2))
+    assert [t.target for t in plan.tensors] == ["gpt_neox.embed_in.weight"] + [
+        f"gpt_neox.layers.{i}.attention.dense.weight" for i in range(4)
+    ] + ["embed_out.weight", "gpt_neox.final_layer_norm.weight"]
+    assert [t.source for t in plan.tensors][1:5] == [f"gpt_neox.layers.{j}.attention.dense.weight" for j in (0, 1, 0, 1)]
+    gpt2 = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_layer": 2, "tie_word_embeddings": True}
+    infos = {"transformer.wte.weight": ("F32", (10, 4)), **{f"transformer.h.{i}.mlp.c_proj.weight": ("F32", (4, 4))
+                                                              for i in range(2)}}  # fmt: skip
+    plan = build_plan(gpt2, infos, StackedConfig(factor=2))  # GPT-2: depth in n_layer, the head tied, unstored
+    assert plan.target_config["n_layer"] == 4 and "num_hidden_layers" not in plan.target_config
+    assert [t.target for t in plan.tensors][-1] == "transformer.h.3.mlp.c_proj.weight"
 
 
 def test_describe_lists_every_target_tensor():
@@ -384,3 +423,14 @@ def test_depth_growth_refuses_shapes_the_config_contradicts(name, shape, want):
         HfStackError, match=re.escape(f"{name!r} has shape {list(shape)} but the config implies {want}")
     ):
         build_plan(cfg, wrong, StackedConfig(factor=2))
+
+
+def test_zero_claims_the_function_only_where_it_knows_every_branchs_writer():
+    """A repeated layer is an identity only if its attention and feed-forward writes are zeroed: a family whose
+    writers the table does not name grows, but its plan does not claim to keep the function."""
+    cfg, infos = fake_source(2)
+    assert build_plan(cfg, infos, StackedConfig(operator="zero", factor=2)).function_preserving
+    renamed = {k.replace("mlp.down_proj", "ffn.w_out"): v for k, v in infos.items()}
+    plan = build_plan(cfg, renamed, StackedConfig(operator="zero", factor=2))
+    assert not plan.function_preserving and "function preserving: no" in plan.describe()
+    assert [t.op for t in plan.tensors if t.target == "model.layers.3.self_attn.o_proj.weight"] == ["zero"]

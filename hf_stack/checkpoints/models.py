@@ -3,19 +3,29 @@
 from __future__ import annotations
 
 from ..errors import HfStackError
+from ..plans.plan import layout_of
 
 
-def build_model(config_dict: dict, dtype, init: bool = True):
-    """The transformers class of `config_dict["model_type"]`, built from the config (no remote code)."""
-    from transformers import CONFIG_MAPPING, AutoModelForCausalLM
-    from transformers.initialization import no_init_weights
+def _config(config_dict: dict):
+    from transformers import CONFIG_MAPPING
 
     model_type = config_dict.get("model_type")
     if model_type not in CONFIG_MAPPING:
         raise HfStackError(
             f"transformers does not know model_type {model_type!r}; upgrade transformers or check config.json"
         )
-    config = CONFIG_MAPPING[model_type].from_dict(dict(config_dict))
+    cls = CONFIG_MAPPING[model_type]
+    # config.json as transformers writes it: what JSON cannot hold (Falcon-H1's infinite `time_step_limit`) is
+    # encoded, and decoded by transformers' own reader, which `from_dict` does not call
+    return cls.from_dict(cls._decode_special_floats(dict(config_dict)))
+
+
+def build_model(config_dict: dict, dtype, init: bool = True):
+    """The transformers class of `config_dict["model_type"]`, built from the config (no remote code)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    config = _config(config_dict)
     config.dtype = dtype
     if init:
         return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
@@ -24,16 +34,23 @@ def build_model(config_dict: dict, dtype, init: bool = True):
 
 
 def instantiate(plan, state: dict):
-    """Build the target architecture's own transformers class from the plan's config and the grown tensors."""
-    # No random init: every parameter is overwritten by the grown tensors right after.
-    model = build_model(plan.target_config, next(iter(state.values())).dtype, init=False)
-    config = model.config
-    result = model.load_state_dict(state, strict=False)
-    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
-    if result.unexpected_keys or set(result.missing_keys) - tied:
+    """Build the target architecture's own transformers class from the plan's config and the grown tensors.
+
+    Loaded the way `from_pretrained` loads a checkpoint, so the tensors may be in the checkpoint's layout (experts
+    one by one, as files store them) or in the model's own (transformers 5 fuses experts into 3-D tensors when
+    it loads): transformers' conversions map the one to the other."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    config = _config(plan.target_config)
+    dtype = next(iter(state.values())).dtype
+    config.dtype = dtype
+    cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]  # the class itself: the Auto class would look for remote code
+    model, info = cls.from_pretrained(None, config=config, state_dict=state, dtype=dtype, output_loading_info=True)
+    tied = {layout_of(plan.target_config).head} if config.tie_word_embeddings else set()
+    missing = set(info["missing_keys"]) - tied
+    if info["unexpected_keys"] or missing or info["mismatched_keys"]:
         raise HfStackError(
-            f"the grown tensors do not fit {type(model).__name__}: missing {result.missing_keys[:3]}, "
-            f"unexpected {result.unexpected_keys[:3]}"
+            f"the grown tensors do not fit {type(model).__name__}: missing {sorted(missing)[:3]}, "
+            f"unexpected {sorted(info['unexpected_keys'])[:3]}, mismatched {sorted(info['mismatched_keys'])[:3]}"
         )
-    model.tie_weights()
     return model.eval()

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ..errors import HfStackError, error_reason
+from ..plans.plan import layout_of
 from .tensors import TORCH_DTYPES, TensorReader
 
 
@@ -102,19 +103,24 @@ def verify_checkpoint(folder: Path, plan, source, dtype: str | None = None, comp
     from transformers import AutoModelForCausalLM
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto", trust_remote_code=False)
+        model, info = AutoModelForCausalLM.from_pretrained(
+            folder, dtype="auto", trust_remote_code=False, output_loading_info=True
+        )
     except Exception as e:
         _fail(f"the grown checkpoint does not load: {error_reason(e)}")
-    loaded = model.state_dict()
+    tied = {layout_of(plan.target_config).head} if model.config.tie_word_embeddings else set()
+    # what the model's class found missing or left unused, after transformers' conversions (fused experts, ...)
+    unfilled, unused = set(info["missing_keys"]) - tied, set(info["unexpected_keys"]) | set(info["mismatched_keys"])
+    if unfilled or unused:
+        _fail(f"{type(model).__name__} found tensors missing {sorted(unfilled)[:3]}, unused {sorted(unused)[:3]}")
+    loaded, layout = model.state_dict(), layout_of(plan.target_config)
+    if tied and loaded[layout.head].data_ptr() != loaded[layout.embed].data_ptr():
+        _fail("embeddings should be tied but the head is a separate tensor")
+    state = _stored_tensors(folder)  # as written: the loaded model may have cast or fused them
     expected = {t.target for t in plan.tensors}
-    tied = {"lm_head.weight"} if plan.target_config.get("tie_word_embeddings") else set()
-    extra = set(loaded) - expected - tied
-    missing = expected - set(loaded)
+    extra, missing = set(state) - expected, expected - set(state)
     if extra or missing:
         _fail(f"missing tensors {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]}")
-    if tied and loaded["lm_head.weight"].data_ptr() != loaded["model.embed_tokens.weight"].data_ptr():
-        _fail("embeddings should be tied but lm_head is a separate tensor")
-    state = _stored_tensors(folder)  # as written: the loaded model may have cast them to config.dtype
     reader = TensorReader(source)
     torch_dtype = TORCH_DTYPES.get(dtype) if dtype else None
     for entry in plan.tensors:

@@ -46,7 +46,8 @@ class Operator:
             the `width_noise` setting, for operators that copy units.
         needs_data: the grown tensors are trained (`learn`), so growth needs data.
         width_eps: [`~hf_stack.plans.width.WidthDims`] -> factor on the config's `rms_norm_eps` after width growth.
-        keeps_function: (layer map, source layers) -> whether a function-preserving depth rule holds for this map.
+        keeps_function: (layer map, source layers, each source layer's parameter suffixes) -> whether a
+            function-preserving depth rule holds for this map and these layers.
     """
 
     name: str
@@ -57,7 +58,7 @@ class Operator:
     width_axes: Callable
     needs_data: bool = False
     width_eps: Callable = lambda dims: 1.0
-    keeps_function: Callable[[tuple[int, ...], int], bool] = lambda layer_map, num_source_layers: True
+    keeps_function: Callable[[tuple[int, ...], int, dict], bool] = lambda layer_map, num_layers, tensors: True
 
     def growth(self, direction: str) -> Growth:
         return getattr(self, direction)

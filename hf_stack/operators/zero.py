@@ -12,34 +12,52 @@ scaled by sqrt(H / H') and `rms_norm_eps` by H / H', which makes the norm's outp
 paper's code does neither).
 """
 
+import re
+
 from ..plans.width import new_unit_axes
 from .registry import Growth, Operator, register_operator, repeats
 
-# Every write of a decoder layer into the residual stream, as the families name it (regular expressions over a
-# layer's parameter suffixes): the attention output, the dense MLP's, each expert's (Mixtral's w2, OLMoE's and
-# Qwen-MoE's per-expert down_proj, gpt-oss's fused experts and their bias), a shared expert's, and a hybrid layer's
-# mixer (Falcon-H1's mamba.out_proj, not yet tested). Zeroing a writer zeroes its branch's contribution; a router
-# or gate only scales branches, so it may keep the copied values.
-RESIDUAL_WRITERS = (
-    r"self_attn\.o_proj\.(weight|bias)",
-    r"(mlp|feed_forward)\.down_proj\.(weight|bias)",
-    r"block_sparse_moe\.experts\.\d+\.w2\.(weight|bias)",
-    r"mlp\.experts\.\d+\.down_proj\.(weight|bias)",
-    r"mlp\.experts\.down_proj(_bias)?",
-    r"mlp\.shared_experts?\.down_proj\.(weight|bias)",
-    r"mamba\.out_proj\.(weight|bias)",
-)
+# Every write of a decoder layer into the residual stream, by branch, as the families name it (regular expressions
+# over a layer's parameter suffixes): the attention output (Llama's o_proj, GPT-2's attn.c_proj, GPT-NeoX's
+# attention.dense), the feed-forward's (the dense MLP's down projection, each expert's: Mixtral's w2, OLMoE's and
+# Qwen-MoE's per-expert down_proj, gpt-oss's fused experts and their bias, a shared expert's), and a hybrid layer's
+# mixer (Falcon-H1's mamba.out_proj). Zeroing a writer zeroes its branch's contribution; a router or gate only
+# scales branches, so it may keep the copied values.
+RESIDUAL_WRITERS = {
+    "attention": (
+        r"self_attn\.o_proj\.(weight|bias)",
+        r"attn\.c_proj\.(weight|bias)",
+        r"attention\.dense\.(weight|bias)",
+    ),
+    "feed-forward": (
+        r"(mlp|feed_forward)\.down_proj\.(weight|bias)",
+        r"block_sparse_moe\.experts\.\d+\.w2\.(weight|bias)",
+        r"mlp\.experts\.\d+\.down_proj\.(weight|bias)",
+        r"mlp\.experts\.down_proj(_bias)?",
+        r"mlp\.shared_experts?\.down_proj\.(weight|bias)",
+        r"mlp\.(c_proj|dense_4h_to_h)\.(weight|bias)",
+    ),
+    "mixer": (r"mamba\.out_proj\.(weight|bias)",),
+}
+WRITER_PATTERNS = tuple(p for patterns in RESIDUAL_WRITERS.values() for p in patterns)
 
 
 def _zero_repeats(target_layer: int, layer_map: tuple[int, ...]) -> dict[str, str]:
-    return dict.fromkeys(RESIDUAL_WRITERS, "zero") if target_layer in repeats(layer_map) else {}
+    return dict.fromkeys(WRITER_PATTERNS, "zero") if target_layer in repeats(layer_map) else {}
 
 
-def _in_source_order(layer_map: tuple[int, ...], num_source_layers: int) -> bool:
-    # The first copies must be the source's layers in order: identity blocks may sit anywhere between them.
+def _keeps_function(layer_map: tuple[int, ...], num_source_layers: int, layer_tensors: dict[int, set[str]]) -> bool:
+    # The first copies must be the source's layers in order: identity blocks may sit anywhere between them. And
+    # every repeated layer must have a writer this table knows for its attention and its feed-forward branch: a
+    # family whose writers it does not name is grown, but not claimed function preserving.
     new = repeats(layer_map)
     firsts = [j for i, j in enumerate(layer_map) if i not in new]
-    return firsts == list(range(num_source_layers))
+    known = all(
+        any(re.fullmatch(p, s) for p in RESIDUAL_WRITERS[branch] for s in layer_tensors[layer_map[i]])
+        for i in new
+        for branch in ("attention", "feed-forward")
+    )
+    return firsts == list(range(num_source_layers)) and known
 
 
 def _zero_width(dims, noise=0.0):
@@ -66,6 +84,6 @@ ZERO = register_operator(
         layer_ops=_zero_repeats,
         width_axes=_zero_width,
         width_eps=lambda dims: dims.hidden[0] / dims.hidden[1],
-        keeps_function=_in_source_order,
+        keeps_function=_keeps_function,
     )
 )

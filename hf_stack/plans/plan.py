@@ -17,13 +17,53 @@ from .config import StackedConfig
 from .layers import MAX_TARGET_LAYERS, layer_map_to_slices, parse_layer_map
 from .width import WIDTH_MODEL_TYPES, Axis, grow_width_config, split_axes, tensor_axes, width_dims
 
-# Architectures tested end to end; any other causal LM whose decoder layers live at `model.layers.{i}.` is
-# accepted too, since growth only renames and copies tensors.
+# Architectures named in messages; README "Supported architectures" lists every family the tests grow. Any other
+# causal LM whose layers form one list in a known layout is accepted too: depth growth only renames and copies.
 TESTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a model family keeps its decoder layers, input embeddings and output head in a checkpoint, and which
+    config key holds its depth: data the plan reads, so a family that names them otherwise is an entry in
+    `LAYOUTS`, not code.
+
+    Attributes:
+        layers: the prefix of layer i's tensors, before the index.
+        embed: the input embeddings.
+        head: the output projection (not stored when the config ties it to the embeddings).
+        depth: the config key of the number of layers.
+    """
+
+    layers: str = "model.layers."
+    embed: str = "model.embed_tokens.weight"
+    head: str = "lm_head.weight"
+    depth: str = "num_hidden_layers"
+
+    def layer_key(self, name: str) -> tuple[int, str] | None:
+        """`(i, suffix)` for a tensor of layer i, else None."""
+        if not name.startswith(self.layers):
+            return None
+        index, _, suffix = name[len(self.layers) :].partition(".")
+        return (int(index), suffix) if index.isdigit() and suffix else None
+
+
+LLAMA_LAYOUT = Layout()
+LAYOUTS = {
+    "gpt2": Layout("transformer.h.", "transformer.wte.weight", depth="n_layer"),
+    "gpt_neox": Layout("gpt_neox.layers.", "gpt_neox.embed_in.weight", "embed_out.weight"),  # Pythia
+}
+
+
+def layout_of(config: dict) -> Layout:
+    """The checkpoint layout of a config's model type (Llama's unless `LAYOUTS` names another)."""
+    return LAYOUTS.get(config.get("model_type"), LLAMA_LAYOUT)
+
+
+# The Llama layout's names, for what only reads that layout (width growth, LiGO).
 LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
-EMBED_KEY = "model.embed_tokens.weight"
-LM_HEAD_KEY = "lm_head.weight"
+EMBED_KEY = LLAMA_LAYOUT.embed
+LM_HEAD_KEY = LLAMA_LAYOUT.head
 
 # Config lists that are not indexed by layer even when their length happens to equal the layer count.
 NON_LAYER_LISTS = frozenset(
@@ -224,11 +264,14 @@ def grow_config(config: dict, layer_map: tuple[int, ...]) -> dict:
     `max_window_layers` follows the grown `layer_types`. A field that is per-layer in a way this cannot carry
     over raises rather than being silently dropped.
     """
-    L = config["num_hidden_layers"]
+    depth = layout_of(config).depth
+    L = config[depth]
     N = len(layer_map)
     out = copy.deepcopy(config)
-    out["num_hidden_layers"] = N
+    out[depth] = N
     for key, value in config.items():
+        if key == depth:
+            continue
         if key in UNSUPPORTED_PER_LAYER and value is not None:
             raise HfStackError(
                 f"config field {key!r}={value!r} sets per-layer behaviour that a layer map cannot carry over; "
@@ -285,6 +328,24 @@ def _carried_pattern(key: str, value: int, layer_map: tuple[int, ...], num_sourc
     return fit
 
 
+def layer_kinds(config: dict, num_layers: int) -> list[tuple]:
+    """What the config says of each layer: its entries in per-layer lists (`layer_types`, ...), whether index lists
+    (`mlp_only_layers`, ...) name it, its kind under each `PATTERN_SCALARS` field. Equal tuples: alike layers."""
+    kinds: list[list] = [[] for _ in range(num_layers)]
+    for key, value in sorted(config.items()):
+        if key in PATTERN_SCALARS and isinstance(value, int) and not isinstance(value, bool):
+            marks = [PATTERN_SCALARS[key][1](j, value) for j in range(num_layers)]
+        elif key in LAYER_INDEX_LISTS and isinstance(value, list):
+            marks = [j in value for j in range(num_layers)]
+        elif isinstance(value, list) and len(value) == num_layers and key not in NON_LAYER_LISTS:
+            marks = [repr(v) for v in value]
+        else:
+            continue
+        for kind, mark in zip(kinds, marks):
+            kind.append(mark)
+    return [tuple(k) for k in kinds]
+
+
 def check_source_config(config: dict) -> None:
     """Refuse configs growth cannot handle, before anything is read or written."""
     if "auto_map" in config:
@@ -298,18 +359,20 @@ def check_source_config(config: dict) -> None:
                 f"the source config has a nested {key!r}: multimodal and encoder-decoder models are not supported; "
                 f"supported: {', '.join(TESTED_ARCHITECTURES)} and other decoder-only models with model.layers.{{i}}"
             )
-    L = config.get("num_hidden_layers")
-    if L is None and any(k in config for k in ("n_layer", "num_layers")):
-        # GPT-2, GPT-J, Bloom, ...: another layout (transformer.h.{i}), not a config missing a field
+    layout = layout_of(config)
+    L = config.get(layout.depth)
+    if L is None and layout is LLAMA_LAYOUT and any(k in config for k in ("n_layer", "num_layers")):
+        # GPT-J, Bloom, ...: another layout that `LAYOUTS` does not describe, not a config missing a field
         raise HfStackError(
             f"{config.get('model_type', 'this architecture')!r} keeps its decoder layers outside model.layers.{{i}} "
-            f"(its depth is {'n_layer' if 'n_layer' in config else 'num_layers'}); hf_stack grows models laid out as "
-            f"{', '.join(TESTED_ARCHITECTURES)}"
+            f"(its depth is {'n_layer' if 'n_layer' in config else 'num_layers'}), in a layout hf_stack does not "
+            f"know; it grows {', '.join(TESTED_ARCHITECTURES)}, GPT-2, GPT-NeoX and the other families in the README"
         )
     if not isinstance(L, int) or isinstance(L, bool) or L < 1:
-        raise HfStackError(f"config.json needs num_hidden_layers as a positive integer, found {L!r}")
+        raise HfStackError(f"config.json needs {layout.depth} as a positive integer, found {L!r}")
     archs = config.get("architectures") or []
-    if not archs or not all(isinstance(a, str) and a.endswith("ForCausalLM") for a in archs):
+    # causal LM classes: *ForCausalLM, and the older *LMHeadModel (GPT-2)
+    if not archs or not all(isinstance(a, str) and a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
         raise HfStackError(
             f"unsupported architecture {archs or config.get('model_type')!r}: hf_stack grows causal LMs "
             f"({', '.join(TESTED_ARCHITECTURES)}, and others whose decoder layers live at model.layers.{{i}})"
@@ -358,25 +421,31 @@ def build_plan(
         A [`GrowthPlan`] naming a source for every tensor of the grown checkpoint.
     """
     check_source_config(config)
-    L = config["num_hidden_layers"]
+    layout = layout_of(config)
+    L = config[layout.depth]
     directions = stacked.directions
     operator = get_operator(stacked.operator, directions)
+    if layout is not LLAMA_LAYOUT and (operator.needs_data or "width" in directions):
+        raise HfStackError(
+            f"{stacked.operator!r} {' and '.join(directions)} growth reads the Llama layout (model.layers.{{i}}); "
+            f"{config.get('model_type')!r} grows in depth by the copying operators (stack, zero, random)"
+        )
     axes = None
     if "width" in directions:
         dims = width_dims(config, stacked.width_factor)
         axes = operator.width_axes(dims, stacked.width_noise)
 
-    layers: dict[int, list[str]] = {}
+    layers: dict[int, set[str]] = {}
     others: list[str] = []
     for key in tensor_infos:
-        m = LAYER_KEY.match(key)
-        if m:
-            layers.setdefault(int(m.group(1)), []).append(m.group(2))
+        found = layout.layer_key(key)
+        if found:
+            layers.setdefault(found[0], set()).add(found[1])
         else:
             others.append(key)
-    if not layers or EMBED_KEY not in tensor_infos:
+    if not layers or layout.embed not in tensor_infos:
         raise HfStackError(
-            f"the checkpoint has no {EMBED_KEY!r} / 'model.layers.{{i}}.' tensors ({config['architectures'][0]}); "
+            f"the checkpoint has no {layout.embed!r} / '{layout.layers}{{i}}.' tensors ({config['architectures'][0]}); "
             f"supported: {', '.join(TESTED_ARCHITECTURES)} and other decoder-only models with that layout"
         )
     if sorted(layers) != list(range(L)):
@@ -384,20 +453,24 @@ def build_plan(
             f"config.json says {L} layers but the checkpoint holds layers {sorted(layers)}; the checkpoint is "
             "incomplete or does not belong to this config"
         )
-    suffixes = sorted(layers[0])
-    for i, s in layers.items():
-        if sorted(s) != suffixes:
-            missing = sorted(set(suffixes) ^ set(s))
+    # Layers the config describes alike must hold the same tensors; layers it sets apart (DeepSeek-V3's dense
+    # first layers, Qwen-MoE's mlp_only_layers) may differ, and each target layer takes its source layer's.
+    first_of_kind: dict[tuple, int] = {}
+    for i, kind in enumerate(layer_kinds(config, L)):
+        ref = first_of_kind.setdefault(kind, i)
+        if layers[i] != layers[ref]:
             raise HfStackError(
-                f"layer {i} has different tensors from layer 0 (differs in {missing}); the checkpoint is inconsistent"
+                f"layer {i} has different tensors from layer {ref} (differs in {sorted(layers[i] ^ layers[ref])}), "
+                "though the config describes the two alike; the checkpoint is inconsistent"
             )
 
-    tied = bool(config.get("tie_word_embeddings", False))
+    # A head the checkpoint does not store is tied to the embeddings unless the config says otherwise.
+    tied = bool(config.get("tie_word_embeddings", layout.head not in tensor_infos))
     if tied:
-        others = [k for k in others if k != LM_HEAD_KEY]  # tied heads are not stored, as save_pretrained does
-    elif LM_HEAD_KEY not in tensor_infos:
+        others = [k for k in others if k != layout.head]  # tied heads are not stored, as save_pretrained does
+    elif layout.head not in tensor_infos:
         raise HfStackError(
-            "the config says tie_word_embeddings is false but the checkpoint has no lm_head.weight; "
+            f"the config says tie_word_embeddings is false but the checkpoint has no {layout.head}; "
             "the checkpoint is incomplete"
         )
 
@@ -415,14 +488,14 @@ def build_plan(
         entries.append(TensorSource(target, source, op, dtype, tuple(shape), names))
 
     # Written in transformers' own order: embeddings, layers, then the rest (final norm, head).
-    add(EMBED_KEY, EMBED_KEY)
+    add(layout.embed, layout.embed)
     for i, j in enumerate(layer_map):
         overrides = operator.layer_ops(i, layer_map) if "depth" in directions else {}
-        for suffix in suffixes:
+        for suffix in sorted(layers[j]):
             op = next((o for pattern, o in overrides.items() if pattern != "*" and re.fullmatch(pattern, suffix)),
                       overrides.get("*", "copy"))  # fmt: skip
-            add(f"model.layers.{i}.{suffix}", f"model.layers.{j}.{suffix}", op, suffix)
-    for key in sorted(k for k in others if k != EMBED_KEY):
+            add(f"{layout.layers}{i}.{suffix}", f"{layout.layers}{j}.{suffix}", op, suffix)
+    for key in sorted(k for k in others if k != layout.embed):
         add(key, key)
 
     target_config = grow_config(config, layer_map)
@@ -436,7 +509,7 @@ def build_plan(
         target_config=target_config,
         directions=directions,
         function_preserving=operator.function_preserving(directions)
-        and ("depth" not in directions or operator.keeps_function(layer_map, L)),
+        and ("depth" not in directions or operator.keeps_function(layer_map, L, layers)),
         width=axes,
         init_std=float(config.get("initializer_range") or 0.02),
         seed=stacked.init_seed,

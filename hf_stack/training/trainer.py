@@ -26,7 +26,7 @@ from transformers.trainer_callback import ProgressCallback, TrainerCallback, Tra
 from ..checkpoints.in_memory import grow_model, plan_for_model
 from ..checkpoints.provenance import growth_record, write_growth_record
 from ..errors import HfStackError
-from ..plans.plan import resolve_layer_map
+from ..plans.plan import layout_of, resolve_layer_map
 from ..plans.timing import training_flops
 from ..plans.width import grow_width_config, width_dims
 from .accounting import count_parameters, model_flops, phase_record
@@ -520,15 +520,16 @@ def check_run(args, n_blocks: int, block_size: int, model_config, resume, write=
         )
     # Each growth starts from the model the previous one left: its depth and, after width growth, its sizes.
     shape = model_config.to_dict() if hasattr(model_config, "to_dict") else dict(vars(model_config))
+    depth_key = layout_of(shape).depth
     for i, entry in enumerate(schedule):
-        stacked, depth = entry["stacked_config"], shape.get("num_hidden_layers")
+        stacked, depth = entry["stacked_config"], shape.get(depth_key)
         if depth is None:
             break
         try:
             if "width" in stacked.directions:
                 dims = width_dims(shape, stacked.width_factor)
                 shape = grow_width_config(shape, dims)
-            shape["num_hidden_layers"] = len(resolve_layer_map(stacked, depth))
+            shape[depth_key] = len(resolve_layer_map(stacked, depth))
         except HfStackError as e:
             raise HfStackError(
                 f"growth {i + 1} (at {entry['at_tokens']:.3g} tokens, from {depth} layers): {e}"

@@ -1,0 +1,104 @@
+"""Every family in tests/families.py grown by every operator x direction it supports, from a tiny model built with
+transformers' own config class: the layer map checked tensor by tensor, every function-preserving claim by logits
+(streamed to disk, grown in memory from a folder, and grown live as in a training run), every refusal by its
+message."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import CONFIG_MAPPING, AutoModelForCausalLM
+
+from hf_stack import HfStackError, StackedConfig, StackedModelForCausalLM, grow, grow_model
+from tests.conftest import build_tokenizer
+from tests.families import FAMILIES, WIDTH_FAMILIES, common_config
+
+LAYER_MAPS = {"stack": [0, 1, 2, 3, 0, 1, 2, 3], "interpolate": [0, 0, 1, 1, 2, 2, 3, 3]}
+
+
+def _stored(folder: Path) -> dict:
+    out = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(shard))
+    return out
+
+
+@pytest.fixture(scope="module", params=FAMILIES, ids=lambda f: f.model_type)
+def family_source(request, tmp_path_factory):
+    """The family's tiny model, its 1-D weights (norms, biases, sinks) moved off 0 and 1 so a missed one shows."""
+    family = request.param
+    folder = tmp_path_factory.mktemp(family.model_type) / "small"
+    tok = build_tokenizer(folder)
+    config = CONFIG_MAPPING[family.model_type](**{**common_config(len(tok)), **family.config})
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(folder)
+    return family, folder, model
+
+
+def _logits(model, vocab: int):
+    ids = (torch.arange(2 * 16).view(2, 16) * 7 + 3) % vocab
+    with torch.no_grad():
+        return model.eval()(ids).logits
+
+
+def test_depth_growth_copies_the_mapped_layers(family_source, tmp_path):
+    """`stack` (verified) writes target layer i as source layer layer_map[i], every tensor bit for bit, the rest
+    unchanged; `random` writes a checkpoint of the grown depth; both load with AutoModelForCausalLM."""
+    family, folder, _ = family_source
+    plan = grow(folder, tmp_path / "stack", StackedConfig(factor=2, order=family.order), verify=True, progress=False)
+    assert list(plan.layer_map) == LAYER_MAPS[family.order] and not plan.function_preserving
+    source, grown = _stored(folder), _stored(tmp_path / "stack")
+    expected = {}
+    for name, tensor in source.items():
+        if name.startswith(family.layers):
+            j, rest = name[len(family.layers) :].split(".", 1)
+            for i, mapped in enumerate(plan.layer_map):
+                if mapped == int(j):
+                    expected[f"{family.layers}{i}.{rest}"] = tensor
+        else:
+            expected[name] = tensor
+    assert sorted(grown) == sorted(expected)
+    for name, tensor in grown.items():
+        assert torch.equal(tensor, expected[name]), name
+    for op in ("stack", "random"):
+        if op == "random":
+            grow(folder, tmp_path / op, StackedConfig(operator="random", factor=2, order=family.order), progress=False)
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / op)
+        assert model.config.num_hidden_layers == 8
+
+
+def test_zero_growth_keeps_the_function_on_disk_in_memory_and_live(family_source, tmp_path):
+    """`zero` claims the grown model computes the source's logits: checked on the streamed checkpoint (and by
+    `--verify`), on `from_small_pretrained`'s model and on `grow_model` of the live model (the in-run path, where
+    transformers 5 holds experts fused)."""
+    family, folder, source = family_source
+    settings = StackedConfig(operator="zero", factor=2, order=family.order)
+    want = _logits(source, source.config.vocab_size)
+    plan = grow(folder, tmp_path / "zero", settings, verify=True, progress=False)
+    assert plan.function_preserving
+    on_disk = AutoModelForCausalLM.from_pretrained(tmp_path / "zero")
+    in_memory = StackedModelForCausalLM.from_small_pretrained(folder, settings)
+    live, live_plan, _ = grow_model(source, settings)
+    assert live_plan.function_preserving
+    for model in (on_disk, in_memory, live):
+        assert model.config.num_hidden_layers == 8
+        torch.testing.assert_close(_logits(model, source.config.vocab_size), want, rtol=0, atol=1e-5)
+
+
+def test_width_growth_keeps_the_function_or_is_refused(family_source, tmp_path):
+    family, folder, _ = family_source
+    for operator in ("direct", "zero"):
+        settings = StackedConfig(operator=operator, width_factor=2)
+        if family.model_type in WIDTH_FAMILIES:  # --verify checks the claimed function by logits
+            assert grow(folder, tmp_path / operator, settings, verify=True, progress=False).function_preserving
+        else:
+            with pytest.raises(HfStackError, match="width growth") as refused:
+                grow(folder, tmp_path / operator, settings, progress=False)
+            assert family.model_type in str(refused.value)
+            assert not (tmp_path / operator).exists()
