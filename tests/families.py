@@ -27,53 +27,130 @@ class Family:
     features: str = ""
 
 
-WIDTH_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+WIDTH_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "granite")
 EXPERTS = dict(num_experts_per_tok=2)
 FAMILIES = (
-    Family("Llama 3.2", "llama", dict(tie_word_embeddings=True, rope_parameters={
-        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 16}), features="GQA, llama3 RoPE, tied embeddings"),  # fmt: skip
+    Family(
+        "Llama 3.2",
+        "llama",
+        dict(
+            tie_word_embeddings=True,
+            rope_parameters={
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 32.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16,
+            },
+        ),
+        features="GQA, llama3 RoPE, tied embeddings",
+    ),
     Family("Mistral", "mistral", dict(num_key_value_heads=4, sliding_window=16), features="sliding window"),
     Family("Qwen2 / 2.5", "qwen2", dict(use_sliding_window=False, max_window_layers=2), features="attention biases"),
     Family("Qwen3", "qwen3", dict(head_dim=8), features="q/k norms"),
     Family("Gemma", "gemma", dict(head_dim=8), features="(1 + w) norms, scaled embeddings"),
-    Family("Gemma 2", "gemma2", dict(head_dim=8, sliding_window=8, final_logit_softcapping=30.0),
-           features="sandwich norms, alternating layer_types, soft-capping"),  # fmt: skip
-    Family("Gemma 3", "gemma3_text", dict(head_dim=8, sliding_window=8, sliding_window_pattern=2),
-           features="sliding_window_pattern, q/k norms"),  # fmt: skip
+    Family(
+        "Gemma 2",
+        "gemma2",
+        dict(head_dim=8, sliding_window=8, final_logit_softcapping=30.0),
+        features="sandwich norms, alternating layer_types, soft-capping",
+    ),
+    Family(
+        "Gemma 3",
+        "gemma3_text",
+        dict(head_dim=8, sliding_window=8, sliding_window_pattern=2),
+        features="sliding_window_pattern, q/k norms",
+    ),
     Family("SmolLM3", "smollm3", features="NoPE layers (no_rope_layer_interval)"),
     Family("OLMo 2", "olmo2", features="q/k norms over the whole projection, post-norms"),
     Family("OLMo 3", "olmo3", dict(sliding_window=8), features="sliding layer_types"),
-    Family("Granite", "granite", dict(embedding_multiplier=2.0, residual_multiplier=0.5, logits_scaling=2.0),
-           features="embedding, residual and logit multipliers"),  # fmt: skip
+    Family(
+        "Granite",
+        "granite",
+        dict(embedding_multiplier=2.0, residual_multiplier=0.5, logits_scaling=2.0),
+        features="embedding, residual and logit multipliers",
+    ),
     Family("Phi-3", "phi3", features="fused qkv_proj and gate_up_proj"),
     Family("Cohere", "cohere", features="parallel attention and MLP, LayerNorm"),
     Family("Cohere 2", "cohere2", dict(sliding_window=8), features="sliding layer_types"),
     Family("GLM-4", "glm4", dict(head_dim=8), features="post-attention and post-MLP norms"),
     Family("Mixtral", "mixtral", dict(num_local_experts=4, **EXPERTS), features="experts (w1/w2/w3)"),
-    Family("Qwen2-MoE", "qwen2_moe", dict(num_experts=4, moe_intermediate_size=32, shared_expert_intermediate_size=32,
-           **EXPERTS), features="experts and a shared expert"),  # fmt: skip
-    Family("Qwen3-MoE", "qwen3_moe", dict(num_experts=4, moe_intermediate_size=32, head_dim=8, **EXPERTS),
-           features="experts, decoder_sparse_step"),  # fmt: skip
+    Family(
+        "Qwen2-MoE",
+        "qwen2_moe",
+        dict(num_experts=4, moe_intermediate_size=32, shared_expert_intermediate_size=32, **EXPERTS),
+        features="experts and a shared expert",
+    ),
+    Family(
+        "Qwen3-MoE",
+        "qwen3_moe",
+        dict(num_experts=4, moe_intermediate_size=32, head_dim=8, **EXPERTS),
+        features="experts, decoder_sparse_step",
+    ),
     Family("OLMoE", "olmoe", dict(num_experts=4, **EXPERTS), features="experts, q/k norms"),
-    Family("gpt-oss", "gpt_oss", dict(num_local_experts=4, head_dim=8, sliding_window=8, **EXPERTS),
-           features="fused experts with biases, attention sinks"),  # fmt: skip
-    Family("DeepSeek-V3", "deepseek_v3", dict(n_routed_experts=4, moe_intermediate_size=32, first_k_dense_replace=1,
-           q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, n_group=1,
-           topk_group=1, **EXPERTS), order="interpolate", features="latent attention, dense first layer, experts"),  # fmt: skip
-    Family("Falcon-H1", "falcon_h1", dict(mamba_d_ssm=32, mamba_n_heads=4, mamba_d_head=8, mamba_d_state=8,
-           mamba_chunk_size=16, head_dim=8), features="attention and Mamba-2 mixer side by side"),  # fmt: skip
-    Family("GPT-NeoX (Pythia)", "gpt_neox", dict(use_parallel_residual=True), layers="gpt_neox.layers.",
-           features="gpt_neox.layers, embed_in / embed_out"),  # fmt: skip
-    Family("GPT-2", "gpt2", dict(n_embd=32, n_layer=4, n_head=4, n_positions=64), layers="transformer.h.",
-           features="transformer.h, n_layer, Conv1D, tied"),  # fmt: skip
+    Family(
+        "gpt-oss",
+        "gpt_oss",
+        dict(num_local_experts=4, head_dim=8, sliding_window=8, **EXPERTS),
+        features="fused experts with biases, attention sinks",
+    ),
+    Family(
+        "DeepSeek-V3",
+        "deepseek_v3",
+        dict(
+            n_routed_experts=4,
+            moe_intermediate_size=32,
+            first_k_dense_replace=1,
+            num_key_value_heads=4,  # latent attention: every head its own keys
+            q_lora_rank=16,
+            kv_lora_rank=16,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=8,
+            v_head_dim=8,
+            n_group=1,
+            topk_group=1,
+            **EXPERTS,
+        ),
+        order="interpolate",
+        features="latent attention, dense first layer, experts",
+    ),
+    Family(
+        "Falcon-H1",
+        "falcon_h1",
+        dict(mamba_d_ssm=32, mamba_n_heads=4, mamba_d_head=8, mamba_d_state=8, mamba_chunk_size=16, head_dim=8),
+        features="attention and Mamba-2 mixer side by side",
+    ),
+    Family(
+        "GPT-NeoX (Pythia)",
+        "gpt_neox",
+        dict(use_parallel_residual=True),
+        layers="gpt_neox.layers.",
+        features="gpt_neox.layers, embed_in / embed_out",
+    ),
+    Family(
+        "GPT-2",
+        "gpt2",
+        dict(n_embd=32, n_layer=4, n_head=4, n_positions=64),
+        layers="transformer.h.",
+        features="transformer.h, n_layer, Conv1D, tied",
+    ),
 )
 
 
 def common_config(vocab_size: int, num_layers: int = 4) -> dict:
-    return dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=num_layers,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1,
-                eos_token_id=2, pad_token_id=0)  # fmt: skip
+    return dict(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
 
 
 def support_table() -> str:

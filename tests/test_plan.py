@@ -244,7 +244,9 @@ def test_layouts_are_data():
     assert [t.target for t in plan.tensors] == ["gpt_neox.embed_in.weight"] + [
         f"gpt_neox.layers.{i}.attention.dense.weight" for i in range(4)
     ] + ["embed_out.weight", "gpt_neox.final_layer_norm.weight"]
-    assert [t.source for t in plan.tensors][1:5] == [f"gpt_neox.layers.{j}.attention.dense.weight" for j in (0, 1, 0, 1)]
+    assert [t.source for t in plan.tensors][1:5] == [
+        f"gpt_neox.layers.{j}.attention.dense.weight" for j in (0, 1, 0, 1)
+    ]
     gpt2 = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_layer": 2, "tie_word_embeddings": True}
     infos = {"transformer.wte.weight": ("F32", (10, 4)), **{f"transformer.h.{i}.mlp.c_proj.weight": ("F32", (4, 4))
                                                               for i in range(2)}}  # fmt: skip
@@ -434,3 +436,17 @@ def test_zero_claims_the_function_only_where_it_knows_every_branchs_writer():
     plan = build_plan(cfg, renamed, StackedConfig(operator="zero", factor=2))
     assert not plan.function_preserving and "function preserving: no" in plan.describe()
     assert [t.op for t in plan.tensors if t.target == "model.layers.3.self_attn.o_proj.weight"] == ["zero"]
+
+
+def test_trailing_prediction_layers_stay_after_the_grown_ones():
+    """DeepSeek-V3 as published stores its multi-token prediction module as one layer after the decoder's
+    (`num_nextn_predict_layers`): grown, it follows the grown layers, renumbered; the decoder's layers are mapped."""
+    cfg, infos = fake_source(2, num_nextn_predict_layers=1)
+    infos["model.layers.2.eh_proj.weight"] = ("BF16", (8, 16))
+    plan = build_plan(cfg, infos, StackedConfig(factor=2))
+    assert plan.target_config["num_hidden_layers"] == 4 and plan.target_config["num_nextn_predict_layers"] == 1
+    moved = [(t.target, t.source) for t in plan.tensors if "eh_proj" in t.target]
+    assert moved == [("model.layers.4.eh_proj.weight", "model.layers.2.eh_proj.weight")]
+    assert not any(t.source.startswith("model.layers.2.") for t in plan.tensors if "eh_proj" not in t.target)
+    del infos["model.layers.2.eh_proj.weight"]  # as transformers saves it (it does not run the module)
+    assert build_plan(cfg, infos, StackedConfig(factor=2)).num_layers == 4

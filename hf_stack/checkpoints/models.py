@@ -46,7 +46,7 @@ def instantiate(plan, state: dict):
     config.dtype = dtype
     cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]  # the class itself: the Auto class would look for remote code
     model, info = cls.from_pretrained(None, config=config, state_dict=state, dtype=dtype, output_loading_info=True)
-    tied = {layout_of(plan.target_config).head} if config.tie_word_embeddings else set()
+    tied = set(layout_of(plan.target_config).heads) if config.tie_word_embeddings else set()
     missing = set(info["missing_keys"]) - tied
     if info["unexpected_keys"] or missing or info["mismatched_keys"]:
         raise HfStackError(

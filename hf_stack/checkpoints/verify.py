@@ -108,13 +108,14 @@ def verify_checkpoint(folder: Path, plan, source, dtype: str | None = None, comp
         )
     except Exception as e:
         _fail(f"the grown checkpoint does not load: {error_reason(e)}")
-    tied = {layout_of(plan.target_config).head} if model.config.tie_word_embeddings else set()
+    layout = layout_of(plan.target_config)
+    tied = set(layout.heads) if model.config.tie_word_embeddings else set()
     # what the model's class found missing or left unused, after transformers' conversions (fused experts, ...)
     unfilled, unused = set(info["missing_keys"]) - tied, set(info["unexpected_keys"]) | set(info["mismatched_keys"])
     if unfilled or unused:
         _fail(f"{type(model).__name__} found tensors missing {sorted(unfilled)[:3]}, unused {sorted(unused)[:3]}")
-    loaded, layout = model.state_dict(), layout_of(plan.target_config)
-    if tied and loaded[layout.head].data_ptr() != loaded[layout.embed].data_ptr():
+    loaded = model.state_dict()
+    if tied and loaded[layout.head(loaded)].data_ptr() != loaded[layout.embed].data_ptr():
         _fail("embeddings should be tied but the head is a separate tensor")
     state = _stored_tensors(folder)  # as written: the loaded model may have cast or fused them
     expected = {t.target for t in plan.tensors}

@@ -31,14 +31,19 @@ class Layout:
     Attributes:
         layers: the prefix of layer i's tensors, before the index.
         embed: the input embeddings.
-        head: the output projection (not stored when the config ties it to the embeddings).
+        heads: the output projection's names, the checkpoint's first (GPT-NeoX stores `embed_out`, which transformers
+            5 calls `lm_head` in memory); not stored when the config ties it to the embeddings.
         depth: the config key of the number of layers.
     """
 
     layers: str = "model.layers."
     embed: str = "model.embed_tokens.weight"
-    head: str = "lm_head.weight"
+    heads: tuple[str, ...] = ("lm_head.weight",)
     depth: str = "num_hidden_layers"
+
+    def head(self, names) -> str:
+        """The head's name among `names` (a checkpoint's or a model's tensors), else the checkpoint's."""
+        return next((h for h in self.heads if h in names), self.heads[0])
 
     def layer_key(self, name: str) -> tuple[int, str] | None:
         """`(i, suffix)` for a tensor of layer i, else None."""
@@ -51,7 +56,7 @@ class Layout:
 LLAMA_LAYOUT = Layout()
 LAYOUTS = {
     "gpt2": Layout("transformer.h.", "transformer.wte.weight", depth="n_layer"),
-    "gpt_neox": Layout("gpt_neox.layers.", "gpt_neox.embed_in.weight", "embed_out.weight"),  # Pythia
+    "gpt_neox": Layout("gpt_neox.layers.", "gpt_neox.embed_in.weight", ("embed_out.weight", "lm_head.weight")),
 }
 
 
@@ -63,7 +68,7 @@ def layout_of(config: dict) -> Layout:
 # The Llama layout's names, for what only reads that layout (width growth, LiGO).
 LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 EMBED_KEY = LLAMA_LAYOUT.embed
-LM_HEAD_KEY = LLAMA_LAYOUT.head
+LM_HEAD_KEY = LLAMA_LAYOUT.heads[0]
 
 # Config lists that are not indexed by layer even when their length happens to equal the layer count.
 NON_LAYER_LISTS = frozenset(
@@ -99,7 +104,10 @@ PATTERN_SCALARS = {
     "no_rope_layer_interval": ("without RoPE", lambda i, k: k > 0 and (i + 1) % k == 0, "--order stack"),
 }
 # Per-layer settings encoded as scalars that a layer map cannot carry over faithfully.
-UNSUPPORTED_PER_LAYER = frozenset({"moe_layer_freq", "num_nextn_predict_layers"})
+UNSUPPORTED_PER_LAYER = frozenset({"moe_layer_freq"})
+# Counts of extra layers a checkpoint may store after the decoder's (DeepSeek-V3's multi-token prediction modules,
+# which transformers does not run): kept after the grown layers, renumbered.
+TRAILING_LAYERS = frozenset({"num_nextn_predict_layers"})
 
 
 @dataclass(frozen=True)
@@ -270,7 +278,7 @@ def grow_config(config: dict, layer_map: tuple[int, ...]) -> dict:
     out = copy.deepcopy(config)
     out[depth] = N
     for key, value in config.items():
-        if key == depth:
+        if key == depth or key in TRAILING_LAYERS:
             continue
         if key in UNSUPPORTED_PER_LAYER and value is not None:
             raise HfStackError(
@@ -448,11 +456,13 @@ def build_plan(
             f"the checkpoint has no {layout.embed!r} / '{layout.layers}{{i}}.' tensors ({config['architectures'][0]}); "
             f"supported: {', '.join(TESTED_ARCHITECTURES)} and other decoder-only models with that layout"
         )
-    if sorted(layers) != list(range(L)):
+    trailing = sum(config.get(k) or 0 for k in TRAILING_LAYERS)
+    if sorted(layers) not in (list(range(L)), list(range(L + trailing))):
         raise HfStackError(
             f"config.json says {L} layers but the checkpoint holds layers {sorted(layers)}; the checkpoint is "
             "incomplete or does not belong to this config"
         )
+    trailing = len(layers) - L
     # Layers the config describes alike must hold the same tensors; layers it sets apart (DeepSeek-V3's dense
     # first layers, Qwen-MoE's mlp_only_layers) may differ, and each target layer takes its source layer's.
     first_of_kind: dict[tuple, int] = {}
@@ -465,12 +475,13 @@ def build_plan(
             )
 
     # A head the checkpoint does not store is tied to the embeddings unless the config says otherwise.
-    tied = bool(config.get("tie_word_embeddings", layout.head not in tensor_infos))
+    head = layout.head(tensor_infos)
+    tied = bool(config.get("tie_word_embeddings", head not in tensor_infos))
     if tied:
-        others = [k for k in others if k != layout.head]  # tied heads are not stored, as save_pretrained does
-    elif layout.head not in tensor_infos:
+        others = [k for k in others if k != head]  # tied heads are not stored, as save_pretrained does
+    elif head not in tensor_infos:
         raise HfStackError(
-            f"the config says tie_word_embeddings is false but the checkpoint has no {layout.head}; "
+            f"the config says tie_word_embeddings is false but the checkpoint has no {head}; "
             "the checkpoint is incomplete"
         )
 
@@ -495,6 +506,9 @@ def build_plan(
             op = next((o for pattern, o in overrides.items() if pattern != "*" and re.fullmatch(pattern, suffix)),
                       overrides.get("*", "copy"))  # fmt: skip
             add(f"{layout.layers}{i}.{suffix}", f"{layout.layers}{j}.{suffix}", op, suffix)
+    for k in range(trailing):  # after the decoder's layers, as in the source
+        for suffix in sorted(layers[L + k]):
+            add(f"{layout.layers}{len(layer_map) + k}.{suffix}", f"{layout.layers}{L + k}.{suffix}", "copy", suffix)
     for key in sorted(k for k in others if k != layout.embed):
         add(key, key)
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from ..errors import HfStackError
 
 # Model types whose tensors width growth understands: pre-norm RMSNorm decoders with these module names.
-WIDTH_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+WIDTH_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "granite")
 
 # The axis of each dimension of every tensor a Llama-style model holds (None: the dimension does not grow).
 # "hidden" units written into the residual stream and read from it take the same scale; norms take their own.
