@@ -409,6 +409,8 @@ def test_eval_callback_logs_benchmarks_against_tokens(tmp_path, every, saving, s
         e for e in json.loads((tmp_path / "run" / "training_log.json").read_text())["log_history"] if "bench/piqa" in e
     ]
     assert [e["tokens"] for e in logged] == [64 * s for s in steps] and all("bench/average" in e for e in logged)
+    history = json.loads((tmp_path / "run" / "training_log.json").read_text())["log_history"]
+    assert [e["step"] for e in history if "loss" in e] == [1, 2, 3, 4, 5, 6]  # a scored step logs its loss too
     assert len(loads) == 1
     final = evaluate_model(trainer.model, tok, tasks="arc_easy,piqa", data_dir=SAMPLES_DIR, limit=2, bootstrap_iters=0)
     assert {f"bench/{k.replace(' (acc)', '')}": v for k, v in headline(final).items()} == {
@@ -441,7 +443,10 @@ def _requests_seen(lm, instances, rolling=False):
         return real(requests, *args, **kwargs)
 
     lm._loglikelihood_tokens = spy
-    (lm.loglikelihood_rolling if rolling else lm.loglikelihood)(instances)
+    try:
+        (lm.loglikelihood_rolling if rolling else lm.loglikelihood)(instances)
+    finally:
+        del lm._loglikelihood_tokens  # the class's own again
     return seen
 
 

@@ -45,7 +45,7 @@ class EvalCallback(TrainerCallback):
         self._loaded = None  # the tasks, loaded at the first call
         self._lm = (None, None)  # (the model it wraps, the lm-eval LM): a growth brings a new model
 
-    def _score(self, state, model):
+    def _score(self, state, control, model):
         if not state.is_world_process_zero:  # scored once, on process zero; the others wait for it below
             self._wait()
             return
@@ -68,7 +68,11 @@ class EvalCallback(TrainerCallback):
         logs["bench/seconds"] = round(time.perf_counter() - start, 3)
         self.history.append({"step": state.global_step, **logs})
         if self.trainer is not None:
+            # Trainer.log clears `should_log`: this step's own loss entry must still be logged (and, under DDP,
+            # gathered on every process, or process zero skips a collective the others run)
+            should_log = control.should_log
             self.trainer.log(logs)
+            control.should_log = self.trainer.control.should_log = should_log
         else:
             state.log_history.append({**logs, "step": state.global_step})
         self._wait()
@@ -79,8 +83,8 @@ class EvalCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if self.every_n_steps and state.global_step % self.every_n_steps == 0:
-            self._score(state, model)
+            self._score(state, control, model)
 
     def on_save(self, args, state, control, model=None, **kwargs):
         if not self.every_n_steps:
-            self._score(state, model)
+            self._score(state, control, model)
