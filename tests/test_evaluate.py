@@ -597,3 +597,34 @@ def test_eval_callback_under_ddp_scores_once_on_process_zero(small2, data_file, 
     assert {f"bench/{k.replace(' (acc)', '')}": v for k, v in headline(final).items()} == {
         k: v for k, v in zero[-1].items() if k not in ("step", "bench/seconds")
     }
+
+
+def test_perplexitys_bootstrap_is_lm_evals_bit_for_bit(monkeypatch):
+    """The vectorised bootstrap draws lm-eval's resamples (chunk i from `random.Random(i)`) and sums them as Python
+    does: the standard error is lm-eval's own, exactly; other statistics are lm-eval's."""
+    import random
+
+    import lm_eval.api.metrics as metrics
+
+    from hf_stack.evaluation.harness import _bootstrap_stderr
+
+    monkeypatch.setenv("DISABLE_MULTIPROC", "1")  # lm-eval's single-process path: the same draws as its pool's
+    rng = random.Random(0)
+    for n, iters in ((7, 1000), (500, 3000), (1, 1000)):
+        xs = [-rng.expovariate(0.5) for _ in range(n)]
+        fast = _bootstrap_stderr(metrics.bootstrap_stderr)
+        assert fast(metrics.perplexity, xs, iters) == metrics.bootstrap_stderr(metrics.perplexity, xs, iters)
+        assert fast(metrics.median, xs, 1000) == metrics.bootstrap_stderr(metrics.median, xs, 1000)
+
+
+def test_a_short_shared_start_does_not_swallow_the_contexts_after_it():
+    """Contexts sorted together from several tasks: a group whose prefix shrank to a short common start must not
+    take in every later context beginning with it, or identical multiple-choice contexts lose their sharing (a call
+    scoring all eight tasks ran 25% more positions than eight calls of one task)."""
+    from hf_stack.evaluation.scorer import _shared_prefix_groups
+
+    question = (5, 6, 9, 10, 11, 12, 13, 14)
+    ctxs = [(5, 6), (5, 6, 7, 8), *[question] * 4]
+    conts = [[1]] * len(ctxs)
+    groups = _shared_prefix_groups(ctxs, conts)
+    assert (question, [2, 3, 4, 5]) in groups

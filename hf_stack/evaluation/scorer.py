@@ -357,6 +357,7 @@ def _shared_prefix_groups(
     costs a mask, an unpacked one nothing (rolling windows' one-token contexts stay single)."""
     order = sorted(range(len(ctxs)), key=lambda i: ctxs[i])
     groups: list[tuple[tuple[int, ...], list[int]]] = []
+    longest = 0  # the longest context in the last group
     for i in order:
         ctx = ctxs[i]
         if groups:
@@ -365,12 +366,15 @@ def _shared_prefix_groups(
             limit = min(len(prefix), len(ctx))
             while n < limit and prefix[n] == ctx[n]:
                 n += 1
-            # identical contexts, or a shared start at least half the shorter one (so an unrelated context that
-            # happens to share a first word does not shrink a group's prefix)
-            if n == len(prefix) == len(ctx) or (n and 2 * n >= min(len(prefix), len(ctx))):
+            # identical contexts, or a shared start at least half of every member's context: measured against the
+            # longest, so a group never shrinks to a short common start that would then take in any context
+            # beginning with it (an unrelated question sharing "Question: The", in a call mixing tasks)
+            if n == len(prefix) == len(ctx) or (n and 2 * n >= max(longest, len(ctx))):
                 groups[-1] = (prefix[:n], [*members, i])
+                longest = max(longest, len(ctx))
                 continue
         groups.append((ctx, [i]))
+        longest = len(ctx)
     out = []
     for prefix, members in groups:
         unpacked = sum(len(ctxs[i]) + len(conts[i]) - 1 for i in members)
