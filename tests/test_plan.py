@@ -438,15 +438,51 @@ def test_zero_claims_the_function_only_where_it_knows_every_branchs_writer():
     assert [t.op for t in plan.tensors if t.target == "model.layers.3.self_attn.o_proj.weight"] == ["zero"]
 
 
-def test_trailing_prediction_layers_stay_after_the_grown_ones():
+def test_trailing_prediction_layers_are_left_out():
     """DeepSeek-V3 as published stores its multi-token prediction module as one layer after the decoder's
-    (`num_nextn_predict_layers`): grown, it follows the grown layers, renumbered; the decoder's layers are mapped."""
+    (`num_nextn_predict_layers`), which transformers loads only at that index: the grown checkpoint leaves it out and
+    says so in its config; the decoder's layers are mapped as usual."""
     cfg, infos = fake_source(2, num_nextn_predict_layers=1)
     infos["model.layers.2.eh_proj.weight"] = ("BF16", (8, 16))
     plan = build_plan(cfg, infos, StackedConfig(factor=2))
-    assert plan.target_config["num_hidden_layers"] == 4 and plan.target_config["num_nextn_predict_layers"] == 1
-    moved = [(t.target, t.source) for t in plan.tensors if "eh_proj" in t.target]
-    assert moved == [("model.layers.4.eh_proj.weight", "model.layers.2.eh_proj.weight")]
-    assert not any(t.source.startswith("model.layers.2.") for t in plan.tensors if "eh_proj" not in t.target)
+    assert plan.target_config["num_hidden_layers"] == 4 and plan.target_config["num_nextn_predict_layers"] == 0
+    assert not any("eh_proj" in t.target or t.source.startswith("model.layers.2.") for t in plan.tensors)
+    assert {t.target.split(".")[2] for t in plan.tensors if t.target.startswith("model.layers.")} == {
+        "0",
+        "1",
+        "2",
+        "3",
+    }
+    with pytest.raises(HfStackError, match="every layer must hold the same tensors"):  # LiGO maps per tensor
+        build_plan(cfg, infos, StackedConfig(operator="learn", factor=2, learn_data="x.txt"))
     del infos["model.layers.2.eh_proj.weight"]  # as transformers saves it (it does not run the module)
     assert build_plan(cfg, infos, StackedConfig(factor=2)).num_layers == 4
+
+
+def test_a_head_left_to_the_class_default_is_written_tied():
+    """No `tie_word_embeddings` in the config and no head stored: tied, and the grown config says so (a class whose
+    default is untied would otherwise load a random head)."""
+    cfg, infos = fake_source(2)
+    del cfg["tie_word_embeddings"], infos["lm_head.weight"]
+    plan = build_plan(cfg, infos, StackedConfig(factor=2))
+    assert plan.target_config["tie_word_embeddings"] is True and "lm_head.weight" not in [
+        t.target for t in plan.tensors
+    ]
+
+
+def test_layer_index_dependent_computation_is_never_claimed_kept():
+    cfg, infos = fake_source(2, scale_attn_by_inverse_layer_idx=True)
+    assert not build_plan(cfg, infos, StackedConfig(operator="zero", factor=2)).function_preserving
+
+
+def test_a_mixer_whose_writer_is_unknown_is_not_claimed_kept():
+    """A hybrid layer's mixer is a third branch: zeroing attention and feed-forward is not enough."""
+    cfg, infos = fake_source(2)
+    for i in range(2):
+        infos[f"model.layers.{i}.linear_attn.in_proj.weight"] = ("BF16", (8, 8))
+        infos[f"model.layers.{i}.linear_attn.out.weight"] = ("BF16", (8, 8))  # not a name the table knows
+    assert not build_plan(cfg, infos, StackedConfig(operator="zero", factor=2)).function_preserving
+    renamed = {
+        k.replace("linear_attn.out", "mamba.out_proj").replace("linear_attn", "mamba"): v for k, v in infos.items()
+    }
+    assert build_plan(cfg, renamed, StackedConfig(operator="zero", factor=2)).function_preserving

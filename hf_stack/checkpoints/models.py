@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..errors import HfStackError
+from ..errors import HfStackError, error_reason
 from ..plans.plan import layout_of
 
 
@@ -45,12 +45,15 @@ def instantiate(plan, state: dict):
     dtype = next(iter(state.values())).dtype
     config.dtype = dtype
     cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]  # the class itself: the Auto class would look for remote code
-    model, info = cls.from_pretrained(None, config=config, state_dict=state, dtype=dtype, output_loading_info=True)
+    try:
+        model, info = cls.from_pretrained(None, config=config, state_dict=state, dtype=dtype, output_loading_info=True)
+    except RuntimeError as e:  # a tensor of another shape than the config's model holds
+        raise HfStackError(f"the grown tensors do not fit {cls.__name__}: {error_reason(e)}") from None
     tied = set(layout_of(plan.target_config).heads) if config.tie_word_embeddings else set()
     missing = set(info["missing_keys"]) - tied
-    if info["unexpected_keys"] or missing or info["mismatched_keys"]:
+    if info["unexpected_keys"] or missing:
         raise HfStackError(
-            f"the grown tensors do not fit {type(model).__name__}: missing {sorted(missing)[:3]}, "
-            f"unexpected {sorted(info['unexpected_keys'])[:3]}, mismatched {sorted(info['mismatched_keys'])[:3]}"
+            f"the grown tensors do not fit {cls.__name__}: missing {sorted(missing)[:3]}, "
+            f"unexpected {sorted(info['unexpected_keys'])[:3]}"
         )
     return model.eval()

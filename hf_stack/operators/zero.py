@@ -46,18 +46,25 @@ def _zero_repeats(target_layer: int, layer_map: tuple[int, ...]) -> dict[str, st
     return dict.fromkeys(WRITER_PATTERNS, "zero") if target_layer in repeats(layer_map) else {}
 
 
+# Modules that make a branch of their own beside attention and the feed-forward (hybrid layers' mixers): a layer
+# holding one needs its writer zeroed too before a claim of preservation.
+MIXER_MODULES = ("mamba.", "linear_attn.")
+
+
 def _keeps_function(layer_map: tuple[int, ...], num_source_layers: int, layer_tensors: dict[int, set[str]]) -> bool:
     # The first copies must be the source's layers in order: identity blocks may sit anywhere between them. And
-    # every repeated layer must have a writer this table knows for its attention and its feed-forward branch: a
-    # family whose writers it does not name is grown, but not claimed function preserving.
+    # every repeated layer must have a writer this table knows for each of its branches (attention, feed-forward,
+    # a mixer where it has one): a family whose writers it does not name is grown, but not claimed preserving.
     new = repeats(layer_map)
     firsts = [j for i, j in enumerate(layer_map) if i not in new]
-    known = all(
-        any(re.fullmatch(p, s) for p in RESIDUAL_WRITERS[branch] for s in layer_tensors[layer_map[i]])
-        for i in new
-        for branch in ("attention", "feed-forward")
-    )
-    return firsts == list(range(num_source_layers)) and known
+
+    def known(tensors: set[str]) -> bool:
+        branches = ["attention", "feed-forward"]
+        if any(t.startswith(MIXER_MODULES) for t in tensors):
+            branches.append("mixer")
+        return all(any(re.fullmatch(p, t) for p in RESIDUAL_WRITERS[b] for t in tensors) for b in branches)
+
+    return firsts == list(range(num_source_layers)) and all(known(layer_tensors[layer_map[i]]) for i in new)
 
 
 def _zero_width(dims, noise=0.0):

@@ -82,6 +82,9 @@ NON_LAYER_LISTS = frozenset(
         "suppress_tokens",
         "forced_decoder_ids",
         "transformers_weights",
+        "time_step_limit",  # Falcon-H1's (min, max), and its per-branch multipliers
+        "mlp_multipliers",
+        "ssm_multipliers",
     }
 )
 # Config lists of layer *indices* (not one entry per layer): remapped to the target layers that copy them.
@@ -105,9 +108,13 @@ PATTERN_SCALARS = {
 }
 # Per-layer settings encoded as scalars that a layer map cannot carry over faithfully.
 UNSUPPORTED_PER_LAYER = frozenset({"moe_layer_freq"})
-# Counts of extra layers a checkpoint may store after the decoder's (DeepSeek-V3's multi-token prediction modules,
-# which transformers does not run): kept after the grown layers, renumbered.
+# Counts of extra layers a checkpoint may store after the decoder's: DeepSeek-V3's multi-token prediction modules,
+# trained on the small model's last hidden states, which transformers neither runs nor loads at another index than
+# the published one. The grown checkpoint leaves them out and sets the count to 0.
 TRAILING_LAYERS = frozenset({"num_nextn_predict_layers"})
+# Config flags under which a layer computes something that depends on its index (GPT-2 scales attention by
+# 1 / (index + 1)): a moved layer computes another function, so no growth claims to keep the model's.
+LAYER_INDEX_DEPENDENT = frozenset({"scale_attn_by_inverse_layer_idx"})
 
 
 @dataclass(frozen=True)
@@ -278,6 +285,9 @@ def grow_config(config: dict, layer_map: tuple[int, ...]) -> dict:
     out = copy.deepcopy(config)
     out[depth] = N
     for key, value in config.items():
+        if key in TRAILING_LAYERS and value:
+            out[key] = 0  # their layers are left out (see TRAILING_LAYERS)
+            continue
         if key == depth or key in TRAILING_LAYERS:
             continue
         if key in UNSUPPORTED_PER_LAYER and value is not None:
@@ -365,7 +375,7 @@ def check_source_config(config: dict) -> None:
         if isinstance(config.get(key), dict):
             raise HfStackError(
                 f"the source config has a nested {key!r}: multimodal and encoder-decoder models are not supported; "
-                f"supported: {', '.join(TESTED_ARCHITECTURES)} and other decoder-only models with model.layers.{{i}}"
+                f"supported: {', '.join(TESTED_ARCHITECTURES)} and the other decoder-only families of README's support table"
             )
     layout = layout_of(config)
     L = config.get(layout.depth)
@@ -383,7 +393,7 @@ def check_source_config(config: dict) -> None:
     if not archs or not all(isinstance(a, str) and a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
         raise HfStackError(
             f"unsupported architecture {archs or config.get('model_type')!r}: hf_stack grows causal LMs "
-            f"({', '.join(TESTED_ARCHITECTURES)}, and others whose decoder layers live at model.layers.{{i}})"
+            f"({', '.join(TESTED_ARCHITECTURES)}, and the other decoder-only families of README's support table)"
         )
 
 
@@ -462,7 +472,12 @@ def build_plan(
             f"config.json says {L} layers but the checkpoint holds layers {sorted(layers)}; the checkpoint is "
             "incomplete or does not belong to this config"
         )
-    trailing = len(layers) - L
+    if operator.needs_data and (len(layers) > L or len({frozenset(t) for t in layers.values()}) > 1):
+        raise HfStackError(
+            f"{stacked.operator!r} growth learns one map per tensor of a layer, so every layer must hold the same "
+            "tensors; this checkpoint's layers differ (or it stores prediction layers after them): use stack, zero "
+            "or random"
+        )
     # Layers the config describes alike must hold the same tensors; layers it sets apart (DeepSeek-V3's dense
     # first layers, Qwen-MoE's mlp_only_layers) may differ, and each target layer takes its source layer's.
     first_of_kind: dict[tuple, int] = {}
@@ -477,6 +492,7 @@ def build_plan(
     # A head the checkpoint does not store is tied to the embeddings unless the config says otherwise.
     head = layout.head(tensor_infos)
     tied = bool(config.get("tie_word_embeddings", head not in tensor_infos))
+    layer_tensors = {i: layers[i] for i in range(L)}  # trailing layers left out (see TRAILING_LAYERS)
     if tied:
         others = [k for k in others if k != head]  # tied heads are not stored, as save_pretrained does
     elif head not in tensor_infos:
@@ -506,13 +522,12 @@ def build_plan(
             op = next((o for pattern, o in overrides.items() if pattern != "*" and re.fullmatch(pattern, suffix)),
                       overrides.get("*", "copy"))  # fmt: skip
             add(f"{layout.layers}{i}.{suffix}", f"{layout.layers}{j}.{suffix}", op, suffix)
-    for k in range(trailing):  # after the decoder's layers, as in the source
-        for suffix in sorted(layers[L + k]):
-            add(f"{layout.layers}{len(layer_map) + k}.{suffix}", f"{layout.layers}{L + k}.{suffix}", "copy", suffix)
     for key in sorted(k for k in others if k != layout.embed):
         add(key, key)
 
     target_config = grow_config(config, layer_map)
+    if tied:  # written out: where the config left it to its class's default, that default may be "untied"
+        target_config["tie_word_embeddings"] = True
     if axes is not None:
         target_config = grow_width_config(target_config, dims, operator.width_eps(dims))
     return GrowthPlan(
@@ -523,7 +538,8 @@ def build_plan(
         target_config=target_config,
         directions=directions,
         function_preserving=operator.function_preserving(directions)
-        and ("depth" not in directions or operator.keeps_function(layer_map, L, layers)),
+        and ("depth" not in directions or operator.keeps_function(layer_map, L, layer_tensors))
+        and not any(config.get(k) for k in LAYER_INDEX_DEPENDENT),
         width=axes,
         init_std=float(config.get("initializer_range") or 0.02),
         seed=stacked.init_seed,
