@@ -285,27 +285,27 @@ def grow_config(config: dict, layer_map: tuple[int, ...]) -> dict:
     out = copy.deepcopy(config)
     out[depth] = N
     for key, value in config.items():
-        if key in TRAILING_LAYERS and value:
-            out[key] = 0  # their layers are left out (see TRAILING_LAYERS)
-            continue
-        if key == depth or key in TRAILING_LAYERS:
-            continue
         if key in UNSUPPORTED_PER_LAYER and value is not None:
             raise HfStackError(
                 f"config field {key!r}={value!r} sets per-layer behaviour that a layer map cannot carry over; "
                 "this architecture is not supported for growth"
             )
-        if key in PATTERN_SCALARS and isinstance(value, int) and not isinstance(value, bool):
+        if key in TRAILING_LAYERS and value:
+            out[key] = 0  # their layers are left out (see TRAILING_LAYERS)
+        kind = _layer_field(key, value, L)
+        if kind == "pattern":
             out[key] = _carried_pattern(key, value, layer_map, L)
-            continue
-        if key in NON_LAYER_LISTS or key in LAYER_SCALARS:
-            continue
-        if key in LAYER_INDEX_LISTS and isinstance(value, list):
+        elif kind == "indices":
             chosen = set(value)
             out[key] = [i for i, j in enumerate(layer_map) if j in chosen]
-        elif isinstance(value, list) and len(value) == L:
+        elif kind == "per layer":
             out[key] = [copy.deepcopy(value[j]) for j in layer_map]
-        elif "layer" in key and value is not None and not isinstance(value, (bool, float, str)):
+        elif (
+            "layer" in key
+            and key not in (depth, *TRAILING_LAYERS, *LAYER_SCALARS, *NON_LAYER_LISTS)
+            and value is not None
+            and not isinstance(value, (bool, float, str))
+        ):
             raise HfStackError(
                 f"config field {key!r} looks per-layer but hf_stack does not know how to grow it "
                 f"(value {value!r} for {L} layers); open an issue naming the architecture"
@@ -346,21 +346,34 @@ def _carried_pattern(key: str, value: int, layer_map: tuple[int, ...], num_sourc
     return fit
 
 
+def _layer_field(key: str, value, num_layers: int) -> str | None:
+    """How a config field describes the layers: "pattern" (a `PATTERN_SCALARS` scalar), "indices" (a
+    `LAYER_INDEX_LISTS` list), "per layer" (a list with one entry per layer), or None (not per layer)."""
+    if key in NON_LAYER_LISTS or key in LAYER_SCALARS or key in TRAILING_LAYERS:
+        return None
+    if key in PATTERN_SCALARS and isinstance(value, int) and not isinstance(value, bool):
+        return "pattern"
+    if key in LAYER_INDEX_LISTS and isinstance(value, list):
+        return "indices"
+    if isinstance(value, list) and len(value) == num_layers:
+        return "per layer"
+    return None
+
+
 def layer_kinds(config: dict, num_layers: int) -> list[tuple]:
     """What the config says of each layer: its entries in per-layer lists (`layer_types`, ...), whether index lists
     (`mlp_only_layers`, ...) name it, its kind under each `PATTERN_SCALARS` field. Equal tuples: alike layers."""
+    marks = {
+        "pattern": lambda key, value: [PATTERN_SCALARS[key][1](j, value) for j in range(num_layers)],
+        "indices": lambda key, value: [j in value for j in range(num_layers)],
+        "per layer": lambda key, value: [repr(v) for v in value],
+    }
     kinds: list[list] = [[] for _ in range(num_layers)]
     for key, value in sorted(config.items()):
-        if key in PATTERN_SCALARS and isinstance(value, int) and not isinstance(value, bool):
-            marks = [PATTERN_SCALARS[key][1](j, value) for j in range(num_layers)]
-        elif key in LAYER_INDEX_LISTS and isinstance(value, list):
-            marks = [j in value for j in range(num_layers)]
-        elif isinstance(value, list) and len(value) == num_layers and key not in NON_LAYER_LISTS:
-            marks = [repr(v) for v in value]
-        else:
-            continue
-        for kind, mark in zip(kinds, marks):
-            kind.append(mark)
+        field = _layer_field(key, value, num_layers)
+        if field is not None:
+            for kind, mark in zip(kinds, marks[field](key, value)):
+                kind.append(mark)
     return [tuple(k) for k in kinds]
 
 
