@@ -1,0 +1,73 @@
+"""Stage 3, growth inside a sharded run: a model sharded with FSDP2 (`fully_shard`) grown in place of the run.
+
+The full state is gathered on rank 0 (on its CPU), grown there with the same plan and tensors as the in-memory
+path ([`~hf_stack.checkpoints.in_memory.grow_model`]), the grown model is built on the meta device on every rank,
+sharded the run's way, and loaded by broadcast from rank 0. No rank but 0 ever holds a full tensor.
+"""
+
+from __future__ import annotations
+
+from ..errors import HfStackError
+
+
+def grow_sharded(model, stacked_config, shard):
+    """Grow a causal LM sharded with FSDP2 inside a live distributed run (every rank calls it).
+
+    Args:
+        model: the sharded model (its parameters `DTensor`s), unwrapped.
+        stacked_config: the growth settings ([`StackedConfig`]); the operators that copy, zero or initialise
+            (`stack`, `zero`, `random`, width's `direct`), not `learn`, which trains the grown tensors.
+        shard: applies the run's sharding to a model (e.g. `fully_shard` on each layer, then on the model); the
+            grown model is sharded the same way.
+
+    Returns:
+        `(grown, plan)`: the grown model, sharded, on the small model's device and dtype, in the small model's
+        train/eval mode, and the [`~hf_stack.plans.plan.GrowthPlan`] applied. Its optimizer is the caller's to
+        build (the paper's recipe: a fresh one).
+
+    Memory: rank 0 holds the small model's full state and the grown model's full tensors on its CPU (one full copy
+    of each, at the parameters' dtype); every other rank only its shards of the grown model.
+    """
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+
+    from ..checkpoints.in_memory import plan_for_model
+    from ..checkpoints.models import build_model
+    from ..checkpoints.tensors import grown_tensors
+    from ..operators import get_operator
+    from ..plans.plan import layout_of
+
+    if get_operator(stacked_config.operator).needs_data:
+        raise HfStackError(
+            f"{stacked_config.operator!r} growth trains the grown tensors, which a sharded run does not do on one "
+            "rank; grow with stack, zero, random or direct, or grow between two runs"
+        )
+    plan = plan_for_model(model, stacked_config)  # names and global shapes: the same plan on every rank
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.get_rank() == 0:
+        tensors, _ = grown_tensors(plan, full.__getitem__, stacked_config, None)
+    else:
+        tensors = {}  # filled by the broadcast below
+    del full
+    param = next(model.parameters())
+    with torch.device("meta"):
+        grown = build_model(plan.target_config, param.dtype, init=False)
+    shard(grown)
+    grown.to_empty(device=param.device)
+    # Buffers outside the state dict (RoPE's inv_freq) are left uninitialised by to_empty: the small model's, each
+    # from the layer its layer copies (they depend on the config's head size and RoPE, which growth keeps).
+    small_buffers, layout = dict(model.named_buffers()), layout_of(plan.target_config)
+    with torch.no_grad():
+        for name, buffer in grown.named_buffers():
+            found = layout.layer_key(name)
+            source = f"{layout.layers}{plan.layer_map[found[0]]}.{found[1]}" if found else name
+            if source not in small_buffers or small_buffers[source].shape != buffer.shape:
+                raise HfStackError(f"the grown model's buffer {name!r} has no counterpart {source!r} to copy")
+            buffer.copy_(small_buffers[source])
+    set_model_state_dict(
+        grown, tensors, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=True)
+    )
+    grown.tie_weights()  # to_empty leaves a tied head apart from the embeddings
+    grown.generation_config = model.generation_config
+    return grown.train(model.training), plan
