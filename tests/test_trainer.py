@@ -319,6 +319,45 @@ def test_adam_moments_can_be_carried_over_the_growth(small2, tmp_path, data_file
     assert getattr(check, "checked", False)
 
 
+class CheckFusedExperts(TrainerCallback):
+    """At the grown phase's start: the fused 3-D experts of transformers 5 carry their source layer's moments."""
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kw):
+        if model.config.num_hidden_layers != 4:
+            return
+        params = dict(model.named_parameters())
+        for name in ("mlp.experts.gate_up_proj", "mlp.experts.down_proj"):
+            new, old = (optimizer.state[params[f"model.layers.{i}.{name}"]] for i in (2, 0))
+            zeroed = name.endswith("down_proj")  # zero growth: a repeated layer's residual writes start at 0
+            assert torch.equal(new["exp_avg"], torch.zeros_like(old["exp_avg"]) if zeroed else old["exp_avg"])
+            assert old["exp_avg"].abs().sum() > 0
+        self.checked = True
+
+
+def test_a_mixture_of_experts_grows_in_the_run_with_its_moments(tmp_path, data_file):
+    """In-run growth of Mixtral, whose experts transformers 5 holds fused in memory: zero growth keeps the small
+    model's logits, and carry_optimizer_state moves the fused experts' moments."""
+    from transformers import CONFIG_MAPPING
+
+    from tests.conftest import build_tokenizer
+
+    tok = build_tokenizer(tmp_path / "s")
+    config = CONFIG_MAPPING["mixtral"](vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                       num_experts_per_tok=2, bos_token_id=1, eos_token_id=2)  # fmt: skip
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "s")
+    check, out = CheckFusedExperts(), tmp_path / "r"
+    make_trainer(tmp_path / "s", out, data_file, callbacks=[check], grow_at_tokens=128, max_tokens=256,
+                 carry_optimizer_state=True, stacked_config=StackedConfig(operator="zero", factor=2)).train()  # fmt: skip
+    assert getattr(check, "checked", False)
+    small = AutoModelForCausalLM.from_pretrained(out / "small" / "checkpoint-2").eval()
+    grown = AutoModelForCausalLM.from_pretrained(out / "grown-init").eval()
+    ids = torch.tensor([[1, 5, 17, 42, 9, 77]])
+    with torch.no_grad():
+        torch.testing.assert_close(grown(ids).logits, small(ids).logits, atol=1e-5, rtol=0)
+
+
 def test_carried_moments_take_the_grown_learning_rate_and_survive_a_resume(small2, tmp_path, data_file):
     settings = dict(grow_at_tokens=128, max_tokens=64 * 8, carry_optimizer_state=True, grown_learning_rate=2e-4,
                     logging_steps=1, save_steps=100)  # fmt: skip
