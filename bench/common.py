@@ -49,3 +49,20 @@ def llama(tok, num_layers: int, hidden: int = 256, seed: int = 0):
     return small_llama(
         tok, {"hidden_size": hidden, "num_attention_heads": hidden // 64, "block_size": 512}, num_layers, seed
     )
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory since the last `reset_peak_rss` (the kernel's high-water mark)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM")
+
+
+def reset_peak_rss() -> None:
+    Path("/proc/self/clear_refs").write_text("5")  # resets the high-water mark to the current RSS
+
+
+def metrics(task_results: dict) -> dict:
+    """A task's metrics from lm-eval's results (`results[task]`), without their standard errors."""
+    return {k: v for k, v in task_results.items() if k.endswith(",none") and "stderr" not in k}

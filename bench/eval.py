@@ -39,7 +39,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import WORK, corpus_files, llama, save_results, tokenizer  # noqa: E402
+from common import WORK, corpus_files, llama, metrics, peak_rss_mb, reset_peak_rss, save_results, tokenizer  # noqa: E402
 
 MULTIPLE_CHOICE = ("arc_challenge", "arc_easy", "logiqa", "piqa", "sciq", "winogrande")
 
@@ -124,17 +124,6 @@ def model_folder(shape: str) -> Path:
     return folder
 
 
-def peak_rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM")
-
-
-def reset_peak_rss() -> None:
-    Path("/proc/self/clear_refs").write_text("5")  # resets the high-water mark to the current RSS
-
-
 def timed(lm, f, stage: str):
     def call(*args, **kwargs):
         t0 = time.perf_counter()
@@ -190,7 +179,7 @@ def worker(shape: str, backend: str, batch_size: int, data: Path) -> dict:
         if backend == "lm-eval":
             stages["log-softmax and gathers"] = max(0.0, wall - sum(stages.values()))
         out[task] = {"seconds": wall, "peak_rss_mb": peak_rss_mb(), "stages": stages, "tokens": tokens,
-                     "metrics": {k: v for k, v in r["results"][task].items() if k.endswith(",none") and "stderr" not in k}}  # fmt: skip
+                     "metrics": metrics(r["results"][task])}  # fmt: skip
     return out
 
 
@@ -275,8 +264,9 @@ def end_to_end(args) -> None:
                             else sorted(out.glob("*/results_*.json"))
                         )
                         results = json.loads(found[-1].read_text())["results"]
-                        r["metrics"] = {t: {k: v for k, v in results[t if backend == "hf-stack" else f"local_{t}"].items()
-                                            if k.endswith(",none") and "stderr" not in k} for t in TASKS}  # fmt: skip
+                        r["metrics"] = {
+                            t: metrics(results[t if backend == "hf-stack" else f"local_{t}"]) for t in TASKS
+                        }
                     runs[shape][size][backend].append(r)
                     print(f"rep {rep + 1}/{args.reps} {shape} {size} {backend}: {r['seconds']:.1f} s, "
                           f"{r['peak_rss_mb']:.0f} MB", flush=True)  # fmt: skip

@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import ROOT, WORK  # noqa: E402
+from common import ROOT, WORK, metrics, peak_rss_mb, reset_peak_rss  # noqa: E402
 
 SIZES = {  # layers of the small model (grown x2), hidden size, block, batch, steps per phase, eval items
     "gpu": dict(layers=6, hidden=768, block=512, batch=16, steps=150, items=500, vocab=8192),
@@ -40,12 +40,7 @@ SIZES = {  # layers of the small model (grown x2), hidden size, block, batch, st
 def peak_memory_mb(device) -> float:
     import torch
 
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    return torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else peak_rss_mb()
 
 
 def reset_peak_memory(device) -> None:
@@ -54,7 +49,7 @@ def reset_peak_memory(device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     else:
-        Path("/proc/self/clear_refs").write_text("5")
+        reset_peak_rss()
 
 
 def training(size: dict, tok, files: list[str], device, dry: bool) -> dict:
@@ -122,8 +117,7 @@ def scoring(size: dict, tok, device, dry: bool, data: Path) -> dict:
         t0 = time.perf_counter()
         results = evaluate_model(model, tok, data_dir=data, limit=size["items"], backend=backend, bootstrap_iters=0)
         out[backend] = {"seconds": time.perf_counter() - t0, "peak_memory_mb": peak_memory_mb(device),
-                        "metrics": {t: {k: v for k, v in r.items() if k.endswith(",none") and "stderr" not in k}
-                                    for t, r in results["results"].items()}}  # fmt: skip
+                        "metrics": {t: metrics(r) for t, r in results["results"].items()}}  # fmt: skip
     out["speedup"] = out["lm-eval"]["seconds"] / out["hf-stack"]["seconds"]
     out["largest_metric_difference"] = max(
         abs(v - out["lm-eval"]["metrics"][t][k]) / max(1.0, abs(v))

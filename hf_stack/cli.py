@@ -35,8 +35,8 @@ trial.json holds every row's raw numbers and total_flops, the trial's whole comp
 A learn candidate without learn_data trains its maps on --data.
 """
 # The heavy libraries a command imports anyway, imported first with the collector off and then frozen: millions of
-# objects that live until exit, which the collections during their import and at exit would only rescan (1.5-2 s of
-# a 6.5 s `hf-stack eval --limit 5` on 2 cores; see bench/README.md "Evaluation").
+# objects that live until exit, which the collections during their import and at exit would only rescan (README
+# "Evaluation": with lm-eval's environment thread, 6.5-6.8 s -> 4.3-4.8 s for a five-task `--limit 5` call).
 HEAVY_IMPORTS = {"eval": ("torch", "transformers.modeling_utils", "lm_eval.evaluator", "lm_eval.tasks")}
 # CLI spellings that differ from the dataclass field names.
 FLAG_NAMES = {"num_layers": "--layers"}

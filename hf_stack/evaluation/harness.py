@@ -109,8 +109,11 @@ def _bootstrap_stderr(bootstrap_stderr):
     import numpy as np
     from lm_eval.api.metrics import perplexity, sample_stddev
 
+    if sys.version_info >= (3, 12):  # Python's float sum is compensated from 3.12: numpy's cumsum is not it
+        return bootstrap_stderr
+
     def fast(f, xs, iters):
-        if f is not perplexity or sys.version_info >= (3, 12):  # from 3.12, Python's float sum is compensated
+        if f is not perplexity:
             return bootstrap_stderr(f, xs, iters)
         values, chunk, out = np.asarray(xs, dtype=np.float64), min(1000, iters), []
         for i in range(iters // chunk):

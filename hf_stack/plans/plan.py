@@ -505,7 +505,6 @@ def build_plan(
     # A head the checkpoint does not store is tied to the embeddings unless the config says otherwise.
     head = layout.head(tensor_infos)
     tied = bool(config.get("tie_word_embeddings", head not in tensor_infos))
-    layer_tensors = {i: layers[i] for i in range(L)}  # trailing layers left out (see TRAILING_LAYERS)
     if tied:
         others = [k for k in others if k != head]  # tied heads are not stored, as save_pretrained does
     elif head not in tensor_infos:
@@ -551,7 +550,7 @@ def build_plan(
         target_config=target_config,
         directions=directions,
         function_preserving=operator.function_preserving(directions)
-        and ("depth" not in directions or operator.keeps_function(layer_map, L, layer_tensors))
+        and ("depth" not in directions or operator.keeps_function(layer_map, L, layers))
         and not any(config.get(k) for k in LAYER_INDEX_DEPENDENT),
         width=axes,
         init_std=float(config.get("initializer_range") or 0.02),
