@@ -576,16 +576,19 @@ def test_two_processes_grow_together(small2, tmp_path, data_file, launcher):
 
 
 def test_a_sharding_request_is_honoured_or_refused(small2, tmp_path, data_file):
-    """`--fsdp` on a machine without GPUs would be dropped by transformers (full replicas under DDP, nothing said):
+    """`--fsdp` on a machine without GPUs would be dropped by accelerate (full replicas under DDP, nothing said):
     refused with one error line before anything is written, as is a DeepSpeed run without DeepSpeed installed (a
-    traceback from transformers' argument checks before); an ordinary run records that it ran in one process."""
+    traceback from transformers' argument checks before), and what in-run growth cannot do under --fsdp, before any
+    weight loads; an ordinary run records that it ran in one process."""
     common = ["train", "--model", small2, "--data", data_file, "--block-size", 16, "--max-tokens", 512]
+    fsdp = ["--fsdp", "full_shard auto_wrap", "--use-cpu", "true", "--grow-at-tokens", 128, "--factor", 2]
     for extra, message in (
-        (
-            ["--fsdp", "full_shard auto_wrap", "--use-cpu", "true"],
-            "error: --fsdp shards over GPUs and this run has none",
-        ),
+        (fsdp[:4], "error: --fsdp shards the model over several processes and this run has one"),
         (["--deepspeed", '{"zero_optimization": {"stage": 2}}'], "error: invalid training arguments: "),
+        ([*fsdp, "--fsdp_config", '{"version": 1}'], "error: growth inside an FSDP1 run is not supported: use FSDP2"),
+        ([*fsdp, "--carry-optimizer-state", "true"], "error: --carry-optimizer-state is not supported under --fsdp"),
+        ([*fsdp, "--operator", "learn", "--learn-data", data_file], "error: 'learn' growth trains the grown tensors on one process"),
+        ([*fsdp, "--mask-steps", 4, "--operator", "random"], "error: --mask-steps (MSG's masks) is not supported under --fsdp"),
     ):
         r = hf_stack(*common, *extra, "-o", tmp_path / "x")
         last = r.stderr.strip().splitlines()[-1]
@@ -595,6 +598,12 @@ def test_a_sharding_request_is_honoured_or_refused(small2, tmp_path, data_file):
     assert r.returncode == 0, r.stderr[-2000:]
     log = json.loads((tmp_path / "one" / "training_log.json").read_text())
     assert log["parallelism"] == {"strategy": "single process", "world_size": 1}
+    from hf_stack.training.trainer import check_strategy
+
+    args = StackingTrainingArguments(str(tmp_path / "p"), fsdp="full_shard auto_wrap", use_cpu=True, report_to=[],
+                                     grow_at_tokens=128, max_tokens=512, stacked_config=StackedConfig(factor=2))  # fmt: skip
+    with pytest.raises(HfStackError, match="peft_config with growth is not supported under --fsdp"):
+        check_strategy(args, peft=True)
 
 
 def test_resume_point_names_what_a_resume_continues_from(tmp_path):

@@ -18,17 +18,14 @@ def count_parameters(model, embeddings: bool = True, trained_only: bool = False)
             (Kaplan et al., 2020): the transformer blocks and final norm, the weights depth growth multiplies.
         trained_only: count only the parameters that receive gradients (`requires_grad`).
     """
+    # By identity: `parameters()` yields a tied weight once, and a sharded parameter (FSDP2's DTensor) has no
+    # storage of its own to compare (its numel is the whole tensor's).
     skip = set()
     if not embeddings:
         for module in (model.get_input_embeddings(), model.get_output_embeddings()):
             if module is not None:
-                skip.update(p.data_ptr() for p in module.parameters())
-    seen, n = set(skip), 0
-    for p in model.parameters():
-        if p.data_ptr() not in seen and (p.requires_grad or not trained_only):
-            seen.add(p.data_ptr())
-            n += p.numel()
-    return n
+                skip.update(id(p) for p in module.parameters())
+    return sum(p.numel() for p in model.parameters() if id(p) not in skip and (p.requires_grad or not trained_only))
 
 
 def model_flops(model, tokens: float, embeddings: bool = True) -> float:

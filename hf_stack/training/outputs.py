@@ -46,6 +46,7 @@ def write_final_outputs(
     baselines: dict | None = None,
     growths: list[dict] | None = None,
     extra: dict | None = None,
+    state_dict: dict | None = None,
 ) -> None:
     """Write `out/final/` (model, tokenizer, growth_config.json with both phases, card, loss plot) and
     `out/training_log.json`; `final/` is built beside and renamed into place, so it is whole or absent.
@@ -59,9 +60,10 @@ def write_final_outputs(
         baselines: e.g. `{"unigram_eval_loss": ...}`, the floor `hf-stack compare`'s health check reads.
         growths: the run's growth records (default: read from `out`'s growth state).
         extra: more top-level keys of `training_log.json` (e.g. `cooldowns`, a ladder's end points).
+        state_dict: the weights to save in place of `model`'s own (a sharded model's, gathered on this process).
     """
     final, tmp = out / "final", out / "final.tmp"
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, state_dict=state_dict)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     training = training_summary(phases)

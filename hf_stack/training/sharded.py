@@ -30,7 +30,7 @@ def grow_sharded(model, stacked_config, shard):
     """
     import torch
     import torch.distributed as dist
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     from ..checkpoints.in_memory import plan_for_model
     from ..checkpoints.models import build_model
@@ -44,7 +44,7 @@ def grow_sharded(model, stacked_config, shard):
             "rank; grow with stack, zero, random or direct, or grow between two runs"
         )
     plan = plan_for_model(model, stacked_config)  # names and global shapes: the same plan on every rank
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    full = full_state_dict(model)
     if dist.get_rank() == 0:
         tensors, _ = grown_tensors(plan, full.__getitem__, stacked_config, None)
     else:
@@ -71,3 +71,18 @@ def grow_sharded(model, stacked_config, shard):
     grown.tie_weights()  # to_empty leaves a tied head apart from the embeddings
     grown.generation_config = model.generation_config
     return grown.train(model.training), plan
+
+
+def full_state_dict(model) -> dict:
+    """The full state of a model sharded with FSDP2, gathered on rank 0's CPU (empty on the other ranks); every rank
+    calls it. Rank 0 then holds one full copy, at the parameters' dtype."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def is_sharded(model) -> bool:
+    """Whether every parameter of `model` is a `DTensor` (sharded by FSDP2)."""
+    from torch.distributed.tensor import DTensor
+
+    return all(isinstance(p, DTensor) for p in model.parameters())

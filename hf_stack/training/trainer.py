@@ -26,6 +26,7 @@ from transformers.trainer_callback import ProgressCallback, TrainerCallback, Tra
 from ..checkpoints.in_memory import grow_model, plan_for_model
 from ..checkpoints.provenance import growth_record, write_growth_record
 from ..errors import HfStackError
+from ..operators import get_operator
 from ..plans.plan import layout_of, resolve_layer_map
 from ..plans.timing import training_flops
 from ..plans.width import grow_width_config, width_dims
@@ -48,6 +49,7 @@ from .run_folder import (
     resume_point,
     write_growth_state,
 )
+from .sharded import full_state_dict, grow_sharded, is_sharded
 
 
 class StackingTrainer(Trainer):
@@ -77,7 +79,20 @@ class StackingTrainer(Trainer):
             model = _apply_peft(model, peft_config)
         # Packed blocks all have the same length: stack them, never pad.
         kwargs.setdefault("data_collator", default_data_collator)
+        new_folder = args is not None and not Path(args.output_dir).exists()
         super().__init__(model, args, *pargs, **kwargs)
+        flag = requested_sharding(self.args)
+        honoured = {"--fsdp": self.is_fsdp_enabled, "--deepspeed": self.is_deepspeed_enabled}
+        if flag is not None and not honoured[flag]:
+            # transformers and accelerate drop it without a word (e.g. on CPUs) and train full replicas with DDP
+            if new_folder and self.args.should_save:  # Trainer made it on process zero; nothing is in it yet
+                with contextlib.suppress(OSError):  # not empty: something else wrote there meanwhile
+                    Path(self.args.output_dir).rmdir()
+            raise HfStackError(
+                f"{flag} was asked for, but accelerate does not shard on this machine "
+                f"({self.accelerator.distributed_type.value.lower()}, no GPUs or --use-cpu): it would train full "
+                "replicas; remove it, or run on GPUs"
+            )
         self.phase = 1
         self.phase_start = {"tokens": 0, "flops": 0.0, "non_embedding_flops": 0.0, "train_seconds": 0.0}
         # The wall-clock currency counts training only, so that arms which evaluate more often, or on slower
@@ -321,11 +336,18 @@ class StackingTrainer(Trainer):
         """Growth number `growth` (1-based), after a phase of `steps` steps."""
         small = self.accelerator.unwrap_model(self.model)
         stacked = self.args.growths[growth - 1]["stacked_config"]
-        grown, plan, learned = grow_model(small, stacked, self.processing_class)
-        grown.to(self.args.device)
+        finished_parallelism = parallelism(self)
+        if self.is_fsdp_enabled:  # FSDP2 (check_strategy): grown on rank 0, sharded, loaded by broadcast
+            grown, plan = grow_sharded(small, stacked, self._shard)
+            learned, grown_state = None, full_state_dict(grown)  # what grown-init/ saves: rank 0's one full copy
+            self.accelerator.free_memory()  # the small model's shards and optimizer: the next phase prepares anew
+        else:
+            grown, plan, learned = grow_model(small, stacked, self.processing_class)
+            grown, grown_state = grown.to(self.args.device), None
         seconds = self._phase_seconds() - self.phase_start["train_seconds"]
         finished = self._phase_record(growth, small, steps, tps, seconds)
         finished["num_layers"] = plan.source_num_layers
+        finished["parallelism"] = finished_parallelism
         if learned is not None:  # LiGO's maps were trained at growth: their compute is part of the run's
             finished["growth_flops"] = learned["flops"]
             finished["growth_non_embedding_flops"] = learned["non_embedding_flops"]
@@ -336,7 +358,7 @@ class StackingTrainer(Trainer):
             record = growth_record(plan, stacked, source, learned)
             grown_init = init_dir(out, growth, growths)
             tmp = grown_init.with_name(grown_init.name + ".tmp")
-            grown.save_pretrained(tmp)
+            grown.save_pretrained(tmp, state_dict=grown_state)
             if self.processing_class is not None:
                 self.processing_class.save_pretrained(tmp)
             write_growth_record(tmp, record)
@@ -350,9 +372,22 @@ class StackingTrainer(Trainer):
             write_growth_state(out, phases, [*state["growths"][: growth - 1], record])
         if self.mask_ramp is not None:
             self.mask_ramp.start(GrowthMasks(grown, plan))
+        del grown_state
         self._install_model(grown, phases)
         self.optimizer, self.lr_scheduler = new_optimizer, None
         self.accelerator.wait_for_everyone()
+
+    def _shard(self, model) -> None:
+        """Shard `model` (on the meta device) as accelerate sharded the run's first model, with its FSDP plugin's
+        settings; `grow_sharded` then loads the weights by broadcast, so the plugin's own loading is skipped."""
+        from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+        plugin = self.accelerator.state.fsdp_plugin
+        efficient, plugin.cpu_ram_efficient_loading = plugin.cpu_ram_efficient_loading, False
+        try:
+            fsdp2_prepare_model(self.accelerator, model)
+        finally:
+            plugin.cpu_ram_efficient_loading = efficient
 
     def _load_grown(self, out: Path, state: dict, growths: int) -> None:
         from transformers import AutoModelForCausalLM
@@ -446,15 +481,19 @@ class StackingTrainer(Trainer):
 
     def _finish(self, dest: Path, out: Path, tps: int, growths: int) -> None:
         """The final outputs of the run (`dest` is `out`) or of one of its cooldown branches (`dest` inside it)."""
+        # a sharded model is gathered by every rank, onto rank 0, which writes it
+        state = full_state_dict(self.model) if self.is_fsdp_enabled and is_sharded(self.model) else None
         if self.is_world_process_zero():
-            self._write_final(dest, out, tps, growths)
+            self._write_final(dest, out, tps, growths, state)
+        del state
         self.accelerator.wait_for_everyone()
 
-    def _write_final(self, dest: Path, out: Path, tps: int, growths: int) -> None:
+    def _write_final(self, dest: Path, out: Path, tps: int, growths: int, state: dict | None) -> None:
         model = self.accelerator.unwrap_model(self.model)
         seconds = self._phase_seconds() - self.phase_start["train_seconds"]
         phases = [*self.completed_phases, self._phase_record(self.phase, model, self.state.global_step, tps, seconds)]
         phases[-1]["num_layers"] = model.config.num_hidden_layers
+        phases[-1]["parallelism"] = parallelism(self)
         # Earlier phases' logs live in their last checkpoints; the current phase's in self.state (restored on resume).
         history = [e for p in range(1, self.phase) for e in read_history(phase_dir(out, p, growths))]
         history += [e for e in self.state.log_history if "tokens" in e]
@@ -471,7 +510,7 @@ class StackingTrainer(Trainer):
             )
             extra["cooldowns"] = [*self._cooldowns, largest]
         write_final_outputs(dest, model, self.processing_class, phases, history, baselines,
-                            growths=read_growth_state(out)["growths"], extra=extra)  # fmt: skip
+                            growths=read_growth_state(out)["growths"], extra=extra, state_dict=state)  # fmt: skip
 
 
 def check_run(args, n_blocks: int, block_size: int, model_config, resume, write=False, wait=None, peft=False):
@@ -483,7 +522,7 @@ def check_run(args, n_blocks: int, block_size: int, model_config, resume, write=
         `(tokens_per_step, total_steps, grow_steps)`, one optimizer step per growth (none for a run that does not grow).
     """
     args.check_growth()  # stacked_config may have been replaced since the arguments were built
-    check_strategy(args)
+    check_strategy(args, peft)
     if peft and len(args.growths) > 1:
         raise HfStackError("peft_config trains adapters on the grown model: give it one growth, not several")
     limit = getattr(model_config, "max_position_embeddings", None)
@@ -552,33 +591,72 @@ def check_run(args, n_blocks: int, block_size: int, model_config, resume, write=
     return tps, total_steps, grow_steps
 
 
-def check_strategy(args) -> None:
-    """A requested sharding is honoured or refused, never dropped: transformers runs `--fsdp` on CPU as plain DDP
-    with full replicas, and in-run growth needs the whole model on every process (grow between two runs instead)."""
-    sharded = "--fsdp" if args.fsdp else "--deepspeed" if args.deepspeed else None
-    if sharded is None:
-        return
-    if args.use_cpu or not torch.cuda.is_available():
+def requested_sharding(args) -> str | None:
+    """The sharding a run asks for, named by its flag: `--fsdp` (the arguments, or an accelerate config's
+    `use_fsdp`), `--deepspeed`, or None."""
+    if args.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        return "--fsdp"
+    if args.deepspeed or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        return "--deepspeed"
+    return None
+
+
+def check_strategy(args, peft: bool = False) -> None:
+    """A sharded run's request checked before any weight loads: what growth inside it cannot do, and FSDP in one
+    process. In-run growth runs under FSDP2 (the full state gathered and grown on rank 0, the grown model sharded and
+    loaded by broadcast: `hf_stack.training.sharded`); whether the machine shards at all is known once the
+    accelerator exists (`StackingTrainer.__init__`)."""
+    flag = requested_sharding(args)
+    if flag is not None and args.growths:
+        check_sharded_growth(args, flag, peft)
+    if flag == "--fsdp" and args.world_size < 2:  # transformers' own refusal is a traceback from Trainer.__init__
         raise HfStackError(
-            f"{sharded} shards over GPUs and this run has none (or --use-cpu): transformers would drop it and train "
-            "full replicas with DDP; remove it, or run on GPUs"
+            "--fsdp shards the model over several processes and this run has one: launch it with `torchrun "
+            "--nproc_per_node N -m hf_stack.cli train ...` or `accelerate launch`, or remove --fsdp"
         )
-    if args.growths:
+
+
+def check_sharded_growth(args, flag: str, peft: bool) -> None:
+    """What growth inside a run sharded with `flag` cannot do, each with the way out."""
+    offline = f"or grow between two runs (`hf-stack grow run/final --factor 4 -o grown`) and train the grown model with {flag}"
+    if flag == "--deepspeed":
+        raise HfStackError(f"growth inside a --deepspeed run is not supported: use --fsdp (FSDP2), {offline}")
+    version = args.fsdp_plugin_args["fsdp_version"] if args.fsdp else int(os.environ.get("FSDP_VERSION", "1"))
+    if version != 2:
         raise HfStackError(
-            f"growth inside a {sharded} run is not supported: train the small model, grow it between two runs "
-            f"(`hf-stack grow run/final --factor 4 -o grown`), then train the grown model with {sharded}"
+            f"growth inside an FSDP{version} run is not supported: use FSDP2 (fsdp_config version 2, transformers' "
+            f"default), {offline}"
         )
+    if args.carry_optimizer_state:
+        raise HfStackError(
+            "--carry-optimizer-state is not supported under --fsdp (the Adam moments are sharded): the grown model "
+            "starts with a fresh optimizer, the paper's recipe; drop --carry-optimizer-state"
+        )
+    for growth in args.growths:
+        if get_operator(growth["stacked_config"].operator).needs_data:
+            raise HfStackError(
+                f"{growth['stacked_config'].operator!r} growth trains the grown tensors on one process, which an "
+                f"--fsdp run does not do: grow with stack, zero, random or direct, {offline}"
+            )
+    if args.mask_steps:
+        raise HfStackError(f"--mask-steps (MSG's masks) is not supported under --fsdp: drop it, {offline}")
+    if peft:
+        raise HfStackError(f"peft_config with growth is not supported under --fsdp: {offline}")
 
 
 def parallelism(trainer) -> dict:
-    """How the run was really distributed, for its records."""
+    """How the run (its current phase) is really distributed, read from the accelerator and the model rather than
+    from what was asked: the strategy, the FSDP version or DeepSpeed stage, the world size, and for FSDP2 whether
+    every parameter is sharded."""
+    record = {"strategy": "ddp" if trainer.args.world_size > 1 else "single process"}
     if getattr(trainer, "is_fsdp_enabled", False):
-        strategy = "fsdp"
+        version = trainer.accelerator.state.fsdp_plugin.fsdp_version
+        record = {"strategy": f"fsdp{version}"}
+        if version == 2:
+            record["sharded"] = is_sharded(trainer.model)
     elif getattr(trainer, "is_deepspeed_enabled", False):
-        strategy = "deepspeed"
-    else:
-        strategy = "ddp" if trainer.args.world_size > 1 else "single process"
-    return {"strategy": strategy, "world_size": trainer.args.world_size}
+        record = {"strategy": "deepspeed", "zero_stage": trainer.accelerator.state.deepspeed_plugin.zero_stage}
+    return {**record, "world_size": trainer.args.world_size}
 
 
 def run_ladder(args, tps: int, grow_steps: list[int], total_steps: int) -> list[dict]:
