@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import pytest
 import torch
@@ -563,11 +564,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from hf_stack import EvalCallback, StackingTrainer, StackingTrainingArguments, build_dataset
 from hf_stack.evaluation.benchmarks import SAMPLES_DIR
 
-model_dir, data_file, out = sys.argv[1:]
+model_dir, data_file, out, settings = sys.argv[1:]
 tok = AutoTokenizer.from_pretrained(model_dir)
 train, _ = build_dataset([data_file], tok, 16)
 args = StackingTrainingArguments(out, max_tokens=16 * 4 * 4, per_device_train_batch_size=2, report_to=[],
-                                 disable_tqdm=True, save_strategy="no", learning_rate=1e-2)
+                                 disable_tqdm=True, save_strategy="no", learning_rate=1e-2, **json.loads(settings))
 trainer = StackingTrainer(model=AutoModelForCausalLM.from_pretrained(model_dir), args=args, train_dataset=train,
                           processing_class=tok)
 cb = EvalCallback(tok, tasks="arc_easy,piqa", data_dir=SAMPLES_DIR, limit=3, every_n_steps=2, trainer=trainer)
@@ -578,20 +579,27 @@ with open(f"{out}/history-{dist.get_rank()}.json", "w") as f:
 """
 
 
-def test_eval_callback_under_ddp_scores_once_on_process_zero(small2, data_file, tmp_path):
-    """Two DDP processes (torchrun, gloo): process zero scores each request once, the other waits and scores nothing;
-    the last scores are those of the trained model, the run's log holds each call once."""
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_eval_callback_under_ddp_scores_once_on_process_zero(small2, data_file, tmp_path, strategy):
+    """Two processes (torchrun, gloo). DDP: process zero scores each request once, the other waits and scores
+    nothing. FSDP2 (sharded with the test-only shim of tests/fsdp_cpu): both take part in every forward pass, process
+    zero alone records and logs. Either way the last scores are those of the trained model, the run's log holds each
+    call once."""
     script = tmp_path / "run.py"
     script.write_text(DDP_CALLBACK_SCRIPT)
+    settings = {"fsdp": "full_shard auto_wrap", "fsdp_config": {"version": 2}} if strategy == "fsdp2" else {}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", script, small2,
-           data_file, tmp_path / "run"]  # fmt: skip
+           data_file, tmp_path / "run", json.dumps(settings)]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    if strategy == "fsdp2":
+        env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent / "fsdp_cpu"), env.get("PYTHONPATH", "")])
     r = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
     zero, one = (json.loads((tmp_path / "run" / f"history-{k}.json").read_text()) for k in (0, 1))
     assert [h["step"] for h in zero] == [2, 4] and one == []
-    log = json.loads((tmp_path / "run" / "training_log.json").read_text())["log_history"]
-    assert [e["step"] for e in log if "bench/piqa" in e] == [2, 4]
+    log = json.loads((tmp_path / "run" / "training_log.json").read_text())
+    assert log["parallelism"]["strategy"] == strategy
+    assert [e["step"] for e in log["log_history"] if "bench/piqa" in e] == [2, 4]
     final = evaluate_model(tmp_path / "run" / "final", tasks="arc_easy,piqa", data_dir=SAMPLES_DIR, limit=3,
                            bootstrap_iters=0)  # fmt: skip
     assert {f"bench/{k.replace(' (acc)', '')}": v for k, v in headline(final).items()} == {

@@ -90,7 +90,11 @@ import torch.distributed as dist
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from hf_stack import StackedConfig, StackingTrainer, StackingTrainingArguments
 from hf_stack.data import build_dataset
-from hf_stack.training.sharded import full_state_dict, is_sharded
+from torch.distributed.tensor import DTensor
+from hf_stack.training.sharded import full_state_dict
+
+def is_sharded(model):
+    return all(isinstance(p, DTensor) for p in model.parameters())
 
 small, data, out, settings = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
 crash_at, resume = settings.pop("crash_at", None), settings.pop("resume", False)
@@ -195,7 +199,9 @@ def test_fsdp2_run_grows_inside_the_sharded_run_as_one_process_would(small2, dat
     log = json.loads((tmp_path / "fsdp" / "training_log.json").read_text())
     assert log["parallelism"] == sharded and log["training"]["total_tokens"] == 512
     one = json.loads((tmp_path / "one" / "final" / "growth_config.json").read_text())["training"]["phases"]
-    assert [p["tokens"] for p in phases] == [p["tokens"] for p in one]
+    # the same accounting: a sharded parameter counts whole (its numel is the full tensor's), tied weights once
+    for key in ("tokens", "num_parameters", "flops", "non_embedding_flops"):
+        assert [p[key] for p in phases] == [p[key] for p in one], key
     assert [p["parallelism"] for p in one] == [{"strategy": "single process", "world_size": 1}] * len(one)
     # the grown model as grown (before phase 2 trained it) is the one-process run's grown model too
     init = "grown-init" if len(phases) == 2 else "grown-init-1"

@@ -587,8 +587,14 @@ def test_a_sharding_request_is_honoured_or_refused(small2, tmp_path, data_file):
         (["--deepspeed", '{"zero_optimization": {"stage": 2}}'], "error: invalid training arguments: "),
         ([*fsdp, "--fsdp_config", '{"version": 1}'], "error: growth inside an FSDP1 run is not supported: use FSDP2"),
         ([*fsdp, "--carry-optimizer-state", "true"], "error: --carry-optimizer-state is not supported under --fsdp"),
-        ([*fsdp, "--operator", "learn", "--learn-data", data_file], "error: 'learn' growth trains the grown tensors on one process"),
-        ([*fsdp, "--mask-steps", 4, "--operator", "random"], "error: --mask-steps (MSG's masks) is not supported under --fsdp"),
+        (
+            [*fsdp, "--operator", "learn", "--learn-data", data_file],
+            "error: 'learn' growth trains the grown tensors on one process",
+        ),
+        (
+            [*fsdp, "--mask-steps", 4, "--operator", "random"],
+            "error: --mask-steps (MSG's masks) is not supported under --fsdp",
+        ),
     ):
         r = hf_stack(*common, *extra, "-o", tmp_path / "x")
         last = r.stderr.strip().splitlines()[-1]

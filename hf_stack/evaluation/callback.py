@@ -10,6 +10,7 @@ import time
 
 from transformers import TrainerCallback
 
+from ..training.sharded import every_parameter_sharded, is_sharded
 from .benchmarks import headline, parse_tasks
 from .harness import ADD_BOS_TOKEN, load_tasks, make_lm, score_tasks
 
@@ -20,7 +21,8 @@ class EvalCallback(TrainerCallback):
     Logged as `bench/<task>` (and `bench/average`, and `bench/seconds`, the call's time) next to the trainer's
     loss; with `StackingTrainer` each entry also carries tokens and FLOPs, so benchmark curves can be drawn against
     training compute, and the seconds are kept out of its `train_seconds`. The tasks are loaded at the first call
-    and reused; under DDP process zero scores while the others wait (each call scores every request once).
+    and reused; under DDP process zero scores while the others wait (each call scores every request once); under
+    FSDP2 every process takes part in each forward pass and process zero logs.
 
     Args:
         tokenizer: the model's tokenizer.
@@ -46,7 +48,10 @@ class EvalCallback(TrainerCallback):
         self._lm = (None, None)  # (the model it wraps, the lm-eval LM): a growth brings a new model
 
     def _score(self, state, control, model):
-        if not state.is_world_process_zero:  # scored once, on process zero; the others wait for it below
+        # A replicated model (one process, DDP) is scored once, on process zero, while the others wait. A sharded
+        # one (FSDP2) needs every process in each forward pass: all score the same batches, process zero logs.
+        sharded = is_sharded(model)
+        if not state.is_world_process_zero and not sharded:
             self._wait()
             return
         # not training time: StackingTrainer keeps benchmark seconds out of train_seconds, as evaluation's
@@ -64,6 +69,11 @@ class EvalCallback(TrainerCallback):
                 results = score_tasks(self._lm[1], self._loaded, self.limit)
             finally:
                 model.train(was_training)
+                if sharded:  # back to shards: FSDP keeps some groups gathered after a forward without backward
+                    every_parameter_sharded(model)
+        if not state.is_world_process_zero:
+            self._wait()
+            return
         logs = {f"bench/{k.replace(' (acc)', '')}": float(v) for k, v in headline(results).items()}
         logs["bench/seconds"] = round(time.perf_counter() - start, 3)
         self.history.append({"step": state.global_step, **logs})

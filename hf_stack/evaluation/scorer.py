@@ -32,6 +32,8 @@ from lm_eval.models.huggingface import HFLM
 from lm_eval.models.utils import _add_special_kwargs, has_bos_prefix
 from tqdm.auto import tqdm
 
+from ..training.sharded import is_sharded
+
 # Positions whose logits are built at once: bounds the float32 (positions x vocab) block the head writes.
 HEAD_CHUNK = 4096
 # Requests are packed into one row only where sharing their prefix saves at least this fraction of their tokens.
@@ -197,6 +199,8 @@ class PrefixSharingLM(HFLM):
         same kernels run either way; a tolerance would let a small soft-cap pass on small logits)."""
         config = self.model.config.get_text_config()
         if any(getattr(config, k, None) not in (None, 1, 1.0) for k in POST_HEAD_CONFIG_KEYS):
+            return False
+        if is_sharded(self.model):  # FSDP2 gathers a layer's weights in its own forward hooks: the whole forward
             return False
         try:
             decoder, head = self.model.get_decoder(), self.model.get_output_embeddings()

@@ -49,7 +49,7 @@ from .run_folder import (
     resume_point,
     write_growth_state,
 )
-from .sharded import full_state_dict, grow_sharded, is_sharded
+from .sharded import every_parameter_sharded, full_state_dict, grow_sharded, is_sharded
 
 
 class StackingTrainer(Trainer):
@@ -653,7 +653,7 @@ def parallelism(trainer) -> dict:
         version = trainer.accelerator.state.fsdp_plugin.fsdp_version
         record = {"strategy": f"fsdp{version}"}
         if version == 2:
-            record["sharded"] = is_sharded(trainer.model)
+            record["sharded"] = every_parameter_sharded(trainer.model)
     elif getattr(trainer, "is_deepspeed_enabled", False):
         record = {"strategy": "deepspeed", "zero_stage": trainer.accelerator.state.deepspeed_plugin.zero_stage}
     return {**record, "world_size": trainer.args.world_size}
