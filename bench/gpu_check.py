@@ -10,7 +10,10 @@
 2. Scoring, bf16: `evaluate_model` with hf_stack's scorer beside lm-eval's HFLM on the same items: every metric of
    both (in bf16 the two may differ: HFLM's log-softmax runs in bf16, the scorer's in float32), seconds and peak
    memory of each.
-3. FSDP2 growth: recorded as not run (in-run growth under FSDP2 is not built yet; see README "Many GPUs").
+3. FSDP2 growth, where there are two GPUs or more: `hf-stack train --fsdp ... --fsdp_config '{"version": 2}'` with
+   in-run growth under torchrun on every GPU, bf16; its records (each phase's parallelism, tokens/s) and each rank's
+   peak memory (rank 0 holds the gathered full state at growth, the others only shards). The dry run starts it on
+   2 CPU processes with the tests' shim (tests/fsdp_cpu), so this part cannot rot either.
 
 Data: the public-domain corpus (../shared/data/corpus) and items synthesised from it (as `bench/eval.py`); with
 `--dry-run`, the `--data` text file and the package's smoke samples.
@@ -102,6 +105,65 @@ def training(size: dict, tok, files: list[str], device, dry: bool) -> dict:
     return out
 
 
+FSDP_WORKER = """
+import json, os, resource, sys
+import torch
+from hf_stack.cli import main
+code = main(sys.argv[2:])
+peak = (torch.cuda.max_memory_allocated() if torch.cuda.is_available()
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
+with open(os.path.join(sys.argv[1], f"peak-{os.environ['RANK']}.json"), "w") as f:
+    json.dump({"rank": int(os.environ["RANK"]), "peak_memory_mb": peak}, f)
+sys.exit(code)
+"""
+
+
+def fsdp2_growth(size: dict, tok, files: list[str], dry: bool) -> dict | str:
+    """In-run growth under FSDP2 on every GPU (2 CPU processes in the dry run), through the CLI as users run it."""
+    import os
+    import subprocess
+
+    import torch
+
+    from hf_stack.demo import small_llama
+
+    procs = 2 if dry else torch.cuda.device_count()
+    if procs < 2:
+        return "not run: one GPU (sharding needs two or more)"
+    recipe = {"hidden_size": size["hidden"], "num_attention_heads": max(1, size["hidden"] // 64),
+              "block_size": size["block"]}  # fmt: skip
+    tokens_per_step = size["block"] * size["batch"] * procs
+    with tempfile.TemporaryDirectory() as folder:
+        small_llama(tok, recipe, size["layers"], seed=0).save_pretrained(f"{folder}/small")
+        tok.save_pretrained(f"{folder}/small")
+        Path(f"{folder}/worker.py").write_text(FSDP_WORKER)
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        if dry:  # accelerate does not shard on CPUs by itself: the tests' shim lets it (see its docstring)
+            env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests" / "fsdp_cpu"), env.get("PYTHONPATH", "")])
+            env["CUDA_VISIBLE_DEVICES"] = ""
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs),
+               f"{folder}/worker.py", folder, "train", "--model", f"{folder}/small", "--data", *files,
+               "--block-size", str(size["block"]), "--per-device-train-batch-size", str(size["batch"]),
+               "--grow-at-tokens", str(tokens_per_step * size["steps"]),
+               "--max-tokens", str(tokens_per_step * size["steps"] * 2), "--factor", "2", "--learning-rate", "1e-3",
+               "--validation-fraction", "0", "--disable-tqdm", "true", "--fsdp", "full_shard auto_wrap",
+               "--fsdp_config", '{"version": 2}', *(["--use-cpu", "true"] if dry else ["--bf16", "true"]),
+               "-o", f"{folder}/run"]  # fmt: skip
+        t0 = time.perf_counter()
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if r.returncode:
+            raise SystemExit(f"error: the FSDP2 run failed:\n{r.stderr[-3000:]}")
+        log = json.loads(Path(f"{folder}/run/training_log.json").read_text())
+        return {
+            "processes": procs,
+            "seconds": time.perf_counter() - t0,
+            "phases": [{"num_parameters": p["num_parameters"], "tokens": p["tokens"], "parallelism": p["parallelism"],
+                        "tokens_per_second": p["tokens"] / p["train_seconds"]} for p in log["training"]["phases"]],
+            "peak_memory_mb_per_rank": [json.loads(Path(f"{folder}/peak-{k}.json").read_text())["peak_memory_mb"]
+                                        for k in range(procs)],
+        }  # fmt: skip
+
+
 def scoring(size: dict, tok, device, dry: bool, data: Path) -> dict:
     import torch
 
@@ -168,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
             "sizes": size,
             "training": training(size, tok, files, device, dry),
             "scoring": scoring(size, tok, device, dry, data),
-            "fsdp2_growth": "not run: in-run growth under FSDP2 is not built yet",
+            "fsdp2_growth": fsdp2_growth(size, tok, files, dry),
         }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -27,3 +27,6 @@ def test_gpu_check_dry_run(tmp_path):
     scores = result["scoring"]
     assert scores["hf-stack"]["metrics"].keys() == scores["lm-eval"]["metrics"].keys() and scores["speedup"] > 0
     assert scores["largest_metric_difference"] < 1e-4  # float32 in the dry run: the backends agree
+    fsdp = result["fsdp2_growth"]  # 2 CPU processes with the tests' shim
+    assert [p["parallelism"] for p in fsdp["phases"]] == [{"strategy": "fsdp2", "sharded": True, "world_size": 2}] * 2
+    assert len(fsdp["peak_memory_mb_per_rank"]) == 2 and fsdp["phases"][1]["tokens_per_second"] > 0

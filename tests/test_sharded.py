@@ -11,6 +11,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from tests.conftest import build_checkpoint
+
 SCRIPT = """
 import json, sys
 import torch, torch.distributed as dist
@@ -61,10 +63,14 @@ dist.destroy_process_group()
 """
 
 
-def test_fsdp2_growth_gathers_grows_and_reshards(small2, tmp_path):
+@pytest.mark.parametrize("tied", [False, True], ids=["own head", "tied head"])
+def test_fsdp2_growth_gathers_grows_and_reshards(tmp_path, tied):
     """Two growths of a `fully_shard`ed Llama on 2 processes: after each, every parameter is a DTensor again, the
     gathered state is bit for bit what `grow_model` makes of the same unsharded model, and a fresh optimizer
-    trains the shards (both ranks see the same loss, the unsharded grown model's)."""
+    trains the shards (both ranks see the same loss, the unsharded grown model's). A head tied to the embeddings
+    (Llama 3.2's) is saved once and loaded under both names."""
+    small2 = tmp_path / "small"
+    build_checkpoint(small2, "llama", num_layers=2, tie_word_embeddings=tied)
     (tmp_path / "run.py").write_text(SCRIPT)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            tmp_path / "run.py", small2, tmp_path]  # fmt: skip

@@ -65,6 +65,12 @@ def grow_sharded(model, stacked_config, shard):
             if source not in small_buffers or small_buffers[source].shape != buffer.shape:
                 raise HfStackError(f"the grown model's buffer {name!r} has no counterpart {source!r} to copy")
             buffer.copy_(small_buffers[source])
+    if tensors and grown.config.get_text_config().tie_word_embeddings:
+        # the tied head is saved once, under the embeddings' name; the strict load wants it under its own too (the
+        # meta model is not tied yet: `tie_weights` below)
+        names = {module: name for name, module in grown.named_modules()}
+        embed, head = (names[m] + ".weight" for m in (grown.get_input_embeddings(), grown.get_output_embeddings()))
+        tensors.setdefault(head, tensors[embed])
     set_model_state_dict(
         grown, tensors, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=True)
     )
