@@ -215,16 +215,25 @@ def test_fsdp2_run_grows_inside_the_sharded_run_as_one_process_would(small2, dat
     assert_same_weights(a, b)
 
 
-@pytest.mark.parametrize("state_dict_type", ["FULL_STATE_DICT", "SHARDED_STATE_DICT"])
-def test_fsdp2_run_killed_after_growth_resumes_where_it_stopped(small2, data_file, tmp_path, state_dict_type):
-    """Killed in the grown phase, resumed from its last checkpoint in the FSDP format the run chose: the resumed run
-    ends with the weights of an uninterrupted run (in one process, same global batch), sharded in every phase."""
+@pytest.mark.parametrize(
+    "state_dict_type, crash_at",
+    [("FULL_STATE_DICT", 3), ("SHARDED_STATE_DICT", 3), ("FULL_STATE_DICT", 1)],
+    ids=["full checkpoint", "sharded checkpoint", "before the grown phase's first checkpoint"],
+)
+def test_fsdp2_run_killed_after_growth_resumes_where_it_stopped(
+    small2, data_file, tmp_path, state_dict_type, crash_at
+):
+    """Killed in the grown phase, resumed from its last checkpoint in the FSDP format the run chose (or, killed
+    before the grown phase's first checkpoint, from `grown-init/`): the resumed run ends with the weights of an
+    uninterrupted run (in one process, same global batch), sharded in every phase."""
     (tmp_path / "worker.py").write_text(WORKER)
     fsdp = {"fsdp": "full_shard auto_wrap", "fsdp_config": {"version": 2, "state_dict_type": state_dict_type}}
     run = tmp_path / "fsdp"
-    r = torchrun(tmp_path / "worker.py", small2, data_file, run, json.dumps({**fsdp, "crash_at": 3}), check=False)
+    r = torchrun(tmp_path / "worker.py", small2, data_file, run, json.dumps({**fsdp, "crash_at": crash_at}),
+                 check=False)  # fmt: skip
     assert r.returncode != 0 and "simulated crash" in r.stderr
-    assert (run / "grown-init").is_dir() and (run / "checkpoint-2").is_dir() and not (run / "final").exists()
+    assert (run / "grown-init").is_dir() and not (run / "final").exists()
+    assert (run / "checkpoint-2").is_dir() == (crash_at == 3)
     if state_dict_type == "SHARDED_STATE_DICT":  # each rank's shards, not one full copy
         assert not list((run / "checkpoint-2").glob("*.safetensors"))
         assert list((run / "checkpoint-2").rglob("*.distcp"))
