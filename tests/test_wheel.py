@@ -26,7 +26,8 @@ def installed(tmp_path_factory):
     src.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, src / name)
-    shutil.copytree(REPO / "hf_stack", src / "hf_stack", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("hf_stack", "model_cards"):
+        shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
     r = subprocess.run([*pip, "wheel", str(src), "--no-deps", "--no-build-isolation", "-w", str(work / "dist")],
                        capture_output=True, text=True)  # fmt: skip
@@ -73,6 +74,16 @@ def test_every_third_party_import_is_a_declared_dependency():
                   if not {d.lower().replace("_", "-") for d in provided.get(m, [m])} & declared}  # fmt: skip
     assert not undeclared, f"imported but not declared in pyproject.toml: {undeclared}"
     assert "numpy" in imported and "torch" in imported  # the walk sees the imports
+
+
+def test_the_wheel_lists_every_package():
+    """pyproject.toml lists the packages (the card template's top-level folder is mapped into the package): a new
+    subpackage missing from the list would be left out of the wheel."""
+    import tomllib
+
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "hf_stack").rglob("__init__.py")}
+    assert listed == found | {"hf_stack.model_cards"} and (REPO / "model_cards" / "template.md").is_file()
 
 
 def run(venv, *args, cwd):

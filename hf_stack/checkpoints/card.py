@@ -1,5 +1,5 @@
 """Stage 2, model cards: every folder hf_stack writes carries a card, rendered once from the package's
-`model_cards/template.md`, then updated section by section.
+`model_cards/template.md` (top level; `hf_stack.model_cards` when installed), then updated section by section.
 
 Grow, train and eval each own one section between `<!-- hf_stack:NAME -->` markers; running one of them again
 replaces its section and never duplicates it. Front matter is `huggingface_hub`'s `ModelCardData`.
@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import json
 import re
+from importlib.resources import files
 from pathlib import Path
 
 from ..errors import HfStackError
 from ..plans.config import GROWTH_CONFIG_NAME
 
-# Inside the package (package data), so a wheel install renders cards as the source checkout does.
-TEMPLATE = Path(__file__).resolve().parent / "model_cards" / "template.md"
+# The top-level model_cards/, shipped inside the package as `hf_stack.model_cards` (pyproject.toml's package-dir), so
+# a wheel install renders cards as the source checkout does.
+TEMPLATE = Path(str(files("hf_stack.model_cards") / "template.md"))
 SECTIONS = ("growth", "training", "evaluation", "usage")
 PLACEHOLDER = {
     "growth": "Not grown by hf_stack.",
