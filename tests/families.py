@@ -27,7 +27,12 @@ class Family:
     features: str = ""
 
 
-WIDTH_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "granite")
+# model type -> the width operators that keep its function (the others are refused, with the reason)
+WIDTH_FAMILIES = {
+    **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "smollm3", "granite", "gemma", "gemma2", "gemma3_text"),
+                    ("direct", "zero")),
+    **dict.fromkeys(("olmo2", "olmo3", "phi3"), ("direct",)),
+}  # fmt: skip
 EXPERTS = dict(num_experts_per_tok=2)
 FAMILIES = (
     Family(
@@ -162,6 +167,9 @@ def support_table() -> str:
     ]
     for f in FAMILIES:
         order = "" if f.order == "stack" else f" (`--order {f.order}`)"
-        width = "yes (logits kept)" if f.model_type in WIDTH_FAMILIES else "refused, with the reason"
+        kept = WIDTH_FAMILIES.get(f.model_type, ())
+        width = {2: "yes (logits kept)", 1: "`direct` (logits kept); `zero` refused, with the reason"}.get(
+            len(kept), "refused, with the reason"
+        )
         rows.append(f"| {f.name} | `{f.model_type}` | {f.features} | yes{order} | yes{order} | {width} |")
     return "\n".join(rows)

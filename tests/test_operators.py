@@ -329,7 +329,8 @@ def _widen_block_written_out(entry, src, plan, r0, r1, std):
     if row_axis is not None:
         index = torch.tensor(row_axis.index[r0:r1])
         block = src.index_select(0, index.clamp(min=0)).to(work)
-        block *= torch.tensor(row_axis.scale[r0:r1], dtype=work).view(-1, *([1] * (block.ndim - 1)))
+        scale = torch.tensor(row_axis.scale[r0:r1], dtype=work).view(-1, *([1] * (block.ndim - 1)))
+        block = block * scale + row_axis.offset * (scale - 1)  # a norm's offset: (offset + w) * scale - offset
         new_rows = index < 0
     else:
         block = src[r0:r1].to(work)
@@ -340,11 +341,11 @@ def _widen_block_written_out(entry, src, plan, r0, r1, std):
             block += _noise_written_out(entry.target, r0, r1 - r0, col_axis, col_axis.noise * std, plan)
         new_cols = index < 0
     if new_rows is not None and new_rows.any():
-        block[new_rows] = _fill(entry.target, r0, (int(new_rows.sum()), *shape[1:]), row_axis.fill, plan).to(work)
+        block[new_rows] = _fill(entry.target, r0, (int(new_rows.sum()), *shape[1:]), row_axis, plan).to(work)
     if new_cols is not None and new_cols.any():
-        block[:, new_cols] = _fill(
-            "cols:" + entry.target, r0, (shape[0], int(new_cols.sum())), col_axis.fill, plan
-        ).to(work)
+        block[:, new_cols] = _fill("cols:" + entry.target, r0, (shape[0], int(new_cols.sum())), col_axis, plan).to(
+            work
+        )
     return block
 
 

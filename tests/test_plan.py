@@ -383,10 +383,15 @@ def test_width_plans_keep_heads_whole_and_splits_exact(heads_kv, head_dim, ffn_m
 
 def test_width_refuses_architectures_and_tensors_it_does_not_know():
     cfg, infos, _ = fake_llama(8, 16, 4, 2, 2)
-    gemma = {**cfg, "model_type": "gemma", "architectures": ["GemmaForCausalLM"]}  # norms use (1 + w)
+    gemma = {**cfg, "model_type": "cohere", "architectures": ["CohereForCausalLM"]}  # LayerNorm, parallel branches
     with pytest.raises(HfStackError, match="width growth supports model types"):
         build_plan(gemma, infos, StackedConfig(operator="direct", width_factor=2))
     build_plan(gemma, infos, StackedConfig(operator="zero", factor=2))  # depth growth only renames tensors
+    # Gemma grows in width by its own rules ((1 + w) norms, scaled embeddings), which LiGO's maps do not know
+    gemma = {**cfg, "model_type": "gemma", "architectures": ["GemmaForCausalLM"]}
+    assert build_plan(gemma, infos, StackedConfig(operator="direct", width_factor=2)).width["norm"].offset == 1.0
+    with pytest.raises(HfStackError, match="'learn' width growth learns maps for Llama's norms and embeddings"):
+        build_plan(gemma, infos, StackedConfig(operator="learn", width_factor=2))
     no_ffn = {k: v for k, v in cfg.items() if k != "intermediate_size"}
     with pytest.raises(HfStackError, match="needs intermediate_size"):
         build_plan(no_ffn, infos, StackedConfig(operator="direct", width_factor=2))

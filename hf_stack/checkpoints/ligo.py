@@ -13,7 +13,8 @@ from .models import build_model
 
 # Width map of each axis; k_proj and v_proj outputs have a map each (LiGO's B_K, B_V).
 MAP_OF_AXIS = {"hidden_out": "hidden", "hidden_in": "hidden", "norm": "hidden", "q_out": "q", "k_out": "k",
-               "v_out": "v", "attn_in": "attn", "gate_out": "ffn", "up_out": "ffn", "ffn_in": "ffn"}  # fmt: skip
+               "v_out": "v", "attn_in": "attn", "gate_out": "ffn", "up_out": "ffn", "ffn_in": "ffn",
+               "embed_out": "hidden", "final_norm": "hidden"}  # learn grows the Llama rules' families only  # fmt: skip
 
 
 def learn_tensors(plan, read, blocks, *, steps: int, lr: float, batch_size: int, seed: int = 0, progress=None):

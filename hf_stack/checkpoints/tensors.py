@@ -76,10 +76,13 @@ def _random(name: str, r0: int, shape: tuple[int, ...], plan) -> torch.Tensor:
     return torch.randn(shape, generator=_generator(plan, name, r0)) * plan.init_std
 
 
-def _fill(name: str, r0: int, shape: tuple[int, ...], fill: str, plan) -> torch.Tensor:
-    if fill == "random":
+def _fill(name: str, r0: int, shape: tuple[int, ...], axis, plan) -> torch.Tensor:
+    """New units along `axis`, filled per its `fill`."""
+    if axis.fill == "one" or (axis.fill == "random" and len(shape) == 1 and is_norm(name)):
+        return torch.full(shape, 1.0 - axis.offset)  # a norm's unit multiplier as stored: Gemma's `1 + w` stores 0
+    if axis.fill == "random":
         return _random(name, r0, shape, plan)
-    return torch.ones(shape) if fill == "one" else torch.zeros(shape)
+    return torch.zeros(shape)
 
 
 _SCRATCH = threading.local()
@@ -207,8 +210,9 @@ def _widen_block(entry, src: torch.Tensor, plan, r0: int, r1: int, std: Future) 
     if row_axis is not None:
         rows = _axis_tensors(row_axis)
         block = src.index_select(0, rows.source[r0:r1])
-        if not rows.unit_scale:
-            block = block.to(work) * rows.scale[r0:r1].to(work).view(-1, *([1] * (block.ndim - 1)))
+        if not rows.unit_scale:  # a norm's offset: its scale applies to offset + w
+            scale, off = rows.scale[r0:r1].to(work).view(-1, *([1] * (block.ndim - 1))), row_axis.offset
+            block = block.to(work) * scale + off * (scale - 1) if off else block.to(work) * scale
         new_rows = rows.new[r0:r1] if rows.any_new else None
     else:
         block = src[r0:r1]
@@ -223,10 +227,10 @@ def _widen_block(entry, src: torch.Tensor, plan, r0: int, r1: int, std: Future) 
     else:
         block = block.to(work)
     if new_rows is not None and new_rows.any():
-        block[new_rows] = _fill(entry.target, r0, (int(new_rows.sum()), *shape[1:]), row_axis.fill, plan).to(work)
+        block[new_rows] = _fill(entry.target, r0, (int(new_rows.sum()), *shape[1:]), row_axis, plan).to(work)
     if new_cols is not None:
         cells = (shape[0], int(new_cols.sum()))
-        block[:, new_cols] = _fill("cols:" + entry.target, r0, cells, col_axis.fill, plan).to(work)
+        block[:, new_cols] = _fill("cols:" + entry.target, r0, cells, col_axis, plan).to(work)
     return block
 
 

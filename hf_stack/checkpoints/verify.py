@@ -38,7 +38,8 @@ def _check_units(entry, got: torch.Tensor, src: torch.Tensor, plan) -> None:
         kept = torch.nonzero(index >= 0).flatten()
         shape = [1] * want.ndim
         shape[dim] = -1
-        want = want.index_select(dim, index[kept]) * torch.tensor(axis.scale, dtype=work)[kept].view(shape)
+        scale, off = torch.tensor(axis.scale, dtype=work)[kept].view(shape), axis.offset
+        want = want.index_select(dim, index[kept]) * scale + off * (scale - 1)  # (off + w) * scale - off
         block = block.index_select(dim, kept)
         if axis.noise:
             noisy.append((dim, index[kept], axis.source_size))

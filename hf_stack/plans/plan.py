@@ -15,7 +15,16 @@ from ..errors import HfStackError
 from ..operators import get_operator
 from .config import StackedConfig
 from .layers import MAX_TARGET_LAYERS, layer_map_to_slices, parse_layer_map
-from .width import WIDTH_MODEL_TYPES, Axis, grow_width_config, split_axes, tensor_axes, width_dims
+from .width import (
+    UNAVAILABLE,
+    WIDTH_FAMILIES,
+    Axis,
+    family_axes,
+    grow_width_config,
+    split_axes,
+    tensor_axes,
+    width_dims,
+)
 
 # Architectures named in messages; README "Supported architectures" lists every family the tests grow. Any other
 # causal LM whose layers form one list in a known layout is accepted too: depth growth only renames and copies.
@@ -414,10 +423,12 @@ def check_source_shapes(config: dict, tensor_infos: dict, width: bool = False) -
     """Refuse tensors whose shapes contradict the config, from the headers alone (before any byte is written):
     the written checkpoint would not load. Checked for the Llama-style model types whose tensors the width axes
     describe; `width` growth also refuses tensors it does not know."""
-    if config.get("model_type") not in WIDTH_MODEL_TYPES:
+    family = WIDTH_FAMILIES.get(config.get("model_type"))
+    if family is None:
         return
     try:
-        axes = split_axes(width_dims(config, 1.0))  # factor 1: every axis at the source's own size
+        dims = width_dims(config, 1.0)  # factor 1: every axis at the source's own size
+        axes = family_axes(split_axes(dims), family, dims, tied=False)
     except HfStackError:
         if width:
             raise
@@ -426,7 +437,7 @@ def check_source_shapes(config: dict, tensor_infos: dict, width: bool = False) -
     for name, (_, shape) in tensor_infos.items():
         m = LAYER_KEY.match(name)
         try:
-            names = tensor_axes(name, m.group(2) if m else None)
+            names = tensor_axes(name, m.group(2) if m else None, family)
         except HfStackError:
             if width:
                 raise
@@ -461,10 +472,15 @@ def build_plan(
             f"{stacked.operator!r} {' and '.join(directions)} growth reads the Llama layout (model.layers.{{i}}); "
             f"{config.get('model_type')!r} grows in depth by the copying operators (stack, zero, random)"
         )
-    axes = None
+    axes = family = None
     if "width" in directions:
         dims = width_dims(config, stacked.width_factor)
-        axes = operator.width_axes(dims, stacked.width_noise)
+        family = WIDTH_FAMILIES[config["model_type"]]
+        if operator.needs_data and not family.plain:
+            raise HfStackError(
+                f"{stacked.operator!r} width growth learns maps for Llama's norms and embeddings; "
+                f"{config['model_type']!r} normalises or scales them its own way: use --operator direct or zero"
+            )
 
     layers: dict[int, set[str]] = {}
     others: list[str] = []
@@ -514,6 +530,9 @@ def build_plan(
         )
 
     check_source_shapes(config, tensor_infos, width="width" in directions)
+    if family is not None:
+        base = operator.width_axes(dims, stacked.width_noise)
+        axes = family_axes(base, family, dims, tied)
     layer_map = resolve_layer_map(stacked, L)
     entries: list[TensorSource] = []
 
@@ -521,7 +540,13 @@ def build_plan(
         dtype, shape = tensor_infos[source]
         names = None
         if axes is not None:
-            names = tensor_axes(source, suffix)  # shapes already checked against the config
+            names = tensor_axes(source, suffix, family)  # shapes already checked against the config
+            for a in names:
+                if a is not None and axes[a] is None:
+                    raise HfStackError(
+                        f"{stacked.operator!r} width growth cannot grow {source!r} of {config['model_type']!r} "
+                        f"keeping its function: {UNAVAILABLE[a]}"
+                    )
             shape = tuple(n if a is None else axes[a].target_size for n, a in zip(shape, names))
         op = "learn" if operator.needs_data and op == "copy" else op
         entries.append(TensorSource(target, source, op, dtype, tuple(shape), names))
@@ -552,7 +577,10 @@ def build_plan(
         function_preserving=operator.function_preserving(directions)
         and ("depth" not in directions or operator.keeps_function(layer_map, L, layers))
         and not any(config.get(k) for k in LAYER_INDEX_DEPENDENT),
-        width=axes,
+        # the operator's axes and the family's roles its tensors take (the plan prints and applies these)
+        width=None
+        if axes is None
+        else {k: a for k, a in axes.items() if k in base or any(k in (e.axes or ()) for e in entries)},
         init_std=float(config.get("initializer_range") or 0.02),
         seed=stacked.init_seed,
     )

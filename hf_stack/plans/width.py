@@ -8,12 +8,9 @@ Computed from the configs alone, without torch, so `--dry-run` can print it and 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from ..errors import HfStackError
-
-# Model types whose tensors width growth understands: pre-norm RMSNorm decoders with these module names.
-WIDTH_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "granite")
 
 # The axis of each dimension of every tensor a Llama-style model holds (None: the dimension does not grow).
 # "hidden" units written into the residual stream and read from it take the same scale; norms take their own.
@@ -38,11 +35,79 @@ LAYER_AXES = {
     "mlp.down_proj.bias": ("hidden_out",),
 }
 OTHER_AXES = {
-    "model.embed_tokens.weight": (None, "hidden_out"),
-    "model.norm.weight": ("norm",),
+    "model.embed_tokens.weight": (None, "embed_out"),
+    "model.norm.weight": ("final_norm",),
     "lm_head.weight": (None, "hidden_in"),
 }
 NORM_SUFFIXES = ("layernorm.weight", "norm.weight")
+# Gemma 2/3's sandwich norms: a post-norm normalises a branch's output before it joins the residual stream (a
+# writer); the pre-norms read the stream for the branch (readers, as Llama's two norms).
+SANDWICH_NORMS = {
+    "post_attention_layernorm.weight": ("post_norm",),
+    "pre_feedforward_layernorm.weight": ("norm",),
+    "post_feedforward_layernorm.weight": ("post_norm",),
+}
+
+
+@dataclass(frozen=True)
+class WidthFamily:
+    """What a model family's width growth reads beyond the Llama layout: data the plan reads, not special cases.
+
+    Attributes:
+        norm_offset: its RMSNorm multiplies by `norm_offset + weight` (Gemma's `1 + w`): a norm's scale applies to
+            that sum, and a new unit's "one" is stored as `1 - norm_offset`.
+        embed_scale: the embeddings are multiplied by sqrt(hidden_size) in the forward (Gemma), which width changes:
+            the embedding takes sqrt(H / H') more, and a head tied to it is made up for by the final norm.
+        layer_axes: the family's own layer tensors and roles over [`LAYER_AXES`]: post-norms (`post_norm`), readers
+            of the raw residual stream (`raw_in`: OLMo 2's layers have no pre-norms), q/k norms over the whole
+            projection (`q_norm_full`, `k_norm_full`), fused projections (`qkv_out`, `gate_up_out`).
+    """
+
+    norm_offset: float = 0.0
+    embed_scale: bool = False
+    layer_axes: dict = field(default_factory=dict)
+
+    @property
+    def plain(self) -> bool:
+        """The Llama rules exactly (what `learn`'s width maps are written for)."""
+        return self == WidthFamily()
+
+
+# Model types whose tensors width growth understands, by model_type.
+WIDTH_FAMILIES = {
+    **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "smollm3", "granite"), WidthFamily()),
+    "gemma": WidthFamily(norm_offset=1.0, embed_scale=True),
+    "gemma2": WidthFamily(norm_offset=1.0, embed_scale=True, layer_axes=SANDWICH_NORMS),
+    "gemma3_text": WidthFamily(norm_offset=1.0, embed_scale=True, layer_axes=SANDWICH_NORMS),
+    "olmo2": (
+        OLMO2 := WidthFamily(
+            layer_axes={
+                "post_attention_layernorm.weight": ("post_norm",),
+                "post_feedforward_layernorm.weight": ("post_norm",),
+                "self_attn.q_norm.weight": ("q_norm_full",),
+                "self_attn.k_norm.weight": ("k_norm_full",),
+                **{
+                    f"{m}.weight": (out, "raw_in")
+                    for m, out in (
+                        ("self_attn.q_proj", "q_out"),
+                        ("self_attn.k_proj", "k_out"),
+                        ("self_attn.v_proj", "v_out"),
+                        ("mlp.gate_proj", "gate_out"),
+                        ("mlp.up_proj", "up_out"),
+                    )
+                },
+            }
+        )
+    ),  # fmt: skip
+    "olmo3": OLMO2,
+    "phi3": WidthFamily(
+        layer_axes={
+            "self_attn.qkv_proj.weight": ("qkv_out", "hidden_in"),
+            "mlp.gate_up_proj.weight": ("gate_up_out", "hidden_in"),
+        }
+    ),
+}
+WIDTH_MODEL_TYPES = tuple(WIDTH_FAMILIES)
 
 
 @dataclass(frozen=True)
@@ -57,6 +122,8 @@ class Axis:
         fill: value of new units: "zero", "random" (the target architecture's init) or "one".
         noise: symmetry-breaking noise (times the tensor's std) added to the copies of a unit so that it sums to
             zero over them; only on axes whose copies read identical inputs, where it keeps the function.
+        offset: a norm's stored weight w acts as `offset + w` (Gemma's 1): the scale applies to that sum,
+            `w' = (offset + w) * scale - offset`, and "one" is stored as `1 - offset`.
     """
 
     name: str
@@ -65,6 +132,7 @@ class Axis:
     scale: tuple[float, ...]
     fill: str = "zero"
     noise: float = 0.0
+    offset: float = 0.0
 
     @property
     def target_size(self) -> int:
@@ -120,7 +188,7 @@ class WidthDims:
 def width_dims(config: dict, width_factor: float) -> WidthDims:
     """Grown sizes for `width_factor`, refusing factors that would split a head or an attention group."""
     model_type = config.get("model_type")
-    if model_type not in WIDTH_MODEL_TYPES:
+    if model_type not in WIDTH_FAMILIES:
         raise HfStackError(
             f"width growth supports model types {', '.join(WIDTH_MODEL_TYPES)}; {model_type!r} may name its "
             "tensors or normalise differently, so grow it in depth only"
@@ -222,6 +290,8 @@ def split_axes(dims: WidthDims, noise: float = 0.0) -> dict[str, Axis]:
         "hidden_out": Axis("hidden_out", H, hidden, t),
         "hidden_in": Axis("hidden_in", H, hidden, t, noise=noise),
         "norm": Axis("norm", H, hidden, (H / Ht,) * Ht),
+        # a post-norm's output joins the stream as its copies, whose RMS the scales t keep: weights copied as they are
+        "post_norm": Axis("post_norm", H, hidden, ones(Ht)),
         "q_out": Axis("q_out", q_size, q_units, ones(len(q_units))),
         "k_out": Axis("k_out", kv_size, kv_units, ones(len(kv_units))),
         "v_out": Axis("v_out", kv_size, kv_units, ones(len(kv_units))),
@@ -252,6 +322,8 @@ def new_unit_axes(
         "hidden_out": axis("hidden_out", H, appended(H, Ht), out_fill),
         "hidden_in": axis("hidden_in", H, appended(H, Ht), in_fill),
         "norm": axis("norm", H, appended(H, Ht), "one", norm_scale),
+        # zero rows in the branch's output lower its RMS as they lower the stream's: the same correction
+        "post_norm": axis("post_norm", H, appended(H, Ht), "one", norm_scale),
         "q_out": axis("q_out", q_size, q_units, gate_fill),
         "k_out": axis("k_out", kv_size, kv_units, gate_fill),
         "v_out": axis("v_out", kv_size, kv_units, out_fill),
@@ -267,9 +339,64 @@ def random_new_axes(dims: WidthDims, noise: float = 0.0) -> dict[str, Axis]:
     return new_unit_axes(dims, out_fill="random", in_fill="random", norm_scale=1.0)
 
 
-def tensor_axes(name: str, suffix: str | None) -> tuple[str | None, ...]:
-    """The axes of a tensor by its name (`suffix` for decoder-layer tensors); unknown tensors are refused."""
-    table, key = (LAYER_AXES, suffix) if suffix is not None else (OTHER_AXES, name)
+def family_axes(axes: dict[str, Axis], family: WidthFamily, dims: WidthDims, tied: bool) -> dict[str, Axis]:
+    """The operator's axes completed with the roles a family's tensors take (see [`WidthFamily`]): the embedding's
+    and final norm's (which Gemma's embedding scale moves), readers of the raw stream, whole-projection q/k norms
+    and fused projections, every norm with the family's offset."""
+    (H, Ht), hidden = dims.hidden, axes["hidden_out"]
+    norms = {n: replace(axes[n], offset=family.norm_offset) for n in ("norm", "post_norm")}
+    embed, final = hidden, norms["norm"]
+    if family.embed_scale:  # x0 = sqrt(H) e: the grown embedding takes sqrt(H / H') so x0's copies keep their scale
+        embed = replace(hidden, scale=tuple(s * (H / Ht) ** 0.5 for s in hidden.scale))
+        if tied:  # the head is that embedding: the final norm makes up the factor
+            final = replace(final, scale=tuple(s * (Ht / H) ** 0.5 for s in final.scale))
+    out = {
+        **axes,
+        **norms,
+        "embed_out": replace(embed, name="embed_out"),
+        "final_norm": replace(final, name="final_norm"),
+    }
+    # no norm before the reader: its columns take the norm's correction themselves, over the stream's own RMS
+    raw = tuple(i * n / p for i, n, p in zip(axes["hidden_in"].scale, axes["norm"].scale, axes["post_norm"].scale))
+    out["raw_in"] = replace(axes["hidden_in"], name="raw_in", scale=raw)
+    for part in ("q", "k"):
+        unit = axes[f"{part}_out"]
+        if any(i < 0 for i in unit.index) or len(set(_counts(unit.index).values())) > 1:
+            out[f"{part}_norm_full"] = None  # refused if a tensor needs it (`tensor_axes`)
+        else:  # every head copied equally often: the RMS over the whole projection is unchanged
+            out[f"{part}_norm_full"] = Axis(f"{part}_norm_full", unit.source_size, unit.index, (1.0,) * len(unit.index),
+                                            "one", offset=family.norm_offset)  # fmt: skip
+    out["qkv_out"] = concat("qkv_out", axes["q_out"], axes["k_out"], axes["v_out"])
+    out["gate_up_out"] = concat("gate_up_out", axes["gate_out"], axes["up_out"])
+    return out
+
+
+# Why a role is missing from an operator's axes (`family_axes` sets it to None), for the refusal.
+UNAVAILABLE = {
+    "q_norm_full": "its queries and keys are normalised over all heads together, which new heads (or heads copied "
+    "unequally often) would change; use --operator direct with a whole width factor",
+    "qkv_out": "its fused projections hold parts whose new units this operator fills differently; use --operator direct",
+}
+UNAVAILABLE["k_norm_full"], UNAVAILABLE["gate_up_out"] = UNAVAILABLE["q_norm_full"], UNAVAILABLE["qkv_out"]
+
+
+def concat(name: str, *parts: Axis) -> Axis | None:
+    """The axis of a fused projection's rows: its parts' units one after the other (Phi-3's qkv_proj, gate_up_proj);
+    None where the parts' new units are filled differently (one axis has one fill)."""
+    if len({(p.fill, p.noise) for p in parts}) > 1:
+        return None
+    index, offset = [], 0
+    for part in parts:
+        index += [i + offset if i >= 0 else -1 for i in part.index]
+        offset += part.source_size
+    scale = tuple(s for p in parts for s in p.scale)
+    return Axis(name, offset, tuple(index), scale, parts[0].fill, parts[0].noise)
+
+
+def tensor_axes(name: str, suffix: str | None, family: WidthFamily) -> tuple[str | None, ...]:
+    """The axes of a tensor by its name (`suffix` for decoder-layer tensors) in `family`; unknown tensors are
+    refused."""
+    table, key = ({**LAYER_AXES, **family.layer_axes}, suffix) if suffix is not None else (OTHER_AXES, name)
     if key not in table:
         raise HfStackError(
             f"width growth does not know how to grow tensor {name!r}; only depth growth supports this checkpoint"
