@@ -391,7 +391,7 @@ def test_width_refuses_architectures_and_tensors_it_does_not_know():
     gemma = {**cfg, "model_type": "gemma", "architectures": ["GemmaForCausalLM"]}
     assert build_plan(gemma, infos, StackedConfig(operator="direct", width_factor=2)).width["norm"].offset == 1.0
     with pytest.raises(HfStackError, match="'learn' width growth learns maps for Llama's norms and embeddings"):
-        build_plan(gemma, infos, StackedConfig(operator="learn", width_factor=2))
+        build_plan(gemma, infos, StackedConfig(operator="learn", width_factor=2, learn_data="x.txt"))
     no_ffn = {k: v for k, v in cfg.items() if k != "intermediate_size"}
     with pytest.raises(HfStackError, match="needs intermediate_size"):
         build_plan(no_ffn, infos, StackedConfig(operator="direct", width_factor=2))
