@@ -1,4 +1,5 @@
-"""Stage 2, models: transformers' own class for a config dict, filled with grown tensors (no modeling code)."""
+"""Stage 2, models: transformers' own class for a config dict, filled with grown tensors (no modeling code), and
+whether a model is sharded (FSDP2), which training and evaluation both ask."""
 
 from __future__ import annotations
 
@@ -57,3 +58,22 @@ def instantiate(plan, state: dict):
             f"unexpected {sorted(info['unexpected_keys'])[:3]}"
         )
     return model.eval()
+
+
+def is_sharded(model) -> bool:
+    """Whether `model` is sharded by FSDP2 (`fully_shard` applied to the model itself)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def every_parameter_sharded(model) -> bool:
+    """Whether every parameter of `model` is a `DTensor` shard, once each FSDP2 group is back to its shards (a
+    forward outside training, e.g. scoring, leaves the groups FSDP keeps gathered after forward unsharded)."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+    return all(isinstance(p, DTensor) for p in model.parameters())

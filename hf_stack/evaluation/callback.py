@@ -10,7 +10,7 @@ import time
 
 from transformers import TrainerCallback
 
-from ..training.sharded import every_parameter_sharded, is_sharded
+from ..checkpoints.models import every_parameter_sharded, is_sharded
 from .benchmarks import headline, parse_tasks
 from .harness import ADD_BOS_TOKEN, load_tasks, make_lm, score_tasks
 

@@ -32,7 +32,7 @@ from lm_eval.models.huggingface import HFLM
 from lm_eval.models.utils import _add_special_kwargs, has_bos_prefix
 from tqdm.auto import tqdm
 
-from ..training.sharded import is_sharded
+from ..checkpoints.models import is_sharded
 
 # Positions whose logits are built at once: bounds the float32 (positions x vocab) block the head writes.
 HEAD_CHUNK = 4096

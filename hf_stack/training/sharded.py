@@ -85,22 +85,3 @@ def full_state_dict(model) -> dict:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def is_sharded(model) -> bool:
-    """Whether `model` is sharded by FSDP2 (`fully_shard` applied to the model itself)."""
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
-
-
-def every_parameter_sharded(model) -> bool:
-    """Whether every parameter of `model` is a `DTensor` shard, once each FSDP2 group is back to its shards (a
-    forward outside training, e.g. scoring, leaves the groups FSDP keeps gathered after forward unsharded)."""
-    from torch.distributed.fsdp import FSDPModule
-    from torch.distributed.tensor import DTensor
-
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            module.reshard()
-    return all(isinstance(p, DTensor) for p in model.parameters())

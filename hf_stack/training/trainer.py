@@ -24,6 +24,7 @@ from transformers import Trainer, default_data_collator
 from transformers.trainer_callback import ProgressCallback, TrainerCallback, TrainerState
 
 from ..checkpoints.in_memory import grow_model, plan_for_model
+from ..checkpoints.models import every_parameter_sharded, is_sharded
 from ..checkpoints.provenance import growth_record, write_growth_record
 from ..errors import HfStackError
 from ..operators import get_operator
@@ -49,7 +50,7 @@ from .run_folder import (
     resume_point,
     write_growth_state,
 )
-from .sharded import every_parameter_sharded, full_state_dict, grow_sharded, is_sharded
+from .sharded import full_state_dict, grow_sharded
 
 
 class StackingTrainer(Trainer):
