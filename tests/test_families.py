@@ -68,9 +68,25 @@ def test_depth_growth_copies_the_mapped_layers(family_source, tmp_path):
         assert torch.equal(tensor, expected[name]), name
     for op in ("stack", "random"):
         if op == "random":
-            grow(folder, tmp_path / op, StackedConfig(operator="random", factor=2, order=family.order), progress=False)
+            settings = StackedConfig(operator="random", factor=2, order=family.order)
+            random_plan = grow(folder, tmp_path / op, settings, progress=False)
         model = AutoModelForCausalLM.from_pretrained(tmp_path / op)
         assert model.config.num_hidden_layers == 8
+    # `random` initialises like the architecture's own init: a new layer's 1-D weights (norms, biases, Mamba's
+    # vectors) are those of a model transformers builds from the grown config (Gemma's (1 + w) norms start at 0, not
+    # 1; GPT-2's ln_1 at 1); the random ones (attention sinks) are drawn, not compared
+    fresh = AutoModelForCausalLM.from_config(model.config).state_dict()
+    again = AutoModelForCausalLM.from_config(model.config).state_dict()
+    grown = _stored(tmp_path / "random")
+    for entry in random_plan.tensors:
+        want = fresh.get(entry.target)
+        if (
+            entry.op == "random"
+            and len(entry.shape) == 1
+            and want is not None
+            and torch.equal(want, again[entry.target])
+        ):
+            torch.testing.assert_close(grown[entry.target], want.to(grown[entry.target].dtype), msg=entry.target)
 
 
 def test_zero_growth_keeps_the_function_on_disk_in_memory_and_live(family_source, tmp_path):

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..errors import HfStackError, error_reason
-from ..plans.width import is_norm
+from ..plans.width import new_vector
 
 SAFE_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
@@ -68,17 +68,17 @@ def _generator(plan, *key) -> torch.Generator:
 
 
 def _random(name: str, r0: int, shape: tuple[int, ...], plan) -> torch.Tensor:
-    """The target architecture's own init (transformers' `_init_weights` for Llama-style models) for rows from r0:
-    normal(0, initializer_range) weights, unit norm weights, zero biases; seeded by the plan's seed, the tensor's
-    name and the block."""
+    """The target architecture's own init (transformers' `_init_weights`) for rows from r0: normal(0,
+    initializer_range) weights, 1-D weights per `new_vector` (unit norms as the family stores them, zero biases);
+    seeded by the plan's seed, the tensor's name and the block."""
     if len(shape) == 1:
-        return torch.ones(shape) if is_norm(name) else torch.zeros(shape)
+        return torch.tensor(new_vector(name, plan.target_config.get("model_type"), r0, shape[0]))
     return torch.randn(shape, generator=_generator(plan, name, r0)) * plan.init_std
 
 
 def _fill(name: str, r0: int, shape: tuple[int, ...], axis, plan) -> torch.Tensor:
     """New units along `axis`, filled per its `fill`."""
-    if axis.fill == "one" or (axis.fill == "random" and len(shape) == 1 and is_norm(name)):
+    if axis.fill == "one":
         return torch.full(shape, 1.0 - axis.offset)  # a norm's unit multiplier as stored: Gemma's `1 + w` stores 0
     if axis.fill == "random":
         return _random(name, r0, shape, plan)

@@ -8,6 +8,7 @@ Computed from the configs alone, without torch, so `--dry-run` can print it and 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 
 from ..errors import HfStackError
@@ -39,7 +40,10 @@ OTHER_AXES = {
     "model.norm.weight": ("final_norm",),
     "lm_head.weight": (None, "hidden_in"),
 }
-NORM_SUFFIXES = ("layernorm.weight", "norm.weight")
+NORM_SUFFIXES = ("layernorm.weight", "norm.weight", "ln_1.weight", "ln_2.weight", "ln_f.weight")  # GPT-2's ln_*
+# 1-D weights that transformers' init sets though they are no norm, by name: Mamba's (Falcon-H1's) skip connection
+# D and time-step bias start at 1, its A_log at log(1), log(2), ... one per head
+MAMBA_VECTORS = {"mamba.D": lambda k: 1.0, "mamba.dt_bias": lambda k: 1.0, "mamba.A_log": lambda k: math.log(k + 1)}
 # Gemma 2/3's sandwich norms: a post-norm normalises a branch's output before it joins the residual stream (a
 # writer); the pre-norms read the stream for the branch (readers, as Llama's two norms).
 SANDWICH_NORMS = {
@@ -406,3 +410,12 @@ def tensor_axes(name: str, suffix: str | None, family: WidthFamily) -> tuple[str
 
 def is_norm(name: str) -> bool:
     return name.endswith(NORM_SUFFIXES)
+
+
+def new_vector(name: str, model_type: str | None, start: int, size: int) -> list[float]:
+    """Entries `start` to `start + size` of a new 1-D weight in the architecture's own init: a norm's unit multiplier
+    as stored (0 for Gemma's `1 + w` norms), Mamba's vectors per `MAMBA_VECTORS`, 0 for biases and the rest."""
+    if is_norm(name):
+        return [1.0 - WIDTH_FAMILIES.get(model_type, WidthFamily()).norm_offset] * size
+    rule = next((r for suffix, r in MAMBA_VECTORS.items() if name.endswith(suffix)), lambda k: 0.0)
+    return [rule(k) for k in range(start, start + size)]
