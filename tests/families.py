@@ -101,6 +101,27 @@ FAMILIES = (
         features="fused experts with biases, attention sinks",
     ),
     Family(
+        "DeepSeek-V2",
+        "deepseek_v2",
+        dict(
+            n_routed_experts=4,
+            moe_intermediate_size=32,
+            first_k_dense_replace=1,
+            moe_layer_freq=1,  # as published: every layer past the dense ones (transformers keeps the field)
+            num_key_value_heads=4,
+            q_lora_rank=16,
+            kv_lora_rank=16,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=8,
+            v_head_dim=8,
+            n_group=1,
+            topk_group=1,
+            **EXPERTS,
+        ),
+        order="interpolate",
+        features="latent attention, dense first layer, moe_layer_freq",
+    ),
+    Family(
         "DeepSeek-V3",
         "deepseek_v3",
         dict(

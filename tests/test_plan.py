@@ -161,12 +161,25 @@ def test_per_layer_config_fields_grow_with_the_layers():
         ("sliding_window_pattern", 2, 2, (0, 1) * 3, 2),  # [local, global] stacked x3: every second global
         ("no_rope_layer_interval", 4, 4, tuple(range(4)) * 2, 4),  # SmolLM3: every 4th layer without RoPE
         ("no_rope_layer_interval", 4, 2, (0, 1, 0, 1), 5),  # none of 2 layers was: none of the 4 is (4 would be)
+        ("moe_layer_freq", 1, 3, (0, 0, 1, 1, 2, 2), 1),  # DeepSeek-V2: every layer past the dense ones
+        ("moe_layer_freq", 2, 4, tuple(range(4)) * 2, 2),  # every second layer, stacked: still every second
+        ("moe_layer_freq", [1, 0, 1], 3, (0, 1, 2) * 2, [1, 0, 1] * 2),  # per-layer flags, grown per layer
     ],
 )
 def test_per_layer_patterns_are_carried_by_the_layer_map(field, value, layers, layer_map, grown):
     """A scalar that sets which layers are sparse, dense or global is grown by what it means: the target layers get
     their source layers' kinds, and the value that says so is written (the source's when it still fits)."""
     assert grow_config({"num_hidden_layers": layers, field: value}, layer_map)[field] == grown
+
+
+def test_moe_layer_freq_with_dense_first_layers_is_carried_or_refused_with_the_kinds():
+    """DeepSeek-V2 style: sparse where i >= first_k_dense_replace and i % moe_layer_freq == 0. Interpolated, both
+    carry (the dense first layer doubles); a map whose sparse layers fall out of step with every freq is refused."""
+    cfg = {"num_hidden_layers": 3, "first_k_dense_replace": 1, "moe_layer_freq": 1}
+    out = grow_config(cfg, (0, 0, 1, 1, 2, 2))
+    assert (out["first_k_dense_replace"], out["moe_layer_freq"]) == (2, 1)
+    with pytest.raises(HfStackError, match="moe_layer_freq"):
+        grow_config({"num_hidden_layers": 4, "moe_layer_freq": 2}, (0, 0, 1, 1, 2, 2, 3, 3))
 
 
 def test_published_qwen2_5_without_sliding_grows():

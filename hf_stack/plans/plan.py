@@ -114,9 +114,11 @@ PATTERN_SCALARS = {
     "sliding_window_pattern": ("global", lambda i, p: p > 0 and (i + 1) % p == 0, "--order stack"),
     # SmolLM3: every k-th layer without rotary embeddings (its `no_rope_layers` list, grown per layer, says the same)
     "no_rope_layer_interval": ("without RoPE", lambda i, k: k > 0 and (i + 1) % k == 0, "--order stack"),
+    # DeepSeek-V2 style (as published; transformers 5 turns it into `mlp_layer_types`): layer i is a mixture of
+    # experts when i >= first_k_dense_replace and i % freq == 0. Each of the two carried by itself carries their
+    # conjunction; a list of per-layer flags (Step-3 style) is grown per layer.
+    "moe_layer_freq": ("sparse", lambda i, f: f > 0 and i % f == 0, "--order stack"),
 }
-# Per-layer settings encoded as scalars that a layer map cannot carry over faithfully.
-UNSUPPORTED_PER_LAYER = frozenset({"moe_layer_freq"})
 # Counts of extra layers a checkpoint may store after the decoder's: DeepSeek-V3's multi-token prediction modules,
 # trained on the small model's last hidden states, which transformers neither runs nor loads at another index than
 # the published one. The grown checkpoint leaves them out and sets the count to 0.
@@ -294,11 +296,6 @@ def grow_config(config: dict, layer_map: tuple[int, ...]) -> dict:
     out = copy.deepcopy(config)
     out[depth] = N
     for key, value in config.items():
-        if key in UNSUPPORTED_PER_LAYER and value is not None:
-            raise HfStackError(
-                f"config field {key!r}={value!r} sets per-layer behaviour that a layer map cannot carry over; "
-                "this architecture is not supported for growth"
-            )
         if key in TRAILING_LAYERS and value:
             out[key] = 0  # their layers are left out (see TRAILING_LAYERS)
         kind = _layer_field(key, value, L)
