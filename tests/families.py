@@ -31,7 +31,8 @@ class Family:
 WIDTH_FAMILIES = {
     **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "smollm3", "granite", "gemma", "gemma2", "gemma3_text"),
                     ("direct", "zero")),
-    **dict.fromkeys(("olmo2", "olmo3", "phi3"), ("direct",)),
+    **dict.fromkeys(("mixtral", "qwen2_moe", "qwen3_moe"), ("direct", "zero")),
+    **dict.fromkeys(("olmo2", "olmo3", "phi3", "olmoe"), ("direct",)),
 }  # fmt: skip
 EXPERTS = dict(num_experts_per_tok=2)
 FAMILIES = (

@@ -20,6 +20,7 @@ from .width import (
     WIDTH_FAMILIES,
     Axis,
     family_axes,
+    ffn_axes,
     grow_width_config,
     split_axes,
     tensor_axes,
@@ -425,7 +426,8 @@ def check_source_shapes(config: dict, tensor_infos: dict, width: bool = False) -
         return
     try:
         dims = width_dims(config, 1.0)  # factor 1: every axis at the source's own size
-        axes = family_axes(split_axes(dims), family, dims, tied=False)
+        axes = split_axes(dims)
+        axes = family_axes({**axes, **ffn_axes(split_axes, axes, dims, 0.0)}, family, dims, tied=False)
     except HfStackError:
         if width:
             raise
@@ -529,7 +531,9 @@ def build_plan(
     check_source_shapes(config, tensor_infos, width="width" in directions)
     if family is not None:
         base = operator.width_axes(dims, stacked.width_noise)
-        axes = family_axes(base, family, dims, tied)
+        axes = family_axes(
+            {**base, **ffn_axes(operator.width_axes, base, dims, stacked.width_noise)}, family, dims, tied
+        )
     layer_map = resolve_layer_map(stacked, L)
     entries: list[TensorSource] = []
 

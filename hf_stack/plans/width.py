@@ -9,6 +9,7 @@ Computed from the configs alone, without torch, so `--dry-run` can print it and 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field, replace
 
 from ..errors import HfStackError
@@ -34,7 +35,25 @@ LAYER_AXES = {
     "mlp.up_proj.bias": ("up_out",),
     "mlp.down_proj.weight": ("hidden_out", "ffn_in"),
     "mlp.down_proj.bias": ("hidden_out",),
+    # mixtures of experts (checkpoints store experts one by one; `*` is the expert's index): the router reads the
+    # stream like any projection, every expert is an FFN of the experts' size, a shared expert one of its own size
+    "block_sparse_moe.gate.weight": (None, "hidden_in"),
+    "block_sparse_moe.experts.*.w1.weight": ("expert_gate_out", "hidden_in"),
+    "block_sparse_moe.experts.*.w3.weight": ("expert_up_out", "hidden_in"),
+    "block_sparse_moe.experts.*.w2.weight": ("hidden_out", "expert_ffn_in"),
+    "mlp.gate.weight": (None, "hidden_in"),
+    "mlp.experts.*.gate_proj.weight": ("expert_gate_out", "hidden_in"),
+    "mlp.experts.*.up_proj.weight": ("expert_up_out", "hidden_in"),
+    "mlp.experts.*.down_proj.weight": ("hidden_out", "expert_ffn_in"),
+    "mlp.shared_expert.gate_proj.weight": ("shared_gate_out", "hidden_in"),
+    "mlp.shared_expert.up_proj.weight": ("shared_up_out", "hidden_in"),
+    "mlp.shared_expert.down_proj.weight": ("hidden_out", "shared_ffn_in"),
+    "mlp.shared_expert_gate.weight": (None, "hidden_in"),
 }
+# FFN sizes besides intermediate_size, each grown like it: (axis prefix, config key); experts without their own size
+# (Mixtral, OLMoE) use intermediate_size
+FFN_SIZES = (("expert", "moe_intermediate_size"), ("shared", "shared_expert_intermediate_size"))
+FFN_AXES = ("gate_out", "up_out", "ffn_in")
 OTHER_AXES = {
     "model.embed_tokens.weight": (None, "embed_out"),
     "model.norm.weight": ("final_norm",),
@@ -104,6 +123,10 @@ WIDTH_FAMILIES = {
         )
     ),  # fmt: skip
     "olmo3": OLMO2,
+    **dict.fromkeys(("mixtral", "qwen2_moe", "qwen3_moe"), WidthFamily()),
+    "olmoe": WidthFamily(  # pre-norm layers with OLMo 2's whole-projection q/k norms
+        layer_axes={"self_attn.q_norm.weight": ("q_norm_full",), "self_attn.k_norm.weight": ("k_norm_full",)}
+    ),
     "phi3": WidthFamily(
         layer_axes={
             "self_attn.qkv_proj.weight": ("qkv_out", "hidden_in"),
@@ -183,6 +206,7 @@ class WidthDims:
     heads: tuple[int, int]
     kv_heads: tuple[int, int]
     head_dim: int
+    other_ffn: tuple[tuple[str, tuple[int, int]], ...] = ()  # (config key, sizes) of each `FFN_SIZES` size present
 
     @property
     def groups(self) -> int:
@@ -220,6 +244,7 @@ def width_dims(config: dict, width_factor: float) -> WidthDims:
         heads=(nh, grown("attention heads", nh)),
         kv_heads=(nkv, grown("key/value heads", nkv)),
         head_dim=head_dim,
+        other_ffn=tuple((k, (config[k], grown(k, config[k]))) for _, k in FFN_SIZES if isinstance(config.get(k), int)),
     )
 
 
@@ -230,6 +255,8 @@ def grow_width_config(config: dict, dims: WidthDims, eps_factor: float = 1.0) ->
         out["rms_norm_eps"] = config.get("rms_norm_eps", 1e-6) * eps_factor
     out["hidden_size"] = dims.hidden[1]
     out["intermediate_size"] = dims.ffn[1]
+    for key, (_, grown) in dims.other_ffn:
+        out[key] = grown
     out["num_attention_heads"] = dims.heads[1]
     if config.get("num_key_value_heads") is not None:
         out["num_key_value_heads"] = dims.kv_heads[1]
@@ -343,6 +370,17 @@ def random_new_axes(dims: WidthDims, noise: float = 0.0) -> dict[str, Axis]:
     return new_unit_axes(dims, out_fill="random", in_fill="random", norm_scale=1.0)
 
 
+def ffn_axes(width_axes, axes: dict[str, Axis], dims: WidthDims, noise: float) -> dict[str, Axis]:
+    """The axes of the FFNs besides the dense one (experts, a shared expert: `expert_gate_out`, `shared_ffn_in`,
+    ...), each grown by the operator's own rule (`width_axes`) at its size, or as the dense FFN's `axes` where the
+    config gives no size of its own."""
+    sizes, out = dict(dims.other_ffn), {}
+    for prefix, key in FFN_SIZES:
+        own = width_axes(replace(dims, ffn=sizes[key]), noise) if key in sizes else axes
+        out.update({f"{prefix}_{n}": replace(own[n], name=f"{prefix}_{n}") for n in FFN_AXES})
+    return out
+
+
 def family_axes(axes: dict[str, Axis], family: WidthFamily, dims: WidthDims, tied: bool) -> dict[str, Axis]:
     """The operator's axes completed with the roles a family's tensors take (see [`WidthFamily`]): the embedding's
     and final norm's (which Gemma's embedding scale moves), readers of the raw stream, whole-projection q/k norms
@@ -400,6 +438,8 @@ def concat(name: str, *parts: Axis) -> Axis | None:
 def tensor_axes(name: str, suffix: str | None, family: WidthFamily) -> tuple[str | None, ...]:
     """The axes of a tensor by its name (`suffix` for decoder-layer tensors) in `family`; unknown tensors are
     refused."""
+    if suffix is not None:
+        suffix = re.sub(r"\.experts\.\d+\.", ".experts.*.", suffix)  # every expert alike
     table, key = ({**LAYER_AXES, **family.layer_axes}, suffix) if suffix is not None else (OTHER_AXES, name)
     if key not in table:
         raise HfStackError(
