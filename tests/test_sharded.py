@@ -177,21 +177,38 @@ FSDP2 = ["--fsdp", "full_shard auto_wrap", "--fsdp_config", '{"version": 2}']
 
 
 @pytest.mark.parametrize(
-    "growth, depths",
+    "growth, depths, launcher",
     [
-        (["--grow-at-tokens", 192, "--factor", 2], [2, 4]),
-        (["--grow-schedule", "128:factor=2;320:factor=2"], [2, 4, 8]),
+        (["--grow-at-tokens", 192, "--factor", 2], [2, 4], "torchrun"),
+        (["--grow-schedule", "128:factor=2;320:factor=2"], [2, 4, 8], "torchrun"),
+        (["--grow-at-tokens", 192, "--factor", 2], [2, 4], "accelerate"),
     ],
-    ids=["one growth", "two growths"],
+    ids=["one growth", "two growths", "accelerate config"],
 )
-def test_fsdp2_run_grows_inside_the_sharded_run_as_one_process_would(small2, data_file, tmp_path, growth, depths):
-    """`hf-stack train --fsdp ... --fsdp_config '{"version": 2}'` under torchrun with in-run growth: every phase
-    trains sharded parameters (the records say so, read from the model), `grown-init/` and `final/` are plain
-    checkpoints, and the final weights are those of the same run in one process (same data, seed and global batch)."""
+def test_fsdp2_run_grows_inside_the_sharded_run_as_one_process_would(
+    small2, data_file, tmp_path, growth, depths, launcher
+):
+    """`hf-stack train --fsdp ... --fsdp_config '{"version": 2}'` under torchrun, or the plain command under
+    `accelerate launch --use_fsdp --fsdp_version 2`, with in-run growth: every phase trains sharded parameters (the
+    records say so, read from the model), `grown-init/` and `final/` are plain checkpoints, and the final weights are
+    those of the same run in one process (same data, seed and global batch)."""
     common = ["--model", small2, "--data", data_file, *CLI_RUN, *growth]
-    torchrun(
-        "-m", "hf_stack.cli", "train", *common, "--per-device-train-batch-size", 2, *FSDP2, "-o", tmp_path / "fsdp"
-    )
+    train = ["-m", "hf_stack.cli", "train", *common, "--per-device-train-batch-size", 2, "-o", tmp_path / "fsdp"]
+    if launcher == "torchrun":
+        torchrun(*train, *FSDP2)
+    else:
+        import socket
+
+        with socket.socket() as sock:  # a free port for the main process
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+               "PYTHONPATH": os.pathsep.join([str(SHIM), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
+        cmd = [Path(sys.executable).with_name("accelerate"), "launch", "--use_fsdp", "--fsdp_version", 2,
+               "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP", "--num_processes", 2, "--num_machines", 1,
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", port, *train]  # fmt: skip
+        r = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, env=env, timeout=600)
+        assert r.returncode == 0, r.stderr[-4000:]
     r = subprocess.run([sys.executable, "-m", "hf_stack.cli", "train", *map(str, common),
                         "--per-device-train-batch-size", "4", "-o", str(tmp_path / "one")], capture_output=True,
                        text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
