@@ -11,10 +11,11 @@ import math
 from ..plans.timing import training_flops
 from .models import build_model
 
-# Width map of each axis; k_proj and v_proj outputs have a map each (LiGO's B_K, B_V).
+# Width map of each axis; k_proj and v_proj outputs have a map each (LiGO's B_K, B_V). learn grows only the families
+# that take the Llama rules, whose embedding and final-norm axes are hidden ones.
 MAP_OF_AXIS = {"hidden_out": "hidden", "hidden_in": "hidden", "norm": "hidden", "q_out": "q", "k_out": "k",
                "v_out": "v", "attn_in": "attn", "gate_out": "ffn", "up_out": "ffn", "ffn_in": "ffn",
-               "embed_out": "hidden", "final_norm": "hidden"}  # learn grows the Llama rules' families only  # fmt: skip
+               "embed_out": "hidden", "final_norm": "hidden"}  # fmt: skip
 
 
 def learn_tensors(plan, read, blocks, *, steps: int, lr: float, batch_size: int, seed: int = 0, progress=None):

@@ -404,20 +404,23 @@ def family_axes(axes: dict[str, Axis], family: WidthFamily, dims: WidthDims, tie
     for part in ("q", "k"):
         unit = axes[f"{part}_out"]
         if any(i < 0 for i in unit.index) or len(set(_counts(unit.index).values())) > 1:
-            out[f"{part}_norm_full"] = None  # refused if a tensor needs it (`tensor_axes`)
+            out[f"{part}_norm_full"] = None  # a tensor that reads it is refused with UNAVAILABLE's reason
         else:  # every head copied equally often: the RMS over the whole projection is unchanged
-            out[f"{part}_norm_full"] = Axis(f"{part}_norm_full", unit.source_size, unit.index, (1.0,) * len(unit.index),
-                                            "one", offset=family.norm_offset)  # fmt: skip
+            ones = (1.0,) * len(unit.index)
+            out[f"{part}_norm_full"] = Axis(
+                f"{part}_norm_full", unit.source_size, unit.index, ones, "one", offset=family.norm_offset
+            )
     out["qkv_out"] = concat("qkv_out", axes["q_out"], axes["k_out"], axes["v_out"])
     out["gate_up_out"] = concat("gate_up_out", axes["gate_out"], axes["up_out"])
     return out
 
 
-# Why a role is missing from an operator's axes (`family_axes` sets it to None), for the refusal.
+# Why a role is missing from an operator's axes (`family_axes` sets it to None), for `build_plan`'s refusal.
 UNAVAILABLE = {
     "q_norm_full": "its queries and keys are normalised over all heads together, which new heads (or heads copied "
     "unequally often) would change; use --operator direct with a whole width factor",
-    "qkv_out": "its fused projections hold parts whose new units this operator fills differently; use --operator direct",
+    "qkv_out": "its fused projections hold parts whose new units this operator fills differently; use "
+    "--operator direct",
 }
 UNAVAILABLE["k_norm_full"], UNAVAILABLE["gate_up_out"] = UNAVAILABLE["q_norm_full"], UNAVAILABLE["qkv_out"]
 

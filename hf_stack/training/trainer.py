@@ -619,7 +619,10 @@ def check_strategy(args, peft: bool = False) -> None:
 
 def check_sharded_growth(args, flag: str, peft: bool) -> None:
     """What growth inside a run sharded with `flag` cannot do, each with the way out."""
-    offline = f"or grow between two runs (`hf-stack grow run/final --factor 4 -o grown`) and train the grown model with {flag}"
+    offline = (
+        "or grow between two runs (`hf-stack grow run/final --factor 4 -o grown`) and train the grown model with "
+        + flag
+    )
     if flag == "--deepspeed":
         raise HfStackError(f"growth inside a --deepspeed run is not supported: use --fsdp (FSDP2), {offline}")
     version = args.fsdp_plugin_args["fsdp_version"] if args.fsdp else int(os.environ.get("FSDP_VERSION", "1"))
