@@ -108,11 +108,18 @@ def test_zero_growth_keeps_the_function_on_disk_in_memory_and_live(family_source
 
 
 def test_width_growth_keeps_the_function_or_is_refused(family_source, tmp_path):
-    family, folder, _ = family_source
+    """Streamed (`--verify` checks the kept function by logits) and grown live as in a training run (where
+    transformers 5 holds experts fused), or refused with the reason."""
+    family, folder, source = family_source
     for operator in ("direct", "zero"):
         settings = StackedConfig(operator=operator, width_factor=2)
         if operator in WIDTH_FAMILIES.get(family.model_type, ()):  # --verify checks the claimed function by logits
             assert grow(folder, tmp_path / operator, settings, verify=True, progress=False).function_preserving
+            live, plan, _ = grow_model(source, settings)
+            assert plan.function_preserving and live.config.hidden_size == 2 * source.config.hidden_size
+            want = _logits(source, source.config.vocab_size)
+            # --verify's tolerance: zero's epsilon change reaches Qwen3's per-head q/k norms (up to 1.2e-5)
+            torch.testing.assert_close(_logits(live, source.config.vocab_size), want, rtol=0, atol=5e-5)
         else:
             with pytest.raises(HfStackError, match="width growth") as refused:
                 grow(folder, tmp_path / operator, settings, progress=False)

@@ -95,22 +95,35 @@ def grow_model(model, stacked_config: StackedConfig, tokenizer=None):
     """
     from .tensors import grown_tensors
 
-    state = model.state_dict()
-    plan = plan_for_model(model, stacked_config)
+    state = live_state(model, stacked_config)
+    plan = plan_for_model(model, stacked_config, state)
     tensors, learned = grown_tensors(plan, lambda k: state[k].detach().cpu(), stacked_config, tokenizer)
     grown = instantiate(plan, tensors)
     grown.generation_config = model.generation_config
     return grown.train(model.training), plan, learned
 
 
-def plan_for_model(model, stacked_config: StackedConfig):
-    """The [`GrowthPlan`] that `stacked_config` gives for a live model."""
+def live_state(model, stacked_config: StackedConfig) -> dict:
+    """A live model's tensors by the names the plan reads: as transformers 5 holds them (experts fused into 3-D
+    tensors) for depth growth, which copies them whole; as checkpoints store them (one expert at a time) for width
+    growth, which splits each expert (transformers fuses them again as the grown model loads)."""
+    state = model.state_dict()
+    if "width" in stacked_config.directions:
+        from transformers.core_model_loading import revert_weight_conversion
+
+        state = revert_weight_conversion(model, state)
+    return state
+
+
+def plan_for_model(model, stacked_config: StackedConfig, state: dict | None = None):
+    """The [`GrowthPlan`] that `stacked_config` gives for a live model (its `state`, by default its state dict)."""
     from .tensors import safe_dtype_name
 
     config = model.config.to_dict()
     if not config.get("architectures"):
         config["architectures"] = [type(model).__name__]
-    infos = {k: (safe_dtype_name(v.dtype), tuple(v.shape)) for k, v in model.state_dict().items()}
+    state = model.state_dict() if state is None else state
+    infos = {k: (safe_dtype_name(v.dtype), tuple(v.shape)) for k, v in state.items()}
     return build_plan(config, infos, stacked_config)
 
 
