@@ -310,3 +310,26 @@ def test_fsdp_where_accelerate_does_not_shard_is_refused(small2, data_file, tmp_
     assert r.returncode != 0 and r.stderr.count(message) == 2, r.stderr[-3000:]
     assert "hf_stack/training" not in r.stderr  # no traceback from the processes (torchrun reports their exit)
     assert not (tmp_path / "run").exists()
+
+
+def test_fsdp2_growth_the_sharded_model_cannot_do_is_refused_before_training(data_file, tmp_path):
+    """A sharded mixture of experts is held as transformers holds it (experts fused into 3-D tensors), which width
+    growth cannot split: the run stops with the reason and the way out before anything is trained or written."""
+    from tests.families import FAMILIES, common_config
+
+    family = next(f for f in FAMILIES if f.model_type == "mixtral")
+    folder = tmp_path / "small"
+    from transformers import CONFIG_MAPPING
+
+    from tests.conftest import build_tokenizer
+
+    tok = build_tokenizer(folder)
+    AutoModelForCausalLM.from_config(
+        CONFIG_MAPPING["mixtral"](**{**common_config(len(tok)), **family.config})
+    ).save_pretrained(folder)
+    r = torchrun("-m", "hf_stack.cli", "train", "--model", folder, "--data", data_file, *CLI_RUN, *FSDP2,
+                 "--grow-at-tokens", 192, "--operator", "direct", "--width-factor", 2, "-o", tmp_path / "run",
+                 check=False)  # fmt: skip
+    message = "error: growth 1 cannot run inside this --fsdp run: width growth does not know how to grow tensor"
+    assert r.returncode != 0 and r.stderr.count(message) == 2, r.stderr[-3000:]
+    assert not (tmp_path / "run").exists()  # nothing trained or written

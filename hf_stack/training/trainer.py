@@ -80,16 +80,13 @@ class StackingTrainer(Trainer):
             model = _apply_peft(model, peft_config)
         # Packed blocks all have the same length: stack them, never pad.
         kwargs.setdefault("data_collator", default_data_collator)
-        new_folder = args is not None and not Path(args.output_dir).exists()
+        self._new_folder = args is not None and not Path(args.output_dir).exists()
         super().__init__(model, args, *pargs, **kwargs)
         flag = requested_sharding(self.args)
         honoured = {"--fsdp": self.is_fsdp_enabled, "--deepspeed": self.is_deepspeed_enabled}
         if flag is not None and not honoured[flag]:
             # transformers and accelerate drop it without a word (e.g. on CPUs) and train full replicas with DDP
-            if new_folder and self.args.should_save:  # Trainer made it on process zero; nothing is in it yet
-                with contextlib.suppress(OSError):  # not empty: something else wrote there meanwhile
-                    Path(self.args.output_dir).rmdir()
-            raise HfStackError(
+            self._refuse(
                 f"{flag} was asked for, but accelerate does not shard on this machine "
                 f"({self.accelerator.distributed_type.value.lower()}, no GPUs or --use-cpu): it would train full "
                 "replicas; remove it, or run on GPUs"
@@ -111,6 +108,14 @@ class StackingTrainer(Trainer):
         self.mask_ramp = MaskRamp(args.mask_steps) if args is not None and args.mask_steps else None
         if self.mask_ramp is not None:
             self.add_callback(self.mask_ramp)
+
+    def _refuse(self, message: str) -> None:
+        """Stop before anything is written: the output folder Trainer made on process zero goes if it is new and
+        still empty."""
+        if self._new_folder and self.args.should_save:
+            with contextlib.suppress(OSError):  # not empty: something else wrote there meanwhile
+                Path(self.args.output_dir).rmdir()
+        raise HfStackError(message) from None
 
     # -- data: sequential over the pre-shuffled packed blocks, so "the data that follows" is well defined.
     def _get_train_sampler(self, train_dataset=None):
@@ -184,6 +189,17 @@ class StackingTrainer(Trainer):
         args = self.args
         out = self._run_dir = Path(args.output_dir)
         model_config = self.accelerator.unwrap_model(self.model).config
+        if self.is_fsdp_enabled:  # what a growth would refuse in the sharded model, before anything is written
+            small = self.accelerator.unwrap_model(self.model)
+            for number, growth in enumerate(args.growths, 1):
+                try:
+                    plan_for_model(small, growth["stacked_config"])
+                except HfStackError as e:
+                    self._refuse(
+                        f"growth {number} cannot run inside this --fsdp run: {e} (a sharded model grows as "
+                        "transformers holds it, experts fused); grow between two runs (`hf-stack grow run/final ... "
+                        "-o grown`), which reads the checkpoint's own layout"
+                    )
         tps, total_steps, grow_steps = check_run(
             args, len(self.train_dataset), self._block_size(), model_config, resume_from_checkpoint,
             write=self.is_world_process_zero(), wait=self.accelerator.wait_for_everyone,
