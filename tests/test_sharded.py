@@ -182,8 +182,9 @@ FSDP2 = ["--fsdp", "full_shard auto_wrap", "--fsdp_config", '{"version": 2}']
         (["--grow-at-tokens", 192, "--factor", 2], [2, 4], "torchrun"),
         (["--grow-schedule", "128:factor=2;320:factor=2"], [2, 4, 8], "torchrun"),
         (["--grow-at-tokens", 192, "--factor", 2], [2, 4], "accelerate"),
+        (["--grow-at-tokens", 192, "--factor", 2, "--cooldown-budgets", "320,512"], [2, 4], "torchrun"),
     ],
-    ids=["one growth", "two growths", "accelerate config"],
+    ids=["one growth", "two growths", "accelerate config", "cooldown ladder"],
 )
 def test_fsdp2_run_grows_inside_the_sharded_run_as_one_process_would(
     small2, data_file, tmp_path, growth, depths, launcher
@@ -214,6 +215,9 @@ def test_fsdp2_run_grows_inside_the_sharded_run_as_one_process_would(
                        text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     assert_same_weights(final_weights(tmp_path / "fsdp"), final_weights(tmp_path / "one"))
+    if "--cooldown-budgets" in growth:  # the shorter budget's branch, resumed from its decay start's checkpoint
+        branch = Path("cooldown-320")
+        assert_same_weights(final_weights(tmp_path / "fsdp" / branch), final_weights(tmp_path / "one" / branch))
     record = json.loads((tmp_path / "fsdp" / "final" / "growth_config.json").read_text())
     phases = record["training"]["phases"]
     sharded = {"strategy": "fsdp2", "sharded": True, "world_size": 2}
