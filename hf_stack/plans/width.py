@@ -70,6 +70,18 @@ SANDWICH_NORMS = {
     "pre_feedforward_layernorm.weight": ("norm",),
     "post_feedforward_layernorm.weight": ("post_norm",),
 }
+# OLMo 2/3, OLMoE: queries and keys normalised over the whole projection (all heads), not per head
+WHOLE_QK_NORMS = {"self_attn.q_norm.weight": ("q_norm_full",), "self_attn.k_norm.weight": ("k_norm_full",)}
+# OLMo 2/3's layers have no pre-norms: post-norms on both branches, whose projections read the raw stream
+POST_NORM_LAYERS = {
+    "post_attention_layernorm.weight": ("post_norm",),
+    "post_feedforward_layernorm.weight": ("post_norm",),
+    "self_attn.q_proj.weight": ("q_out", "raw_in"),
+    "self_attn.k_proj.weight": ("k_out", "raw_in"),
+    "self_attn.v_proj.weight": ("v_out", "raw_in"),
+    "mlp.gate_proj.weight": ("gate_out", "raw_in"),
+    "mlp.up_proj.weight": ("up_out", "raw_in"),
+}
 
 
 @dataclass(frozen=True)
@@ -98,35 +110,16 @@ class WidthFamily:
 
 # Model types whose tensors width growth understands, by model_type.
 WIDTH_FAMILIES = {
-    **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "smollm3", "granite"), WidthFamily()),
+    # the Llama rules (Granite's multipliers scale every unit alike; MoE routers and experts are in LAYER_AXES)
+    **dict.fromkeys(
+        ("llama", "mistral", "qwen2", "qwen3", "smollm3", "granite", "mixtral", "qwen2_moe", "qwen3_moe"),
+        WidthFamily(),
+    ),
     "gemma": WidthFamily(norm_offset=1.0, embed_scale=True),
     "gemma2": WidthFamily(norm_offset=1.0, embed_scale=True, layer_axes=SANDWICH_NORMS),
     "gemma3_text": WidthFamily(norm_offset=1.0, embed_scale=True, layer_axes=SANDWICH_NORMS),
-    "olmo2": (
-        OLMO2 := WidthFamily(
-            layer_axes={
-                "post_attention_layernorm.weight": ("post_norm",),
-                "post_feedforward_layernorm.weight": ("post_norm",),
-                "self_attn.q_norm.weight": ("q_norm_full",),
-                "self_attn.k_norm.weight": ("k_norm_full",),
-                **{
-                    f"{m}.weight": (out, "raw_in")
-                    for m, out in (
-                        ("self_attn.q_proj", "q_out"),
-                        ("self_attn.k_proj", "k_out"),
-                        ("self_attn.v_proj", "v_out"),
-                        ("mlp.gate_proj", "gate_out"),
-                        ("mlp.up_proj", "up_out"),
-                    )
-                },
-            }
-        )
-    ),  # fmt: skip
-    "olmo3": OLMO2,
-    **dict.fromkeys(("mixtral", "qwen2_moe", "qwen3_moe"), WidthFamily()),
-    "olmoe": WidthFamily(  # pre-norm layers with OLMo 2's whole-projection q/k norms
-        layer_axes={"self_attn.q_norm.weight": ("q_norm_full",), "self_attn.k_norm.weight": ("k_norm_full",)}
-    ),
+    **dict.fromkeys(("olmo2", "olmo3"), WidthFamily(layer_axes={**POST_NORM_LAYERS, **WHOLE_QK_NORMS})),
+    "olmoe": WidthFamily(layer_axes=WHOLE_QK_NORMS),
     "phi3": WidthFamily(
         layer_axes={
             "self_attn.qkv_proj.weight": ("qkv_out", "hidden_in"),
@@ -134,7 +127,6 @@ WIDTH_FAMILIES = {
         }
     ),
 }
-WIDTH_MODEL_TYPES = tuple(WIDTH_FAMILIES)
 
 
 @dataclass(frozen=True)
@@ -218,7 +210,7 @@ def width_dims(config: dict, width_factor: float) -> WidthDims:
     model_type = config.get("model_type")
     if model_type not in WIDTH_FAMILIES:
         raise HfStackError(
-            f"width growth supports model types {', '.join(WIDTH_MODEL_TYPES)}; {model_type!r} may name its "
+            f"width growth supports model types {', '.join(WIDTH_FAMILIES)}; {model_type!r} may name its "
             "tensors or normalise differently, so grow it in depth only"
         )
     sizes = ("hidden_size", "intermediate_size", "num_attention_heads")
