@@ -334,6 +334,51 @@ def test_fsdp2_growth_the_sharded_model_cannot_do_is_refused_before_training(dat
     r = torchrun("-m", "hf_stack.cli", "train", "--model", folder, "--data", data_file, *CLI_RUN, *FSDP2,
                  "--grow-at-tokens", 192, "--operator", "direct", "--width-factor", 2, "-o", tmp_path / "run",
                  check=False)  # fmt: skip
-    message = "error: growth 1 cannot run inside this --fsdp run: width growth does not know how to grow tensor"
+    message = "error: the growth cannot run inside this --fsdp run: width growth does not know how to grow tensor"
     assert r.returncode != 0 and r.stderr.count(message) == 2, r.stderr[-3000:]
     assert not (tmp_path / "run").exists()  # nothing trained or written
+
+
+FAILING_GROWTH = """
+import sys
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from transformers import AutoModelForCausalLM
+from hf_stack import StackedConfig
+from hf_stack.checkpoints import tensors
+from hf_stack.training.sharded import grow_sharded
+
+dist.init_process_group("gloo")
+mesh = init_device_mesh("cpu", (2,))
+
+def shard(m):
+    for layer in m.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(m, mesh=mesh)
+
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1])
+shard(model)
+if dist.get_rank() == 0:  # the growth itself fails where it runs, on rank 0 (e.g. out of host memory)
+    def fail(*args, **kwargs):
+        raise MemoryError("out of host memory")
+    tensors.grown_tensors = fail
+try:
+    grow_sharded(model, StackedConfig(factor=2), shard)
+except Exception as e:
+    print(f"rank {dist.get_rank()}: {type(e).__name__}: {e}", flush=True)
+"""
+
+
+def test_a_growth_that_fails_on_rank_0_stops_every_rank(small2, tmp_path):
+    """Rank 0 grows the full state alone: when that fails, every rank raises with rank 0's reason, instead of the
+    others failing on a closed connection once rank 0 is gone (gloo; measured before the fix) or waiting in the
+    broadcast until the process group's timeout (NCCL)."""
+    (tmp_path / "run.py").write_text(FAILING_GROWTH)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    r = subprocess.run(list(map(str, [*launch, tmp_path / "run.py", small2])), capture_output=True, text=True,
+                       env=env, timeout=120)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "rank 0: MemoryError: out of host memory" in r.stdout
+    assert "rank 1: HfStackError: growth failed on rank 0, which grows the full state: MemoryError" in r.stdout

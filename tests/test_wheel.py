@@ -122,3 +122,15 @@ def test_the_wheel_grows_trains_and_scores_outside_the_checkout(installed, tmp_p
     assert r.returncode == 0, r.stderr[-3000:]
     scores = json.loads((outside / "scores.json").read_text())["results"]
     assert scores["arc_easy"]["sample_len"] == 2 and scores["wikitext"]["word_perplexity,none"] > 1
+
+
+def test_a_checkout_used_without_installing_finds_the_card_template(tmp_path):
+    """On PYTHONPATH, with no install's finder to map hf_stack.model_cards, the template is read from the
+    checkout's top-level model_cards/."""
+    code = ("import sys; sys.meta_path = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]; "
+            "import importlib.util; assert importlib.util.find_spec('hf_stack.model_cards') is None; "
+            "from hf_stack.checkpoints.card import TEMPLATE; print(TEMPLATE)")  # fmt: skip
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert Path(r.stdout.strip()) == REPO / "model_cards" / "template.md"

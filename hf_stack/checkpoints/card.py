@@ -15,9 +15,18 @@ from pathlib import Path
 from ..errors import HfStackError
 from ..plans.config import GROWTH_CONFIG_NAME
 
-# The top-level model_cards/, shipped inside the package as `hf_stack.model_cards` (pyproject.toml's package-dir), so
-# a wheel install renders cards as the source checkout does.
-TEMPLATE = Path(str(files("hf_stack.model_cards") / "template.md"))
+
+def _template() -> Path:
+    """The top-level model_cards/template.md, shipped inside the package as `hf_stack.model_cards` (pyproject.toml's
+    package-dir), so a wheel install renders cards as the source checkout does; a checkout used without installing
+    (on PYTHONPATH) has no such package, and reads the folder beside `hf_stack/`."""
+    try:
+        return Path(str(files("hf_stack.model_cards") / "template.md"))
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parents[2] / "model_cards" / "template.md"
+
+
+TEMPLATE = _template()
 SECTIONS = ("growth", "training", "evaluation", "usage")
 PLACEHOLDER = {
     "growth": "Not grown by hf_stack.",

@@ -16,6 +16,7 @@ from ..operators import get_operator
 from .config import StackedConfig
 from .layers import MAX_TARGET_LAYERS, layer_map_to_slices, parse_layer_map
 from .width import (
+    LEARNED_AXES,
     UNAVAILABLE,
     WIDTH_FAMILIES,
     Axis,
@@ -563,6 +564,12 @@ def build_plan(
     for key in sorted(k for k in others if k != layout.embed):
         add(key, key)
 
+    unlearned = sorted({a for e in entries for a in e.axes or () if a} - LEARNED_AXES) if operator.needs_data else []
+    if unlearned:
+        raise HfStackError(
+            f"{stacked.operator!r} width growth has maps for a dense Llama layer's axes, not for {', '.join(unlearned)} "
+            f"({config['model_type']!r}); use --operator direct or zero"
+        )
     target_config = grow_config(config, layer_map)
     if tied:  # written out: where the config left it to its class's default, that default may be "untied"
         target_config["tie_word_embeddings"] = True

@@ -50,6 +50,9 @@ LAYER_AXES = {
     "mlp.shared_expert.down_proj.weight": ("hidden_out", "shared_ffn_in"),
     "mlp.shared_expert_gate.weight": (None, "hidden_in"),
 }
+# The axes `learn` (LiGO) has width maps for (`hf_stack.checkpoints.ligo.MAP_OF_AXIS`): a dense Llama layer's
+LEARNED_AXES = frozenset({"hidden_out", "hidden_in", "norm", "q_out", "k_out", "v_out", "attn_in", "gate_out", "up_out",
+                          "ffn_in", "embed_out", "final_norm"})  # fmt: skip
 # FFN sizes besides intermediate_size, each grown like it: (axis prefix, config key); experts without their own size
 # (Mixtral, OLMoE) use intermediate_size
 FFN_SIZES = (("expert", "moe_intermediate_size"), ("shared", "shared_expert_intermediate_size"))
@@ -63,6 +66,8 @@ NORM_SUFFIXES = ("layernorm.weight", "norm.weight", "ln_1.weight", "ln_2.weight"
 # 1-D weights that transformers' init sets though they are no norm, by name: Mamba's (Falcon-H1's) skip connection
 # D and time-step bias start at 1, its A_log at log(1), log(2), ... one per head
 MAMBA_VECTORS = {"mamba.D": lambda k: 1.0, "mamba.dt_bias": lambda k: 1.0, "mamba.A_log": lambda k: math.log(k + 1)}
+# Model types whose RMSNorms all multiply by (1 + w): the offset their stored norm weights are read with.
+NORM_OFFSETS = dict.fromkeys(("gemma", "gemma2", "gemma3_text", "vaultgemma"), 1.0)
 # Gemma 2/3's sandwich norms: a post-norm normalises a branch's output before it joins the residual stream (a
 # writer); the pre-norms read the stream for the branch (readers, as Llama's two norms).
 SANDWICH_NORMS = {
@@ -104,7 +109,8 @@ class WidthFamily:
 
     @property
     def plain(self) -> bool:
-        """The Llama rules exactly (what `learn`'s width maps are written for)."""
+        """The Llama rules exactly: no offset, scale or roles of its own (what `learn`'s width maps assume, over the
+        axes in `LEARNED_AXES`)."""
         return self == WidthFamily()
 
 
@@ -115,9 +121,11 @@ WIDTH_FAMILIES = {
         ("llama", "mistral", "qwen2", "qwen3", "smollm3", "granite", "mixtral", "qwen2_moe", "qwen3_moe"),
         WidthFamily(),
     ),
-    "gemma": WidthFamily(norm_offset=1.0, embed_scale=True),
-    "gemma2": WidthFamily(norm_offset=1.0, embed_scale=True, layer_axes=SANDWICH_NORMS),
-    "gemma3_text": WidthFamily(norm_offset=1.0, embed_scale=True, layer_axes=SANDWICH_NORMS),
+    "gemma": WidthFamily(norm_offset=NORM_OFFSETS["gemma"], embed_scale=True),
+    **{
+        t: WidthFamily(norm_offset=NORM_OFFSETS[t], embed_scale=True, layer_axes=SANDWICH_NORMS)
+        for t in ("gemma2", "gemma3_text")
+    },
     **dict.fromkeys(("olmo2", "olmo3"), WidthFamily(layer_axes={**POST_NORM_LAYERS, **WHOLE_QK_NORMS})),
     "olmoe": WidthFamily(layer_axes=WHOLE_QK_NORMS),
     "phi3": WidthFamily(
@@ -449,8 +457,9 @@ def is_norm(name: str) -> bool:
 
 def new_vector(name: str, model_type: str | None, start: int, size: int) -> list[float]:
     """Entries `start` to `start + size` of a new 1-D weight in the architecture's own init: a norm's unit multiplier
-    as stored (0 for Gemma's `1 + w` norms), Mamba's vectors per `MAMBA_VECTORS`, 0 for biases and the rest."""
+    as stored (0 for Gemma's `1 + w` norms), Mamba's vectors per `MAMBA_VECTORS`, 0 for biases and the rest
+    (gpt-oss's attention sinks too, which transformers draws at random)."""
     if is_norm(name):
-        return [1.0 - WIDTH_FAMILIES.get(model_type, WidthFamily()).norm_offset] * size
+        return [1.0 - NORM_OFFSETS.get(model_type, 0.0)] * size
     rule = next((r for suffix, r in MAMBA_VECTORS.items() if name.endswith(suffix)), lambda k: 0.0)
     return [rule(k) for k in range(start, start + size)]

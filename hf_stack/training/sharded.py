@@ -2,7 +2,8 @@
 
 The full state is gathered on rank 0 (on its CPU), grown there with the same plan and tensors as the in-memory
 path ([`~hf_stack.checkpoints.in_memory.grow_model`]), the grown model is built on the meta device on every rank,
-sharded the run's way, and loaded by broadcast from rank 0. No rank but 0 ever holds a full tensor.
+sharded the run's way, and loaded by broadcast from rank 0. Only rank 0 holds the full state; the others hold their
+shards plus, while a tensor is gathered or broadcast, that one tensor in full.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ def grow_sharded(model, stacked_config, shard):
         build (the paper's recipe: a fresh one).
 
     Memory: rank 0 holds the small model's full state and the grown model's full tensors on its CPU (one full copy
-    of each, at the parameters' dtype); every other rank only its shards of the grown model.
+    of each, at the parameters' dtype); every other rank its shards, plus the one tensor in transit while the state
+    is gathered and broadcast tensor by tensor.
     """
     import torch
     import torch.distributed as dist
@@ -45,10 +47,18 @@ def grow_sharded(model, stacked_config, shard):
         )
     plan = plan_for_model(model, stacked_config)  # names and global shapes: the same plan on every rank
     full = full_state_dict(model)
+    tensors, failure = {}, None  # other ranks: filled by the broadcast below
     if dist.get_rank() == 0:
-        tensors, _ = grown_tensors(plan, full.__getitem__, stacked_config, None)
-    else:
-        tensors = {}  # filled by the broadcast below
+        try:
+            tensors, _ = grown_tensors(plan, full.__getitem__, stacked_config, None)
+        except Exception as e:  # every rank stops with it, or the others would wait in the broadcast below
+            failure = e
+    status = [None if failure is None else f"{type(failure).__name__}: {failure}"]
+    dist.broadcast_object_list(status, src=0)
+    if failure is not None:
+        raise failure
+    if status[0] is not None:
+        raise HfStackError(f"growth failed on rank 0, which grows the full state: {status[0]}")
     del full
     param = next(model.parameters())
     with torch.device("meta"):

@@ -189,17 +189,18 @@ class StackingTrainer(Trainer):
         args = self.args
         out = self._run_dir = Path(args.output_dir)
         model_config = self.accelerator.unwrap_model(self.model).config
-        if self.is_fsdp_enabled:  # what a growth would refuse in the sharded model, before anything is written
-            small = self.accelerator.unwrap_model(self.model)
-            for number, growth in enumerate(args.growths, 1):
-                try:
-                    plan_for_model(small, growth["stacked_config"])
-                except HfStackError as e:
-                    self._refuse(
-                        f"growth {number} cannot run inside this --fsdp run: {e} (a sharded model grows as "
-                        "transformers holds it, experts fused); grow between two runs (`hf-stack grow run/final ... "
-                        "-o grown`), which reads the checkpoint's own layout"
-                    )
+        args.check_growth()  # stacked_config may have been replaced since the arguments were built
+        if self.is_fsdp_enabled and args.growths:
+            # A sharded model grows as transformers holds it (e.g. experts fused): what its first growth would refuse
+            # there is refused before anything is written (later growths start from that growth's output).
+            try:
+                plan_for_model(self.accelerator.unwrap_model(self.model), args.growths[0]["stacked_config"])
+            except HfStackError as e:
+                self._refuse(
+                    f"the growth cannot run inside this --fsdp run: {e} (a sharded model grows as transformers "
+                    "holds it, e.g. with experts fused); grow between two runs (`hf-stack grow run/final ... -o "
+                    "grown`), which reads the checkpoint's own layout"
+                )
         tps, total_steps, grow_steps = check_run(
             args, len(self.train_dataset), self._block_size(), model_config, resume_from_checkpoint,
             write=self.is_world_process_zero(), wait=self.accelerator.wait_for_everyone,
@@ -355,9 +356,12 @@ class StackingTrainer(Trainer):
         stacked = self.args.growths[growth - 1]["stacked_config"]
         finished_parallelism = parallelism(self)
         if self.is_fsdp_enabled:  # FSDP2 (check_strategy): grown on rank 0, sharded, loaded by broadcast
+            # the small model's Adam moments are not carried under FSDP: freed before the grown model is built, and
+            # accelerate's lists of prepared objects emptied, so the next phase prepares anew
+            self.optimizer = self.lr_scheduler = None
+            self.accelerator.free_memory()
             grown, plan = grow_sharded(small, stacked, self._shard)
             learned, grown_state = None, full_state_dict(grown)  # what grown-init/ saves: rank 0's one full copy
-            self.accelerator.free_memory()  # the small model's shards and optimizer: the next phase prepares anew
         else:
             grown, plan, learned = grow_model(small, stacked, self.processing_class)
             grown, grown_state = grown.to(self.args.device), None
@@ -395,11 +399,15 @@ class StackingTrainer(Trainer):
         self.accelerator.wait_for_everyone()
 
     def _shard(self, model) -> None:
-        """Shard `model` (on the meta device) as accelerate sharded the run's first model, with its FSDP plugin's
-        settings; `grow_sharded` then loads the weights by broadcast, so the plugin's own loading is skipped."""
-        from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+        """Shard `model` (on the meta device) as accelerate prepared the run's first model, with its FSDP plugin's
+        settings: activation checkpointing first (accelerate's prepare applies it only to a model not yet sharded),
+        then `fully_shard`; `grow_sharded` then loads the weights by broadcast, so the plugin's own loading is
+        skipped. (Compilation, when configured, is applied by the next phase's prepare, as to the first model.)"""
+        from accelerate.utils.fsdp_utils import fsdp2_apply_ac, fsdp2_prepare_model
 
         plugin = self.accelerator.state.fsdp_plugin
+        if plugin.activation_checkpointing:
+            fsdp2_apply_ac(self.accelerator, model)
         efficient, plugin.cpu_ram_efficient_loading = plugin.cpu_ram_efficient_loading, False
         try:
             fsdp2_prepare_model(self.accelerator, model)
