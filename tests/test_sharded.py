@@ -96,6 +96,7 @@ import torch.distributed as dist
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from hf_stack import StackedConfig, StackingTrainer, StackingTrainingArguments
 from hf_stack.data import build_dataset
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
 from torch.distributed.tensor import DTensor
 from hf_stack.training.sharded import full_state_dict
 
@@ -116,6 +117,7 @@ class Record(TrainerCallback):
         self.phases.append({"layers": model.config.num_hidden_layers, "digest": digest, "sharded": [is_sharded(model)]})
     def on_step_end(self, args, state, control, model=None, **kw):
         self.phases[-1]["sharded"].append(is_sharded(model))
+        self.phases[-1]["checkpointed"] = any(isinstance(m, CheckpointWrapper) for m in model.modules())
         if crash_at is not None and model.config.num_hidden_layers == 4 and state.global_step == crash_at:
             raise RuntimeError("simulated crash")
 
@@ -248,11 +250,16 @@ def test_fsdp2_run_killed_after_growth_resumes_where_it_stopped(
     before the grown phase's first checkpoint, from `grown-init/`): the resumed run ends with the weights of an
     uninterrupted run (in one process, same global batch), sharded in every phase."""
     (tmp_path / "worker.py").write_text(WORKER)
-    fsdp = {"fsdp": "full_shard auto_wrap", "fsdp_config": {"version": 2, "state_dict_type": state_dict_type}}
+    # with FSDP's activation checkpointing in one case: the grown model, sharded by hf_stack, has it too
+    checkpointing = state_dict_type == "SHARDED_STATE_DICT"
+    fsdp_config = {"version": 2, "state_dict_type": state_dict_type, "activation_checkpointing": checkpointing}
+    fsdp = {"fsdp": "full_shard auto_wrap", "fsdp_config": fsdp_config}
     run = tmp_path / "fsdp"
     r = torchrun(tmp_path / "worker.py", small2, data_file, run, json.dumps({**fsdp, "crash_at": crash_at}),
                  check=False)  # fmt: skip
     assert r.returncode != 0 and "simulated crash" in r.stderr
+    phases = json.loads(Path(f"{run}-rank-0.json").read_text())
+    assert [(p["layers"], p["checkpointed"]) for p in phases] == [(2, checkpointing), (4, checkpointing)]
     assert (run / "grown-init").is_dir() and not (run / "final").exists()
     assert (run / "checkpoint-2").is_dir() == (crash_at == 3)
     if state_dict_type == "SHARDED_STATE_DICT":  # each rank's shards, not one full copy
