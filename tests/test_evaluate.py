@@ -580,7 +580,7 @@ with open(f"{out}/history-{dist.get_rank()}.json", "w") as f:
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
-def test_eval_callback_under_ddp_scores_once_on_process_zero(small2, data_file, tmp_path, strategy):
+def test_eval_callback_in_two_processes_logs_once_on_process_zero(small2, data_file, tmp_path, strategy):
     """Two processes (torchrun, gloo). DDP: process zero scores each request once, the other waits and scores
     nothing. FSDP2 (sharded with the test-only shim of tests/fsdp_cpu): both take part in every forward pass, process
     zero alone records and logs. Either way the last scores are those of the trained model, the run's log holds each

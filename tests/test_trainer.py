@@ -22,7 +22,7 @@ from hf_stack import (
 )
 from hf_stack.analysis.compare import Curve, speedup
 from hf_stack.data import fingerprint, iter_documents, pack, tokenize_documents
-from tests.conftest import CORPUS, accounting, build_checkpoint
+from tests.conftest import CORPUS, accounting, build_checkpoint, build_tokenizer
 
 
 def make_trainer(small, out, data_file, cls=StackingTrainer, callbacks=None, **kw):
@@ -419,6 +419,30 @@ def test_msg_masks_ramp_in_random_growth(small2, tmp_path, data_file):
     assert masks == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0, 1.0, 1.0]  # logged after each step: the mask that step used
     assert trainer.mask_ramp.masks is None  # removed once fully in: the saved model is the plain one
     assert AutoModelForCausalLM.from_pretrained(out / "final").config.hidden_size == 64
+
+
+@pytest.mark.parametrize("model_type", ["gemma2", "phi3", "mixtral"])
+def test_msg_width_masks_beyond_a_llama_layer_are_refused_before_training(tmp_path, data_file, model_type):
+    """MSG's width masks hook a dense Llama-style layer's modules: Gemma 2's sandwich norms would go unmasked
+    (a wrong function at m = 0, silently), Phi-3's fused projections and Mixtral's experts have no such modules (a
+    crash at growth, after the first phase). Refused when training starts, before anything is written."""
+    from transformers import CONFIG_MAPPING
+
+    from tests.families import FAMILIES, common_config
+
+    family = next(f for f in FAMILIES if f.model_type == model_type)
+    folder = tmp_path / "small"
+    tok = build_tokenizer(folder)
+    config = CONFIG_MAPPING[model_type](**{**common_config(len(tok)), **family.config})
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    settings = StackedConfig(operator="random", width_factor=2)
+    trainer = make_trainer(folder, tmp_path / "r", data_file, grow_at_tokens=128, max_tokens=64 * 4, mask_steps=2,
+                           stacked_config=settings)  # fmt: skip
+    with pytest.raises(
+        HfStackError, match=f"MSG's width masks hook a dense Llama-style layer's modules; '{model_type}'"
+    ):
+        trainer.train()
+    assert not (tmp_path / "r").exists()
 
 
 def test_lora_on_a_grown_model(small2, tmp_path, data_file):

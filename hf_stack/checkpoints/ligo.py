@@ -11,8 +11,8 @@ import math
 from ..plans.timing import training_flops
 from .models import build_model
 
-# Width map of each axis; k_proj and v_proj outputs have a map each (LiGO's B_K, B_V). learn grows only the families
-# that take the Llama rules, whose embedding and final-norm axes are hidden ones.
+# Width map of each axis; k_proj and v_proj outputs have a map each (LiGO's B_K, B_V). Its keys are
+# `hf_stack.plans.width.LLAMA_AXES` (learn grows nothing else: `GrowthPlan.llama_width`).
 MAP_OF_AXIS = {"hidden_out": "hidden", "hidden_in": "hidden", "norm": "hidden", "q_out": "q", "k_out": "k",
                "v_out": "v", "attn_in": "attn", "gate_out": "ffn", "up_out": "ffn", "ffn_in": "ffn",
                "embed_out": "hidden", "final_norm": "hidden"}  # fmt: skip

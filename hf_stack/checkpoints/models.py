@@ -67,13 +67,19 @@ def is_sharded(model) -> bool:
     return isinstance(model, FSDPModule)
 
 
-def every_parameter_sharded(model) -> bool:
-    """Whether every parameter of `model` is a `DTensor` shard, once each FSDP2 group is back to its shards (a
-    forward outside training, e.g. scoring, leaves the groups FSDP keeps gathered after forward unsharded)."""
+def reshard(model) -> None:
+    """Every FSDP2 group of `model` back to its shards: a forward outside training (scoring) leaves the groups FSDP
+    keeps gathered after forward (the root, the head) unsharded until the next backward."""
     from torch.distributed.fsdp import FSDPModule
-    from torch.distributed.tensor import DTensor
 
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.reshard()
+
+
+def every_parameter_sharded(model) -> bool:
+    """Whether every parameter of `model` is a `DTensor` shard, once resharded (`reshard`)."""
+    from torch.distributed.tensor import DTensor
+
+    reshard(model)
     return all(isinstance(p, DTensor) for p in model.parameters())

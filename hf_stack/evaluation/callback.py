@@ -10,7 +10,7 @@ import time
 
 from transformers import TrainerCallback
 
-from ..checkpoints.models import every_parameter_sharded, is_sharded
+from ..checkpoints.models import is_sharded, reshard
 from .benchmarks import headline, parse_tasks
 from .harness import ADD_BOS_TOKEN, load_tasks, make_lm, score_tasks
 
@@ -69,8 +69,8 @@ class EvalCallback(TrainerCallback):
                 results = score_tasks(self._lm[1], self._loaded, self.limit)
             finally:
                 model.train(was_training)
-                if sharded:  # back to shards: FSDP keeps some groups gathered after a forward without backward
-                    every_parameter_sharded(model)
+                if sharded:
+                    reshard(model)
         if not state.is_world_process_zero:
             self._wait()
             return

@@ -200,7 +200,7 @@ class PrefixSharingLM(HFLM):
         config = self.model.config.get_text_config()
         if any(getattr(config, k, None) not in (None, 1, 1.0) for k in POST_HEAD_CONFIG_KEYS):
             return False
-        if is_sharded(self.model):  # FSDP2 gathers a layer's weights in its own forward hooks: the whole forward
+        if is_sharded(self.model):  # FSDP2 gathers weights in the hooks of the model's own forward: run all of it
             return False
         try:
             decoder, head = self.model.get_decoder(), self.model.get_output_embeddings()

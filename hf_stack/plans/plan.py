@@ -16,7 +16,7 @@ from ..operators import get_operator
 from .config import StackedConfig
 from .layers import MAX_TARGET_LAYERS, layer_map_to_slices, parse_layer_map
 from .width import (
-    LEARNED_AXES,
+    LLAMA_AXES,
     UNAVAILABLE,
     WIDTH_FAMILIES,
     Axis,
@@ -187,6 +187,17 @@ class GrowthPlan:
     @property
     def num_layers(self) -> int:
         return len(self.layer_map)
+
+    @property
+    def llama_width(self) -> bool:
+        """Whether width growth, if any, follows the Llama rules alone: the family has no offsets, scales or roles
+        of its own, and the tensors take a dense Llama-style layer's axes only (what `learn`'s maps and MSG's width
+        masks are written for)."""
+        if not self.width:
+            return True
+        family = WIDTH_FAMILIES.get(self.target_config.get("model_type"))
+        used = {a for e in self.tensors for a in e.axes or () if a}
+        return family is not None and family.plain and used <= LLAMA_AXES
 
     def slices(self) -> list[list[int]]:
         """The layer map as `[start, end)` source ranges (mergekit's `layer_range`, peft's `layer_replication`)."""
@@ -420,8 +431,8 @@ def check_source_config(config: dict) -> None:
 
 def check_source_shapes(config: dict, tensor_infos: dict, width: bool = False) -> None:
     """Refuse tensors whose shapes contradict the config, from the headers alone (before any byte is written):
-    the written checkpoint would not load. Checked for the Llama-style model types whose tensors the width axes
-    describe; `width` growth also refuses tensors it does not know."""
+    the written checkpoint would not load. Checked for the model types whose tensors the width axes describe
+    (`WIDTH_FAMILIES`); `width` growth also refuses tensors it does not know."""
     family = WIDTH_FAMILIES.get(config.get("model_type"))
     if family is None:
         return
@@ -476,11 +487,6 @@ def build_plan(
     if "width" in directions:
         dims = width_dims(config, stacked.width_factor)
         family = WIDTH_FAMILIES[config["model_type"]]
-        if operator.needs_data and not family.plain:
-            raise HfStackError(
-                f"{stacked.operator!r} width growth learns maps for Llama's norms and embeddings; "
-                f"{config['model_type']!r} normalises or scales them its own way: use --operator direct or zero"
-            )
 
     layers: dict[int, set[str]] = {}
     others: list[str] = []
@@ -564,18 +570,12 @@ def build_plan(
     for key in sorted(k for k in others if k != layout.embed):
         add(key, key)
 
-    unlearned = sorted({a for e in entries for a in e.axes or () if a} - LEARNED_AXES) if operator.needs_data else []
-    if unlearned:
-        raise HfStackError(
-            f"{stacked.operator!r} width growth has maps for a dense Llama layer's axes, not for {', '.join(unlearned)} "
-            f"({config['model_type']!r}); use --operator direct or zero"
-        )
     target_config = grow_config(config, layer_map)
     if tied:  # written out: where the config left it to its class's default, that default may be "untied"
         target_config["tie_word_embeddings"] = True
     if axes is not None:
         target_config = grow_width_config(target_config, dims, operator.width_eps(dims))
-    return GrowthPlan(
+    plan = GrowthPlan(
         operator=stacked.operator,
         layer_map=layer_map,
         source_num_layers=L,
@@ -592,3 +592,10 @@ def build_plan(
         init_std=float(config.get("initializer_range") or 0.02),
         seed=stacked.init_seed,
     )
+    if operator.needs_data and not plan.llama_width:
+        raise HfStackError(
+            f"{stacked.operator!r} width growth has maps for a dense Llama-style layer only; "
+            f"{config['model_type']!r} grows its own way (norm offsets, scaled embeddings, post-norms, fused "
+            "projections or experts): use --operator direct or zero"
+        )
+    return plan

@@ -50,8 +50,9 @@ LAYER_AXES = {
     "mlp.shared_expert.down_proj.weight": ("hidden_out", "shared_ffn_in"),
     "mlp.shared_expert_gate.weight": (None, "hidden_in"),
 }
-# The axes `learn` (LiGO) has width maps for (`hf_stack.checkpoints.ligo.MAP_OF_AXIS`): a dense Llama layer's
-LEARNED_AXES = frozenset({"hidden_out", "hidden_in", "norm", "q_out", "k_out", "v_out", "attn_in", "gate_out", "up_out",
+# A dense Llama-style layer's axes: what `learn`'s width maps (`hf_stack.checkpoints.ligo.MAP_OF_AXIS`) and MSG's
+# width masks are written for (`GrowthPlan.llama_width`)
+LLAMA_AXES = frozenset({"hidden_out", "hidden_in", "norm", "q_out", "k_out", "v_out", "attn_in", "gate_out", "up_out",
                           "ffn_in", "embed_out", "final_norm"})  # fmt: skip
 # FFN sizes besides intermediate_size, each grown like it: (axis prefix, config key); experts without their own size
 # (Mixtral, OLMoE) use intermediate_size
@@ -109,8 +110,7 @@ class WidthFamily:
 
     @property
     def plain(self) -> bool:
-        """The Llama rules exactly: no offset, scale or roles of its own (what `learn`'s width maps assume, over the
-        axes in `LEARNED_AXES`)."""
+        """The Llama rules exactly: no offset, scale or roles of its own (see `LLAMA_AXES`)."""
         return self == WidthFamily()
 
 

@@ -21,6 +21,19 @@ OUTPUT_AXES = {"self_attn.v_proj": "v_out", "self_attn.o_proj": "hidden_out", "m
 NORMS = ("input_layernorm", "post_attention_layernorm")
 
 
+def check_maskable(plan) -> None:
+    """Refuse a plan whose new parts these masks cannot ramp in: another operator than `random`, or width growth
+    beyond a dense Llama-style layer (the hooks sit on its modules: `OUTPUT_AXES`, `NORMS`)."""
+    if plan.operator != "random":
+        raise HfStackError(f"growth masks ramp in the new parts of 'random' growth, not of {plan.operator!r}")
+    if not plan.llama_width:
+        raise HfStackError(
+            f"MSG's width masks hook a dense Llama-style layer's modules; {plan.target_config.get('model_type')!r} "
+            "grows its own way in width (norm offsets, post-norms, fused projections or experts): drop --mask-steps, "
+            "or grow it in depth only"
+        )
+
+
 class GrowthMasks:
     """Hooks that mask the new layers and units of a grown model (plan of the `random` operator).
 
@@ -38,8 +51,7 @@ class GrowthMasks:
     """
 
     def __init__(self, model, plan):
-        if plan.operator != "random":
-            raise HfStackError(f"growth masks ramp in the new parts of 'random' growth, not of {plan.operator!r}")
+        check_maskable(plan)
         self.value = 0.0
         self.handles = []
         inner = model.get_decoder()

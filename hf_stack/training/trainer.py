@@ -23,7 +23,7 @@ import torch
 from transformers import Trainer, default_data_collator
 from transformers.trainer_callback import ProgressCallback, TrainerCallback, TrainerState
 
-from ..checkpoints.in_memory import grow_model, plan_for_model
+from ..checkpoints.in_memory import grow_model, live_state, plan_for_model
 from ..checkpoints.models import every_parameter_sharded, is_sharded
 from ..checkpoints.provenance import growth_record, write_growth_record
 from ..errors import HfStackError
@@ -35,7 +35,7 @@ from .accounting import count_parameters, model_flops, phase_record
 from .arguments import StackingTrainingArguments
 from .ladder import branch_summary, cooldown_dir, cooldown_ladder
 from .log import TRAINING_LOG
-from .msg import GrowthMasks, MaskRamp
+from .msg import GrowthMasks, MaskRamp, check_maskable
 from .outputs import training_summary, write_final_outputs
 from .run_folder import (
     carried_optimizer,
@@ -201,6 +201,12 @@ class StackingTrainer(Trainer):
                     "holds it, e.g. with experts fused); grow between two runs (`hf-stack grow run/final ... -o "
                     "grown`), which reads the checkpoint's own layout"
                 )
+        if self.mask_ramp is not None and args.growths:  # the masks' hooks, checked before the first phase trains
+            small, stacked = self.accelerator.unwrap_model(self.model), args.growths[0]["stacked_config"]
+            try:
+                check_maskable(plan_for_model(small, stacked, live_state(small, stacked)))
+            except HfStackError as e:
+                self._refuse(str(e))
         tps, total_steps, grow_steps = check_run(
             args, len(self.train_dataset), self._block_size(), model_config, resume_from_checkpoint,
             write=self.is_world_process_zero(), wait=self.accelerator.wait_for_everyone,
