@@ -127,3 +127,30 @@ def test_width_growth_keeps_the_function_or_is_refused(family_source, tmp_path):
             if family.model_type in WIDTH_FAMILIES:  # a known family, an operator that cannot keep its function
                 assert "keeping its function" in str(refused.value)
             assert not (tmp_path / operator).exists()
+
+
+@pytest.mark.parametrize("model_type", ["gemma2", "phi3", "mixtral", "olmo2"])
+def test_a_non_whole_width_factor_keeps_the_function_or_is_refused(model_type, tmp_path):
+    """Width x1.5 copies some units and not others, so the copies take scales t != 1: Gemma 2's scaled embedding,
+    (1 + w) norms and post-norms, Phi-3's fused rows and Mixtral's experts must still keep the logits (`--verify`);
+    OLMo 2's whole-projection q/k norms cannot (heads copied unequally often) and are refused with that reason."""
+    from tests.conftest import build_tokenizer
+
+    family = next(f for f in FAMILIES if f.model_type == model_type)
+    folder = tmp_path / "small"
+    tok = build_tokenizer(folder)
+    config = CONFIG_MAPPING[model_type](**{**common_config(len(tok)), **family.config})
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(folder)
+    settings = StackedConfig(operator="direct", width_factor=1.5)
+    if model_type == "olmo2":
+        with pytest.raises(HfStackError, match="copied unequally often"):
+            grow(folder, tmp_path / "wide", settings, progress=False)
+        return
+    plan = grow(folder, tmp_path / "wide", settings, verify=True, progress=False)
+    assert plan.function_preserving and len(set(plan.width["hidden_out"].scale)) == 2  # some units copied, some not
