@@ -51,6 +51,29 @@ def build_tokenizer(folder):
     return fast
 
 
+def perturb_vectors(model) -> None:
+    """Move every 1-D weight (norms start at exactly 1, biases and sinks at 0) off its init, so a wrong copy of one
+    shows up in comparisons."""
+    import torch
+
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+
+
+FSDP_CPU_SHIM = Path(__file__).parent / "fsdp_cpu"
+
+
+def distributed_env(shim: bool = False) -> dict:
+    """The environment of the CPU processes a test starts with torchrun or accelerate launch: one thread each, no
+    GPUs; with `shim`, the test-only shim that lets accelerate shard on CPUs (see tests/fsdp_cpu/sitecustomize.py)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    if shim:
+        env["PYTHONPATH"] = os.pathsep.join([str(FSDP_CPU_SHIM), env.get("PYTHONPATH", "")])
+    return env
+
+
 def build_checkpoint(folder, arch="llama", num_layers=3, dtype="float32", seed=0, max_shard_size=None, **overrides):
     """Save a tiny randomly initialised model of `arch` with a tokenizer to `folder` and return the model."""
     import torch
@@ -64,11 +87,7 @@ def build_checkpoint(folder, arch="llama", num_layers=3, dtype="float32", seed=0
     config = CONFIG_MAPPING[model_type](**{**settings, **spec, **overrides})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).to(getattr(torch, dtype))
-    # Norm weights start at exactly 1; perturb them so a wrong copy shows up in comparisons.
-    with torch.no_grad():
-        for _name, p in model.named_parameters():
-            if p.ndim == 1:
-                p.add_(torch.randn_like(p) * 0.1)
+    perturb_vectors(model)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(folder, **kwargs)
     return model.eval()

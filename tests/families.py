@@ -35,6 +35,10 @@ WIDTH_FAMILIES = {
     **dict.fromkeys(("olmo2", "olmo3", "phi3", "olmoe"), ("direct",)),
 }  # fmt: skip
 EXPERTS = dict(num_experts_per_tok=2)
+# DeepSeek's latent attention (every head its own keys) and a dense first layer before the experts
+DEEPSEEK = dict(n_routed_experts=4, moe_intermediate_size=32, first_k_dense_replace=1, num_key_value_heads=4,
+                q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, n_group=1,
+                topk_group=1, **EXPERTS)  # fmt: skip
 FAMILIES = (
     Family(
         "Llama 3.2",
@@ -104,41 +108,15 @@ FAMILIES = (
     Family(
         "DeepSeek-V2",
         "deepseek_v2",
-        dict(
-            n_routed_experts=4,
-            moe_intermediate_size=32,
-            first_k_dense_replace=1,
-            moe_layer_freq=1,  # as published: every layer past the dense ones (transformers keeps the field)
-            num_key_value_heads=4,
-            q_lora_rank=16,
-            kv_lora_rank=16,
-            qk_rope_head_dim=8,
-            qk_nope_head_dim=8,
-            v_head_dim=8,
-            n_group=1,
-            topk_group=1,
-            **EXPERTS,
-        ),
+        # moe_layer_freq as published: every layer past the dense ones (transformers keeps the field)
+        dict(**DEEPSEEK, moe_layer_freq=1),
         order="interpolate",
         features="latent attention, dense first layer, moe_layer_freq",
     ),
     Family(
         "DeepSeek-V3",
         "deepseek_v3",
-        dict(
-            n_routed_experts=4,
-            moe_intermediate_size=32,
-            first_k_dense_replace=1,
-            num_key_value_heads=4,  # latent attention: every head its own keys
-            q_lora_rank=16,
-            kv_lora_rank=16,
-            qk_rope_head_dim=8,
-            qk_nope_head_dim=8,
-            v_head_dim=8,
-            n_group=1,
-            topk_group=1,
-            **EXPERTS,
-        ),
+        DEEPSEEK,
         order="interpolate",
         features="latent attention, dense first layer, experts",
     ),
@@ -195,3 +173,21 @@ def support_table() -> str:
         )
         rows.append(f"| {f.name} | `{f.model_type}` | {f.features} | yes{order} | yes{order} | {width} |")
     return "\n".join(rows)
+
+
+def build_family(model_type: str, folder):
+    """The family's tiny model (`common_config` and its structural features) with a tokenizer, its 1-D weights
+    moved off their init, saved to `folder`; returned in eval mode."""
+    import torch
+    from transformers import CONFIG_MAPPING, AutoModelForCausalLM
+
+    from tests.conftest import build_tokenizer, perturb_vectors
+
+    family = next(f for f in FAMILIES if f.model_type == model_type)
+    tok = build_tokenizer(folder)
+    config = CONFIG_MAPPING[model_type](**{**common_config(len(tok)), **family.config})
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    perturb_vectors(model)
+    model.save_pretrained(folder)
+    return model

@@ -2,13 +2,11 @@
 
 import copy
 import json
-import os
 import re
 import subprocess
 import sys
 import time
 from collections import defaultdict
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from hf_stack import HfStackError
 from hf_stack.evaluation.benchmarks import SAMPLES_DIR, TASKS, headline
 from hf_stack.evaluation.harness import ADD_BOS_TOKEN, _task_manager, _task_specs, evaluate_model, make_lm
-from tests.conftest import build_checkpoint
+from tests.conftest import build_checkpoint, distributed_env
 
 
 @pytest.fixture(scope="module")
@@ -590,9 +588,7 @@ def test_eval_callback_in_two_processes_logs_once_on_process_zero(small2, data_f
     settings = {"fsdp": "full_shard auto_wrap", "fsdp_config": {"version": 2}} if strategy == "fsdp2" else {}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", script, small2,
            data_file, tmp_path / "run", json.dumps(settings)]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    if strategy == "fsdp2":
-        env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent / "fsdp_cpu"), env.get("PYTHONPATH", "")])
+    env = distributed_env(shim=strategy == "fsdp2")
     r = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
     zero, one = (json.loads((tmp_path / "run" / f"history-{k}.json").read_text()) for k in (0, 1))

@@ -8,11 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import CONFIG_MAPPING, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 
 from hf_stack import HfStackError, StackedConfig, StackedModelForCausalLM, grow, grow_model
-from tests.conftest import build_tokenizer
-from tests.families import FAMILIES, WIDTH_FAMILIES, common_config
+from tests.families import FAMILIES, WIDTH_FAMILIES, build_family
 
 LAYER_MAPS = {"stack": [0, 1, 2, 3, 0, 1, 2, 3], "interpolate": [0, 0, 1, 1, 2, 2, 3, 3]}
 
@@ -29,15 +28,7 @@ def family_source(request, tmp_path_factory):
     """The family's tiny model, its 1-D weights (norms, biases, sinks) moved off 0 and 1 so a missed one shows."""
     family = request.param
     folder = tmp_path_factory.mktemp(family.model_type) / "small"
-    tok = build_tokenizer(folder)
-    config = CONFIG_MAPPING[family.model_type](**{**common_config(len(tok)), **family.config})
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim == 1:
-                p.add_(torch.randn_like(p) * 0.1)
-    model.save_pretrained(folder)
+    model = build_family(family.model_type, folder)
     return family, folder, model
 
 
@@ -134,19 +125,8 @@ def test_a_non_whole_width_factor_keeps_the_function_or_is_refused(model_type, t
     """Width x1.5 copies some units and not others, so the copies take scales t != 1: Gemma 2's scaled embedding,
     (1 + w) norms and post-norms, Phi-3's fused rows and Mixtral's experts must still keep the logits (`--verify`);
     OLMo 2's whole-projection q/k norms cannot (heads copied unequally often) and are refused with that reason."""
-    from tests.conftest import build_tokenizer
-
-    family = next(f for f in FAMILIES if f.model_type == model_type)
     folder = tmp_path / "small"
-    tok = build_tokenizer(folder)
-    config = CONFIG_MAPPING[model_type](**{**common_config(len(tok)), **family.config})
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim == 1:
-                p.add_(torch.randn_like(p) * 0.1)
-    model.save_pretrained(folder)
+    build_family(model_type, folder)
     settings = StackedConfig(operator="direct", width_factor=1.5)
     if model_type == "olmo2":
         with pytest.raises(HfStackError, match="copied unequally often"):

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from tests.conftest import build_checkpoint
+from tests.conftest import build_checkpoint, distributed_env
 
 SCRIPT = """
 import json, sys
@@ -72,11 +72,7 @@ def test_fsdp2_growth_gathers_grows_and_reshards(tmp_path, tied):
     small2 = tmp_path / "small"
     build_checkpoint(small2, "llama", num_layers=2, tie_word_embeddings=tied)
     (tmp_path / "run.py").write_text(SCRIPT)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           tmp_path / "run.py", small2, tmp_path]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    r = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, env=env, timeout=600)
-    assert r.returncode == 0, r.stderr[-4000:]
+    torchrun(tmp_path / "run.py", small2, tmp_path, shim=False)
     zero, one = (json.loads((tmp_path / f"rank-{k}.json").read_text()) for k in (0, 1))
     assert zero["sharded"] == one["sharded"] == [True, True]
     assert zero["layers"] == one["layers"] == [4, 8]
@@ -88,7 +84,6 @@ def test_fsdp2_growth_gathers_grows_and_reshards(tmp_path, tied):
 
 # ------------------------------------------------------------------ StackingTrainer under FSDP2 and DDP on 2 CPUs
 
-SHIM = Path(__file__).parent / "fsdp_cpu"  # lets accelerate shard on CPUs: see its docstring
 
 WORKER = """
 import hashlib, json, sys
@@ -137,13 +132,12 @@ finally:
 """
 
 
-def torchrun(*cmd, shim=True, check=True):
-    """`cmd` on 2 CPU processes under torchrun, with the test-only shim that lets accelerate shard on CPUs."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    if shim:
-        env["PYTHONPATH"] = os.pathsep.join([str(SHIM), env.get("PYTHONPATH", "")])
+def torchrun(*cmd, shim=True, check=True, timeout=600):
+    """`cmd` on 2 CPU processes under torchrun, by default with the test-only shim that lets accelerate shard on
+    CPUs."""
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    r = subprocess.run(list(map(str, [*launch, *cmd])), capture_output=True, text=True, env=env, timeout=600)
+    r = subprocess.run(list(map(str, [*launch, *cmd])), capture_output=True, text=True, env=distributed_env(shim),
+                       timeout=timeout)  # fmt: skip
     if check:
         assert r.returncode == 0, r.stderr[-4000:]
     return r
@@ -205,8 +199,7 @@ def test_fsdp2_run_grows_inside_the_sharded_run_as_one_process_would(
         with socket.socket() as sock:  # a free port for the main process
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
-               "PYTHONPATH": os.pathsep.join([str(SHIM), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
+        env = distributed_env(shim=True)
         cmd = [Path(sys.executable).with_name("accelerate"), "launch", "--use_fsdp", "--fsdp_version", 2,
                "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP", "--num_processes", 2, "--num_machines", 1,
                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", port, *train]  # fmt: skip
@@ -326,18 +319,10 @@ def test_fsdp_where_accelerate_does_not_shard_is_refused(small2, data_file, tmp_
 def test_fsdp2_growth_the_sharded_model_cannot_do_is_refused_before_training(data_file, tmp_path):
     """A sharded mixture of experts is held as transformers holds it (experts fused into 3-D tensors), which width
     growth cannot split: the run stops with the reason and the way out before anything is trained or written."""
-    from tests.families import FAMILIES, common_config
+    from tests.families import build_family
 
-    family = next(f for f in FAMILIES if f.model_type == "mixtral")
     folder = tmp_path / "small"
-    from transformers import CONFIG_MAPPING
-
-    from tests.conftest import build_tokenizer
-
-    tok = build_tokenizer(folder)
-    AutoModelForCausalLM.from_config(
-        CONFIG_MAPPING["mixtral"](**{**common_config(len(tok)), **family.config})
-    ).save_pretrained(folder)
+    build_family("mixtral", folder)
     r = torchrun("-m", "hf_stack.cli", "train", "--model", folder, "--data", data_file, *CLI_RUN, *FSDP2,
                  "--grow-at-tokens", 192, "--operator", "direct", "--width-factor", 2, "-o", tmp_path / "run",
                  check=False)  # fmt: skip
@@ -382,10 +367,6 @@ def test_a_growth_that_fails_on_rank_0_stops_every_rank(small2, tmp_path):
     others failing on a closed connection once rank 0 is gone (gloo; measured before the fix) or waiting in the
     broadcast until the process group's timeout (NCCL)."""
     (tmp_path / "run.py").write_text(FAILING_GROWTH)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    r = subprocess.run(list(map(str, [*launch, tmp_path / "run.py", small2])), capture_output=True, text=True,
-                       env=env, timeout=120)  # fmt: skip
-    assert r.returncode == 0, r.stderr[-3000:]
+    r = torchrun(tmp_path / "run.py", small2, shim=False, timeout=120)
     assert "rank 0: MemoryError: out of host memory" in r.stdout
     assert "rank 1: HfStackError: growth failed on rank 0, which grows the full state: MemoryError" in r.stdout

@@ -1,7 +1,6 @@
 """Continued pre-training with in-run growth: the real Trainer on real packed data from tiny checkpoints."""
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from hf_stack import (
 )
 from hf_stack.analysis.compare import Curve, speedup
 from hf_stack.data import fingerprint, iter_documents, pack, tokenize_documents
-from tests.conftest import CORPUS, accounting, build_checkpoint, build_tokenizer
+from tests.conftest import CORPUS, accounting, build_checkpoint, distributed_env
 
 
 def make_trainer(small, out, data_file, cls=StackingTrainer, callbacks=None, **kw):
@@ -426,15 +425,10 @@ def test_msg_width_masks_beyond_a_llama_layer_are_refused_before_training(tmp_pa
     """MSG's width masks hook a dense Llama-style layer's modules: Gemma 2's sandwich norms would go unmasked
     (a wrong function at m = 0, silently), Phi-3's fused projections and Mixtral's experts have no such modules (a
     crash at growth, after the first phase). Refused when training starts, before anything is written."""
-    from transformers import CONFIG_MAPPING
+    from tests.families import build_family
 
-    from tests.families import FAMILIES, common_config
-
-    family = next(f for f in FAMILIES if f.model_type == model_type)
     folder = tmp_path / "small"
-    tok = build_tokenizer(folder)
-    config = CONFIG_MAPPING[model_type](**{**common_config(len(tok)), **family.config})
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    build_family(model_type, folder)
     settings = StackedConfig(operator="random", width_factor=2)
     trainer = make_trainer(folder, tmp_path / "r", data_file, grow_at_tokens=128, max_tokens=64 * 4, mask_steps=2,
                            stacked_config=settings)  # fmt: skip
@@ -575,7 +569,7 @@ def test_two_processes_grow_together(small2, tmp_path, data_file, launcher):
     tokens per step."""
     import socket
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env = distributed_env()
     if launcher == "torchrun":  # --standalone: a rendezvous on a free local port (a fixed one collides)
         launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     else:

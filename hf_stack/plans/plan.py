@@ -21,7 +21,6 @@ from .width import (
     WIDTH_FAMILIES,
     Axis,
     family_axes,
-    ffn_axes,
     grow_width_config,
     split_axes,
     tensor_axes,
@@ -438,8 +437,7 @@ def check_source_shapes(config: dict, tensor_infos: dict, width: bool = False) -
         return
     try:
         dims = width_dims(config, 1.0)  # factor 1: every axis at the source's own size
-        axes = split_axes(dims)
-        axes = family_axes({**axes, **ffn_axes(split_axes, axes, dims, 0.0)}, family, dims, tied=False)
+        axes = family_axes(split_axes, dims, 0.0, family, tied=False)
     except HfStackError:
         if width:
             raise
@@ -537,10 +535,7 @@ def build_plan(
 
     check_source_shapes(config, tensor_infos, width="width" in directions)
     if family is not None:
-        base = operator.width_axes(dims, stacked.width_noise)
-        axes = family_axes(
-            {**base, **ffn_axes(operator.width_axes, base, dims, stacked.width_noise)}, family, dims, tied
-        )
+        axes = family_axes(operator.width_axes, dims, stacked.width_noise, family, tied)
     layer_map = resolve_layer_map(stacked, L)
     entries: list[TensorSource] = []
 
@@ -575,6 +570,7 @@ def build_plan(
         target_config["tie_word_embeddings"] = True
     if axes is not None:
         target_config = grow_width_config(target_config, dims, operator.width_eps(dims))
+    used = {a for e in entries for a in e.axes or () if a}
     plan = GrowthPlan(
         operator=stacked.operator,
         layer_map=layer_map,
@@ -585,10 +581,8 @@ def build_plan(
         function_preserving=operator.function_preserving(directions)
         and ("depth" not in directions or operator.keeps_function(layer_map, L, layers))
         and not any(config.get(k) for k in LAYER_INDEX_DEPENDENT),
-        # the operator's axes and the family's roles its tensors take (the plan prints and applies these)
-        width=None
-        if axes is None
-        else {k: a for k, a in axes.items() if k in base or any(k in (e.axes or ()) for e in entries)},
+        # the axes the tensors take (the plan prints and applies these)
+        width=None if axes is None else {k: a for k, a in axes.items() if k in used},
         init_std=float(config.get("initializer_range") or 0.02),
         seed=stacked.init_seed,
     )

@@ -370,7 +370,7 @@ def random_new_axes(dims: WidthDims, noise: float = 0.0) -> dict[str, Axis]:
     return new_unit_axes(dims, out_fill="random", in_fill="random", norm_scale=1.0)
 
 
-def ffn_axes(width_axes, axes: dict[str, Axis], dims: WidthDims, noise: float) -> dict[str, Axis]:
+def _ffn_axes(width_axes, axes: dict[str, Axis], dims: WidthDims, noise: float) -> dict[str, Axis]:
     """The axes of the FFNs besides the dense one (experts, a shared expert: `expert_gate_out`, `shared_ffn_in`,
     ...), each grown by the operator's own rule (`width_axes`) at its size, or as the dense FFN's `axes` where the
     config gives no size of its own."""
@@ -381,10 +381,13 @@ def ffn_axes(width_axes, axes: dict[str, Axis], dims: WidthDims, noise: float) -
     return out
 
 
-def family_axes(axes: dict[str, Axis], family: WidthFamily, dims: WidthDims, tied: bool) -> dict[str, Axis]:
-    """The operator's axes completed with the roles a family's tensors take (see [`WidthFamily`]): the embedding's
-    and final norm's (which Gemma's embedding scale moves), readers of the raw stream, whole-projection q/k norms
-    and fused projections, every norm with the family's offset."""
+def family_axes(width_axes, dims: WidthDims, noise: float, family: WidthFamily, tied: bool) -> dict[str, Axis]:
+    """Every axis a family's tensors may take under an operator's rule (`width_axes`, e.g. `split_axes`): the
+    operator's own, the other FFN sizes' (experts), and the family's roles (see [`WidthFamily`]): the embedding's and
+    final norm's (which Gemma's embedding scale moves), readers of the raw stream, whole-projection q/k norms and
+    fused projections, every norm with the family's offset."""
+    axes = width_axes(dims, noise)
+    axes = {**axes, **_ffn_axes(width_axes, axes, dims, noise)}
     (H, Ht), hidden = dims.hidden, axes["hidden_out"]
     norms = {n: replace(axes[n], offset=family.norm_offset) for n in ("norm", "post_norm")}
     embed, final = hidden, norms["norm"]

@@ -109,6 +109,27 @@ class StackingTrainer(Trainer):
         if self.mask_ramp is not None:
             self.add_callback(self.mask_ramp)
 
+    def _check_first_growth(self, stacked) -> None:
+        """What the first growth would refuse, found before anything is written (later growths start from its
+        output): its plan for the model as it will grow, and MSG's masks on that plan. A sharded model grows as
+        transformers holds it (e.g. experts fused); an unsharded one through `live_state`."""
+        small = self.accelerator.unwrap_model(self.model)
+        try:
+            plan = plan_for_model(small, stacked, None if self.is_fsdp_enabled else live_state(small, stacked))
+        except HfStackError as e:
+            if not self.is_fsdp_enabled:
+                self._refuse(str(e))
+            self._refuse(
+                f"the growth cannot run inside this --fsdp run: {e} (a sharded model grows as transformers holds "
+                "it, e.g. with experts fused); grow between two runs (`hf-stack grow run/final ... -o grown`), "
+                "which reads the checkpoint's own layout"
+            )
+        if self.mask_ramp is not None:
+            try:
+                check_maskable(plan)
+            except HfStackError as e:
+                self._refuse(str(e))
+
     def _refuse(self, message: str) -> None:
         """Stop before anything is written: the output folder Trainer made on process zero goes if it is new and
         still empty."""
@@ -190,23 +211,8 @@ class StackingTrainer(Trainer):
         out = self._run_dir = Path(args.output_dir)
         model_config = self.accelerator.unwrap_model(self.model).config
         args.check_growth()  # stacked_config may have been replaced since the arguments were built
-        if self.is_fsdp_enabled and args.growths:
-            # A sharded model grows as transformers holds it (e.g. experts fused): what its first growth would refuse
-            # there is refused before anything is written (later growths start from that growth's output).
-            try:
-                plan_for_model(self.accelerator.unwrap_model(self.model), args.growths[0]["stacked_config"])
-            except HfStackError as e:
-                self._refuse(
-                    f"the growth cannot run inside this --fsdp run: {e} (a sharded model grows as transformers "
-                    "holds it, e.g. with experts fused); grow between two runs (`hf-stack grow run/final ... -o "
-                    "grown`), which reads the checkpoint's own layout"
-                )
-        if self.mask_ramp is not None and args.growths:  # the masks' hooks, checked before the first phase trains
-            small, stacked = self.accelerator.unwrap_model(self.model), args.growths[0]["stacked_config"]
-            try:
-                check_maskable(plan_for_model(small, stacked, live_state(small, stacked)))
-            except HfStackError as e:
-                self._refuse(str(e))
+        if args.growths and (self.is_fsdp_enabled or self.mask_ramp is not None):
+            self._check_first_growth(args.growths[0]["stacked_config"])
         tps, total_steps, grow_steps = check_run(
             args, len(self.train_dataset), self._block_size(), model_config, resume_from_checkpoint,
             write=self.is_world_process_zero(), wait=self.accelerator.wait_for_everyone,
@@ -513,7 +519,7 @@ class StackingTrainer(Trainer):
     def _finish(self, dest: Path, out: Path, tps: int, growths: int) -> None:
         """The final outputs of the run (`dest` is `out`) or of one of its cooldown branches (`dest` inside it)."""
         # a sharded model is gathered by every rank, onto rank 0, which writes it
-        state = full_state_dict(self.model) if self.is_fsdp_enabled and is_sharded(self.model) else None
+        state = full_state_dict(self.model) if is_sharded(self.model) else None
         if self.is_world_process_zero():
             self._write_final(dest, out, tps, growths, state)
         del state
